@@ -1,0 +1,262 @@
+"""The ``selbench`` command line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from selbench.errors import SelbenchError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    # MLflow's sqlite migrations and open_clip's "no pretrained weights" notice are noise here.
+    import logging
+
+    for name in ("alembic", "mlflow", "root", "open_clip"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def friendly_errors(func):
+    """Print selbench errors as one clear line and exit non-zero, without a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SelbenchError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _parse_assignments(values: tuple[str, ...], option: str) -> dict[str, str]:
+    parsed = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def _budget(ctx, param, value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise click.BadParameter(
+            f"{value} is not a fraction in (0, 1]; e.g. 0.25 keeps a quarter of the pool"
+        )
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="selbench")
+def main() -> None:
+    """selbench: benchmark data-selection methods for vision-language pre-training.
+
+    Every method runs at the same budget, through the same training recipe and the same
+    evaluation suite, and is logged to MLflow. Start with:
+
+        selbench run --method random --budget 0.25
+
+    Data lives under $SELBENCH_HOME (default ~/.cache/selbench); runs under
+    $SELBENCH_RUN_HOME (default $SELBENCH_HOME/runs) unless MLFLOW_TRACKING_URI is set.
+    """
+
+
+@main.command()
+@click.option("--method", "-m", required=True, help="Strategy name; `selbench methods` lists them.")
+@click.option(
+    "--budget",
+    "-b",
+    type=float,
+    required=True,
+    callback=_budget,
+    help="Fraction of the pool to keep, in (0, 1]; the subset is exactly round(budget x size).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds selection and training.")
+@click.option(
+    "--pool",
+    default="synthweb",
+    show_default=True,
+    help="Pool config name (configs/pools/), a pool YAML, or a SynthWeb dataset directory.",
+)
+@click.option("--scale", default="tiny", show_default=True, help="Training recipe (configs/scales/).")
+@click.option(
+    "--protocol",
+    type=click.Choice(["fixed-compute", "fixed-epochs"]),
+    default="fixed-compute",
+    show_default=True,
+    help="fixed-compute: samples seen = pool size x epochs (DataComp); "
+    "fixed-epochs: subset size x epochs (TL;DR).",
+)
+@click.option(
+    "--param",
+    "-p",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Strategy parameter, repeatable (see `selbench methods`).",
+)
+@click.option("--experiment", default="selbench", show_default=True, help="MLflow experiment.")
+@click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@friendly_errors
+def run(method, budget, seed, pool, scale, protocol, params, experiment, device) -> None:
+    """Select a subset with METHOD, train the fixed recipe on it, evaluate, log to MLflow."""
+    _quiet_libraries()
+    from selbench.progress import RichProgress
+    from selbench.runner import RunRequest, execute
+    from selbench.tracking import ui_command
+
+    request = RunRequest(
+        method=method,
+        budget=budget,
+        seed=seed,
+        pool=pool,
+        scale=scale,
+        protocol=protocol,
+        params=_parse_assignments(params, "--param"),
+        experiment=experiment,
+        device=device,
+    )
+    with RichProgress(err_console) as progress:
+        outcome = execute(request, progress=progress)
+    summary = Table(title=f"{method} @ budget {budget} (seed {seed})")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    shown = [k for k in outcome.metrics if not k.startswith("diag/")]
+    for key in sorted(shown, key=lambda k: (k not in ("mean_R1", "zeroshot_acc1"), k)):
+        value = outcome.metrics[key]
+        summary.add_row(key, f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}")
+    console.print(summary)
+    console.print(
+        f"R@1 (mean of image->text and text->image): {outcome.metrics.get('mean_R1', float('nan')):.4f}"
+        f"   zero-shot top-1: {outcome.metrics.get('zeroshot_acc1', float('nan')):.4f}"
+    )
+    console.print(f"Logged MLflow run [bold]{outcome.run_id}[/] to {outcome.tracking_uri}")
+    console.print(f"Open it with: {ui_command()}", highlight=False)
+
+
+@main.command()
+@friendly_errors
+def methods() -> None:
+    """List installed selection strategies, their package, parameters and defaults."""
+    from selbench.registry import get_registry
+
+    table = Table(title="selbench strategies", show_lines=True)
+    for column in ("name", "package", "parameters (default)", "reference"):
+        table.add_column(column, overflow="fold")
+    for info in get_registry().infos():
+        params = []
+        for key, field in info.cls.Params.model_fields.items():
+            line = f"{key} = {field.default!r}"
+            if field.description:
+                line += f"  ({field.description})"
+            params.append(line)
+        table.add_row(
+            f"[bold]{info.name}[/]\n{info.cls.summary}",
+            f"{info.package} {info.version}".strip(),
+            "\n".join(params) or "-",
+            info.cls.reference,
+        )
+    console.print(table)
+
+
+@main.command()
+@click.option("--experiment", default="selbench", show_default=True, help="MLflow experiment.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("leaderboards"),
+    show_default=True,
+    help="Directory for the markdown and CSV files.",
+)
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    default=("mean_R1", "zeroshot_acc1"),
+    show_default=True,
+    help="Metric column(s) to aggregate, repeatable.",
+)
+@friendly_errors
+def leaderboard(experiment, out, metrics) -> None:
+    """Aggregate finished runs: method x budget -> mean ± std over seeds."""
+    _quiet_libraries()
+    from selbench import leaderboard as lb
+
+    board = lb.summarise(lb.load_runs(experiment), tuple(metrics))
+    if board.table.empty:
+        raise SelbenchError(
+            f"no finished runs in MLflow experiment {experiment!r}; "
+            f"start one with `selbench run --method random --budget 0.25`"
+        )
+    console.print(lb.rich_table(board, f"selbench leaderboard: {experiment}"))
+    md_path, csv_path = lb.write(board, out, experiment)
+    console.print(f"Wrote {md_path} and {csv_path}")
+
+
+@main.group()
+def datasets() -> None:
+    """Generate and inspect datasets."""
+
+
+@datasets.command("make")
+@click.argument("name", type=click.Choice(["synthweb"]))
+@click.option("--seed", type=int, default=None, help="Generator seed (default 0).")
+@click.option("--n-samples", type=int, default=None, help="Pool size (default 8000).")
+@click.option("--image-size", type=int, default=None, help="Image side in pixels (default 32).")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other SynthWeb setting, e.g. --set rate_misaligned=0.4 (docs/synthweb.md).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write here instead of the data home (then pass it as --pool DIR).",
+)
+@friendly_errors
+def make(name, seed, n_samples, image_size, settings, out) -> None:
+    """Generate a dataset. `--pool synthweb` does this automatically on first use."""
+    from selbench.pools import ensure_synthweb, synthweb_dir
+    from selbench.progress import RichProgress
+    from selbench.synthweb import generate_synthweb
+
+    overrides: dict = dict(_parse_assignments(settings, "--set"))
+    for key, value in (("seed", seed), ("n_samples", n_samples), ("image_size", image_size)):
+        if value is not None:
+            overrides[key] = value
+    target, config = synthweb_dir(overrides)
+    with RichProgress(err_console) as progress:
+        callback = progress.counter("Generating SynthWeb")
+        if out is not None:
+            if out.exists():
+                raise SelbenchError(f"output directory {out} already exists")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            generate_synthweb(out, config, progress=callback)
+            target = out
+        else:
+            existed = (target / "manifest.json").is_file()
+            target = ensure_synthweb(overrides, progress=callback)
+            if existed:
+                console.print("Already generated (same settings); nothing to do.")
+    console.print(f"SynthWeb at {target}")
+    if out is not None or overrides:
+        console.print(f"Use it with: selbench run --pool {target} --method random --budget 0.25")
+
+
+if __name__ == "__main__":
+    main()

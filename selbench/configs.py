@@ -1,0 +1,118 @@
+"""YAML configs (scales, pools) validated with pydantic; errors name the file and the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from selbench.errors import ConfigError
+from selbench.paths import config_dir
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ScaleConfig(BaseModel):
+    """A training recipe, shared by every method at this scale (``configs/scales/*.yaml``).
+
+    Defaults follow open_clip's CLIP recipe (AdamW, beta2 0.98, eps 1e-6, cosine decay
+    after linear warmup, no weight decay on gains/biases/logit scale) shrunk to a model
+    that trains on 2 CPU cores.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    model: str = Field(description="open_clip architecture: a name or a JSON in configs/models/")
+    batch_size: int = Field(gt=0)
+    epochs: float = Field(
+        gt=0,
+        description="fixed-compute: samples seen = pool size x epochs (DataComp); "
+        "fixed-epochs: subset size x epochs (TL;DR)",
+    )
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_fraction: float = Field(ge=0, lt=1, description="share of steps with linear warmup")
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1.0e-6
+    grad_clip_norm: float | None = None
+    eval_batch_size: int = Field(default=256, gt=0)
+    precision: Literal["fp32", "amp"] = "fp32"
+
+
+class EvalSetConfig(BaseModel):
+    """One evaluation set in CLIP_benchmark ``wds`` layout."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    task: Literal["retrieval", "classification"]
+    path: str
+
+
+class PoolConfig(BaseModel):
+    """A pool (``configs/pools/*.yaml``): SynthWeb (generated) or img2dataset shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Literal["synthweb", "shards"]
+    synthweb: dict[str, Any] = Field(default_factory=dict, description="SynthWebConfig overrides")
+    path: str | None = Field(default=None, description="shard directory (kind: shards)")
+    eval: list[EvalSetConfig] = Field(default_factory=list)
+
+
+def load_yaml_model(path: Path, model: type[M]) -> M:
+    """Read ``path`` and validate it as ``model``; errors name the file and the key."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    raw = _expand_env(raw)
+    try:
+        return model(**raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"key '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"config file {path}: {problems}") from None
+
+
+def _expand_env(value: Any) -> Any:
+    if isinstance(value, str):
+        return os.path.expandvars(value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v) for v in value]
+    return value
+
+
+def available(kind: str) -> list[str]:
+    """Names of the YAML configs of one kind (``scales`` or ``pools``)."""
+    return sorted(p.stem for p in (config_dir() / kind).glob("*.yaml"))
+
+
+def find_config(kind: str, spec: str) -> Path:
+    """A config given as a path to a YAML file or as a name in ``configs/<kind>/``."""
+    path = Path(spec).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    named = config_dir() / kind / f"{spec}.yaml"
+    if named.is_file():
+        return named
+    raise ConfigError(
+        f"unknown {kind[:-1]} {spec!r}: not a YAML file, and not one of {available(kind)}"
+    )
+
+
+def load_scale(spec: str) -> ScaleConfig:
+    return load_yaml_model(find_config("scales", spec), ScaleConfig)

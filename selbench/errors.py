@@ -1,0 +1,21 @@
+"""Errors selbench raises for problems a user can fix; the CLI prints them without a traceback."""
+
+
+class SelbenchError(Exception):
+    """Base class: a clear, user-facing problem (bad input, bad plugin, bad config)."""
+
+
+class ConfigError(SelbenchError):
+    """A config file or option is invalid; the message names the file and key."""
+
+
+class PoolError(SelbenchError):
+    """A pool cannot be read: missing directory, missing or corrupt shard."""
+
+
+class UnknownMethodError(SelbenchError):
+    """No strategy is registered under the requested name."""
+
+
+class PluginError(SelbenchError):
+    """A plugin failed to load, raised inside ``select``, or returned an invalid selection."""

@@ -1,0 +1,121 @@
+"""The evaluation suite: CLIP_benchmark's wds loader and metric functions on each eval set.
+
+Metric names (MLflow-safe): ``{set}/i2t_R1`` (image->text recall@1, CLIP_benchmark's
+``text_retrieval_recall@1``), ``{set}/t2i_R1`` (its ``image_retrieval_recall@1``), R5,
+R10, ``{set}/acc1`` and ``{set}/mean_per_class_recall`` for zero-shot classification.
+Summary metrics: ``mean_R1`` (mean of i2t and t2i R@1 over retrieval sets) and
+``zeroshot_acc1`` (mean top-1 over classification sets).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from selbench.configs import EvalSetConfig
+from selbench.errors import PoolError
+from selbench.progress import NullProgress
+
+RECALL_KS = (1, 5, 10)
+
+
+def _load(eval_set: EvalSetConfig, preprocess: Any):
+    # CLIP_benchmark prints tqdm bars; selbench shows its own rich progress instead.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from clip_benchmark.datasets.builder import build_dataset
+
+    if not (Path(eval_set.path) / "test" / "nshards.txt").is_file():
+        raise PoolError(
+            f"eval set {eval_set.name!r} at {eval_set.path} is not in CLIP_benchmark wds layout "
+            f"(missing test/nshards.txt)"
+        )
+    task = "zeroshot_retrieval" if eval_set.task == "retrieval" else "zeroshot_classification"
+    return build_dataset(
+        f"wds/{eval_set.name}",
+        root=eval_set.path,
+        transform=preprocess,
+        split="test",
+        download=False,
+        task=task,
+    )
+
+
+def evaluate_retrieval(
+    model: Any, eval_set: EvalSetConfig, preprocess: Any, tokenizer: Any, batch_size: int, device: str
+) -> dict[str, float]:
+    from clip_benchmark.datasets.builder import image_captions_collate_fn
+    from clip_benchmark.metrics import zeroshot_retrieval
+
+    loader = DataLoader(
+        _load(eval_set, preprocess), batch_size=batch_size, collate_fn=image_captions_collate_fn
+    )
+    raw = zeroshot_retrieval.evaluate(
+        model, loader, tokenizer, device, amp=False, recall_k_list=list(RECALL_KS)
+    )
+    metrics = {}
+    for k in RECALL_KS:
+        metrics[f"{eval_set.name}/i2t_R{k}"] = raw[f"text_retrieval_recall@{k}"]
+        metrics[f"{eval_set.name}/t2i_R{k}"] = raw[f"image_retrieval_recall@{k}"]
+    return metrics
+
+
+def evaluate_classification(
+    model: Any, eval_set: EvalSetConfig, preprocess: Any, tokenizer: Any, batch_size: int, device: str
+) -> dict[str, float]:
+    from clip_benchmark.metrics import zeroshot_classification
+
+    dataset = _load(eval_set, preprocess)
+    if not dataset.classes or not dataset.templates:
+        raise PoolError(
+            f"eval set {eval_set.name!r} at {eval_set.path} needs classnames.txt and "
+            f"zeroshot_classification_templates.txt"
+        )
+    loader = DataLoader(dataset, batch_size=batch_size)
+    raw = zeroshot_classification.evaluate(
+        model, loader, tokenizer, dataset.classes, dataset.templates, device, amp=False
+    )
+    metrics = {
+        f"{eval_set.name}/acc1": float(raw["acc1"]),
+        f"{eval_set.name}/mean_per_class_recall": float(raw["mean_per_class_recall"]),
+    }
+    if not math.isnan(raw.get("acc5", math.nan)):
+        metrics[f"{eval_set.name}/acc5"] = float(raw["acc5"])
+    return metrics
+
+
+def evaluate(
+    model: Any,
+    eval_sets: Sequence[EvalSetConfig],
+    preprocess: Any,
+    tokenizer: Any,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: Any = None,
+) -> dict[str, float]:
+    """Run every eval set; return per-set metrics plus ``mean_R1`` and ``zeroshot_acc1``."""
+    progress = progress or NullProgress()
+    model.eval()
+    metrics: dict[str, float] = {}
+    r1, acc1 = [], []
+    with torch.no_grad():
+        for eval_set in progress.track(eval_sets, "Evaluating", total=len(eval_sets)):
+            if eval_set.task == "retrieval":
+                got = evaluate_retrieval(model, eval_set, preprocess, tokenizer, batch_size, device)
+                r1 += [got[f"{eval_set.name}/i2t_R1"], got[f"{eval_set.name}/t2i_R1"]]
+            else:
+                got = evaluate_classification(
+                    model, eval_set, preprocess, tokenizer, batch_size, device
+                )
+                acc1.append(got[f"{eval_set.name}/acc1"])
+            metrics.update(got)
+    if r1:
+        metrics["mean_R1"] = sum(r1) / len(r1)
+    if acc1:
+        metrics["zeroshot_acc1"] = sum(acc1) / len(acc1)
+    return metrics

@@ -1,0 +1,19 @@
+"""Hook specifications: one per extension point.
+
+A plugin is a module exposed under the ``selbench`` entry-point group that implements
+some of these hooks with ``@selbench.hookimpl``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("selbench")
+hookimpl = pluggy.HookimplMarker("selbench")
+
+
+@hookspec
+def register_strategies(register: Callable[[type], None]) -> None:
+    """Call ``register(StrategyClass)`` for every selection strategy this plugin provides."""

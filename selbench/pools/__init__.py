@@ -1,0 +1,117 @@
+"""Pools: resolve a ``--pool`` spec to shards plus the eval sets that go with them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selbench.configs import EvalSetConfig, PoolConfig, find_config, load_yaml_model
+from selbench.errors import ConfigError, PoolError
+from selbench.paths import data_home
+from selbench.pools.shards import PoolForStrategies, ShardPool
+
+__all__ = ["PoolForStrategies", "ResolvedPool", "ShardPool", "resolve_pool", "synthweb_dir"]
+
+
+@dataclass
+class ResolvedPool:
+    """A pool ready to use: its shards, its eval sets and where it came from."""
+
+    pool: ShardPool
+    eval_sets: list[EvalSetConfig]
+    kind: str
+    spec: str
+    target: Path | None = None
+    config: dict = field(default_factory=dict)
+
+
+def synthweb_dir(overrides: dict) -> tuple[Path, object]:
+    """Where the SynthWeb dataset for these config overrides lives (content-addressed)."""
+    from selbench.synthweb import SynthWebConfig
+
+    try:
+        config = SynthWebConfig(**overrides)
+    except Exception as exc:  # pydantic.ValidationError, with the field names in it
+        raise ConfigError(f"invalid SynthWeb settings {overrides}: {exc}") from None
+    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+    return data_home() / f"synthweb-{digest}", config
+
+
+def ensure_synthweb(
+    overrides: dict, progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """Generate SynthWeb for these settings unless it already exists; return its directory."""
+    from selbench.synthweb import generate_synthweb
+
+    out_dir, config = synthweb_dir(overrides)
+    if (out_dir / "manifest.json").is_file():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        generate_synthweb(out_dir, config, progress=progress)
+    except FileExistsError:
+        if not (out_dir / "manifest.json").is_file():  # another process finished it
+            raise
+    return out_dir
+
+
+def _from_synthweb_dir(root: Path, spec: str) -> ResolvedPool:
+    manifest = json.loads((root / "manifest.json").read_text())
+    eval_sets = []
+    for name, rel in manifest["eval_sets"].items():
+        task_file = root / rel / "dataset_type.txt"
+        task = task_file.read_text().strip() if task_file.exists() else "classification"
+        eval_sets.append(EvalSetConfig(name=name, task=task, path=str(root / rel)))
+    target = root / manifest["target"] if manifest.get("target") else None
+    return ResolvedPool(
+        pool=ShardPool(root / "pool", name="synthweb"),
+        eval_sets=eval_sets,
+        kind="synthweb",
+        spec=spec,
+        target=target,
+        config=manifest.get("config", {}),
+    )
+
+
+def resolve_pool(
+    spec: str, progress: Callable[[int, int], None] | None = None
+) -> ResolvedPool:
+    """Turn a ``--pool`` value into a :class:`ResolvedPool`.
+
+    ``spec`` is a pool config name (``configs/pools/NAME.yaml``), a path to such a YAML,
+    a SynthWeb dataset directory (it has ``manifest.json``) or a directory of shards.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return _from_synthweb_dir(path, spec)
+        raise PoolError(
+            f"pool directory {path} has no eval sets; write a pool config "
+            f"(configs/pools/*.yaml, kind: shards) naming its shards and eval sets"
+        )
+    try:
+        config_path = find_config("pools", spec)
+    except ConfigError:
+        if path.suffix in (".yaml", ".yml") or "/" in spec:
+            raise PoolError(f"pool {spec!r} does not exist") from None
+        raise
+    config = load_yaml_model(config_path, PoolConfig)
+    if config.kind == "synthweb":
+        root = ensure_synthweb(config.synthweb, progress=progress)
+        resolved = _from_synthweb_dir(root, spec)
+        resolved.pool.name = config.name
+        return resolved
+    if not config.path:
+        raise ConfigError(f"config file {config_path}: key 'path' is required for kind: shards")
+    if not config.eval:
+        raise ConfigError(f"config file {config_path}: key 'eval' must list at least one set")
+    return ResolvedPool(
+        pool=ShardPool(config.path, name=config.name),
+        eval_sets=config.eval,
+        kind="shards",
+        spec=spec,
+        config=config.model_dump(),
+    )

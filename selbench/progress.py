@@ -1,0 +1,85 @@
+"""Progress reporting: rich bars in the terminal, nothing in tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+
+
+class RichProgress:
+    """Implements :class:`selbench.strategy.Progress` with rich progress bars."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._progress = Progress(
+            TextColumn("[bold blue]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+
+    def __enter__(self) -> RichProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def track(
+        self, iterable: Iterable[T], description: str, total: int | None = None
+    ) -> Iterator[T]:
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        task = self._progress.add_task(description, total=total, info="")
+        for item in iterable:
+            yield item
+            self._progress.advance(task)
+        self._progress.update(task, completed=total if total is not None else None)
+
+    def counter(self, description: str) -> Callable[[int, int], None]:
+        """A ``callback(done, total)`` that drives one bar, shown from its first call."""
+        task = None
+
+        def update(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = self._progress.add_task(description, total=total, info="")
+            self._progress.update(task, completed=done, total=total)
+
+        return update
+
+    def set_info(self, description: str, info: str) -> None:
+        for task in self._progress.tasks:
+            if task.description == description:
+                self._progress.update(task.id, info=info)
+
+
+class NullProgress:
+    """Progress that reports nothing (tests, library use)."""
+
+    def track(
+        self, iterable: Iterable[T], description: str, total: int | None = None
+    ) -> Iterator[T]:
+        yield from iterable
+
+    def counter(self, description: str) -> Callable[[int, int], None]:
+        return lambda done, total: None
+
+    def set_info(self, description: str, info: str) -> None:
+        return None

@@ -1,0 +1,204 @@
+"""The strategy contract: what a selection plugin receives and what it must return.
+
+A strategy is a class with a ``name``, a pydantic ``Params`` model whose defaults follow
+its paper, and a ``select(ctx) -> Selection`` method. The harness, not the plugin,
+enforces the budget (:func:`validate_selection`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from selbench.errors import ConfigError, PluginError
+from selbench.progress import NullProgress
+
+T = TypeVar("T")
+
+
+class NoParams(BaseModel):
+    """Parameters of a strategy that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Strategy:
+    """Base class for selection strategies.
+
+    Subclasses set ``name`` (the ``--method`` value), ``summary`` (one line),
+    ``reference`` (the paper, with the equation or table its defaults come from),
+    ``stochastic`` (whether the seed changes the selection), ``needs`` (what the
+    strategy uses from the context beyond the pool) and ``Params`` (a pydantic model
+    with ``extra="forbid"``; every field has a default and a description naming its
+    source). They implement :meth:`select`.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    stochastic: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset()
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel | Mapping[str, Any] | None = None) -> None:
+        if isinstance(params, BaseModel):
+            self.params = params
+        else:
+            self.params = parse_params(type(self), dict(params or {}))
+
+    def select(self, ctx: SelectionContext) -> Selection:  # pragma: no cover - interface
+        raise NotImplementedError(f"strategy {self.name!r} does not implement select()")
+
+
+def parse_params(strategy_cls: type[Strategy], values: Mapping[str, Any]) -> BaseModel:
+    """Validate ``values`` against the strategy's ``Params``; errors name the strategy and key."""
+    try:
+        return strategy_cls.Params(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<params>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        known = ", ".join(strategy_cls.Params.model_fields) or "none"
+        raise ConfigError(
+            f"invalid parameters for method {strategy_cls.name!r}: {problems} "
+            f"(known parameters: {known})"
+        ) from None
+
+
+class Progress(Protocol):
+    """Progress reporting handed to strategies (rich bars in the CLI, silent in tests)."""
+
+    def track(
+        self, iterable: Iterable[T], description: str, total: int | None = None
+    ) -> Iterator[T]: ...
+
+
+class PoolView(Protocol):
+    """What a strategy sees of the pool: uids, captions, images. Never the ground truth."""
+
+    @property
+    def uids(self) -> Sequence[str]: ...
+
+    @property
+    def captions(self) -> Sequence[str]: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def __len__(self) -> int: ...
+
+    def iter_images(self, uids: Iterable[str] | None = None) -> Iterator[tuple[str, Any]]: ...
+
+
+@dataclass
+class SelectionContext:
+    """Everything a strategy may use to choose a subset.
+
+    ``budget_count`` is the exact number of uids to return. ``rng`` is seeded from
+    ``seed``; use it (or ``seed``) for every random choice so selections reproduce.
+    ``work_dir`` is private scratch space for this run.
+    """
+
+    pool: PoolView
+    budget_count: int
+    budget_fraction: float
+    seed: int
+    device: str
+    work_dir: Path
+    progress: Progress = field(default_factory=NullProgress)
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+
+@dataclass
+class Selection:
+    """What a strategy returns.
+
+    ``uids``: the chosen samples, unique, exactly ``ctx.budget_count`` of them.
+    ``captions``: optional caption rewrites (uid -> training text) for selected uids.
+    ``scores``: optional per-sample scores (uid -> float), logged with the selection.
+    """
+
+    uids: list[str]
+    captions: dict[str, str] | None = None
+    scores: dict[str, float] | None = None
+
+
+def budget_count(budget: float, pool_size: int) -> int:
+    """``round(budget * pool_size)``, the exact number of samples a strategy must return."""
+    if not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:
+        raise ConfigError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    count = int(round(float(budget) * pool_size))
+    if count < 1:
+        raise ConfigError(
+            f"budget {budget} of a pool of {pool_size} samples selects nothing; use a larger budget"
+        )
+    return count
+
+
+def validate_selection(
+    selection: object, known_uids: Iterable[str], expected_count: int, plugin: str
+) -> Selection:
+    """Check a strategy's output against the contract; raise :class:`PluginError` naming the plugin.
+
+    Rejects: a non-``Selection`` return value, non-string uids, duplicates, uids not in the
+    pool, a count other than ``expected_count``, caption rewrites or scores for uids that
+    are not selected / not in the pool.
+    """
+    if not isinstance(selection, Selection):
+        raise PluginError(
+            f"strategy {plugin!r} returned {type(selection).__name__}, expected selbench.Selection"
+        )
+    uids = list(selection.uids)
+    bad_type = [u for u in uids if not isinstance(u, str)]
+    if bad_type:
+        raise PluginError(
+            f"strategy {plugin!r} returned {len(bad_type)} non-string uids, e.g. {bad_type[0]!r}"
+        )
+    seen: set[str] = set()
+    duplicates = sorted({u for u in uids if u in seen or seen.add(u)})
+    if duplicates:
+        raise PluginError(
+            f"strategy {plugin!r} returned {len(duplicates)} duplicate uids, "
+            f"e.g. {duplicates[:3]}"
+        )
+    known = known_uids if isinstance(known_uids, (set, frozenset)) else set(known_uids)
+    unknown = [u for u in uids if u not in known]
+    if unknown:
+        raise PluginError(
+            f"strategy {plugin!r} returned {len(unknown)} uids that are not in the pool, "
+            f"e.g. {unknown[:3]}"
+        )
+    if len(uids) != expected_count:
+        raise PluginError(
+            f"strategy {plugin!r} returned {len(uids)} uids, the budget is exactly {expected_count}"
+        )
+    if selection.captions:
+        stray = [u for u in selection.captions if u not in seen]
+        if stray:
+            raise PluginError(
+                f"strategy {plugin!r} rewrote captions of {len(stray)} unselected uids, "
+                f"e.g. {stray[:3]}"
+            )
+        empty = [u for u, c in selection.captions.items() if not isinstance(c, str) or not c]
+        if empty:
+            raise PluginError(
+                f"strategy {plugin!r} returned {len(empty)} empty caption rewrites, "
+                f"e.g. {empty[:3]}"
+            )
+    if selection.scores:
+        stray = [u for u in selection.scores if u not in known]
+        if stray:
+            raise PluginError(
+                f"strategy {plugin!r} returned scores for {len(stray)} uids not in the pool, "
+                f"e.g. {stray[:3]}"
+            )
+    return Selection(uids=uids, captions=selection.captions, scores=selection.scores)

@@ -1,0 +1,67 @@
+import types
+
+import pytest
+
+import selbench
+from selbench.errors import PluginError, UnknownMethodError
+from selbench.registry import Registry, get_registry, make_plugin_manager
+
+
+def test_builtin_random_is_loaded_through_the_entry_point():
+    info = get_registry().get("random")
+    assert info.package == "selbench"
+    assert info.plugin == "selbench_plugins.random_strategy"
+
+
+def test_core_does_not_import_strategies_by_name():
+    import pathlib
+
+    core = pathlib.Path(selbench.__file__).parent
+    for path in core.rglob("*.py"):
+        assert "selbench_plugins" not in path.read_text(), path
+
+
+def test_unknown_method_lists_known_ones():
+    with pytest.raises(UnknownMethodError, match="unknown method 'nope'.*random"):
+        get_registry().get("nope")
+
+
+def _plugin(*classes):
+    module = types.ModuleType("fake_plugin")
+
+    @selbench.hookimpl
+    def register_strategies(register):
+        for cls in classes:
+            register(cls)
+
+    module.register_strategies = register_strategies
+    return module
+
+
+class Mine(selbench.Strategy):
+    name = "mine"
+
+    def select(self, ctx):
+        return selbench.Selection(uids=list(ctx.pool.uids)[: ctx.budget_count])
+
+
+def test_add_plugin_registers_through_the_hook():
+    registry = Registry(make_plugin_manager(load_entry_points=False))
+    registry.add_plugin(_plugin(Mine), package="my-pkg", version="1.2")
+    info = registry.get("mine")
+    assert (info.package, info.version, info.cls) == ("my-pkg", "1.2", Mine)
+
+
+def test_duplicate_strategy_names_are_an_error_naming_both():
+    class Random2(Mine):
+        name = "random"
+
+    registry = Registry(make_plugin_manager())
+    with pytest.raises(PluginError, match="registered twice.*selbench_plugins.random_strategy"):
+        registry.add_plugin(_plugin(Random2), package="other")
+
+
+def test_registering_a_non_strategy_is_an_error():
+    registry = Registry(make_plugin_manager(load_entry_points=False))
+    with pytest.raises(PluginError, match="not a selbench.Strategy"):
+        registry.add_plugin(_plugin(dict))
