@@ -9,7 +9,6 @@ Summary metrics: ``mean_R1`` (mean of i2t and t2i R@1 over retrieval sets) and
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,15 +76,29 @@ def evaluate_classification(
             f"zeroshot_classification_templates.txt"
         )
     loader = DataLoader(dataset, batch_size=batch_size)
-    raw = zeroshot_classification.evaluate(
-        model, loader, tokenizer, dataset.classes, dataset.templates, device, amp=False
+    classifier = zeroshot_classification.zero_shot_classifier(
+        model, tokenizer, dataset.classes, dataset.templates, device, amp=False
     )
-    metrics = {
-        f"{eval_set.name}/acc1": float(raw["acc1"]),
-        f"{eval_set.name}/mean_per_class_recall": float(raw["mean_per_class_recall"]),
-    }
-    if not math.isnan(raw.get("acc5", math.nan)):
-        metrics[f"{eval_set.name}/acc5"] = float(raw["acc5"])
+    logits, target = zeroshot_classification.run_classification(
+        model, classifier, loader, device, amp=False
+    )
+    # Written here rather than calling CLIP_benchmark's evaluate(): its accuracy() does
+    # float() on a one-element array, which numpy >= 2.4 refuses.
+    return classification_metrics(logits, target, eval_set.name)
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor, name: str) -> dict[str, float]:
+    """Top-1 (and top-5 with >= 5 classes) accuracy and mean per-class recall."""
+    ranked = logits.argsort(dim=1, descending=True)
+    hits = ranked == target.view(-1, 1)
+    metrics = {f"{name}/acc1": hits[:, :1].any(dim=1).float().mean().item()}
+    if logits.shape[1] >= 5:
+        metrics[f"{name}/acc5"] = hits[:, :5].any(dim=1).float().mean().item()
+    predicted = ranked[:, 0]
+    recalls = [
+        (predicted[target == c] == c).float().mean().item() for c in target.unique().tolist()
+    ]
+    metrics[f"{name}/mean_per_class_recall"] = sum(recalls) / len(recalls)
     return metrics
 
 

@@ -31,6 +31,7 @@ from selbench.strategy import (
     Selection,
     SelectionContext,
     budget_count,
+    check_budget,
     parse_params,
     validate_selection,
 )
@@ -123,7 +124,7 @@ def execute(request: RunRequest, progress: Any = None) -> RunOutcome:
     info = get_registry().get(request.method)
     params = parse_params(info.cls, request.params)
     scale = load_scale(request.scale)
-    budget_count(request.budget, 1)  # validates the fraction before any work
+    check_budget(request.budget)  # before any work
     device = request.device or default_device()
 
     resolved = resolve_pool(request.pool, progress=progress.counter("Generating SynthWeb"))

@@ -132,10 +132,16 @@ class Selection:
     scores: dict[str, float] | None = None
 
 
-def budget_count(budget: float, pool_size: int) -> int:
-    """``round(budget * pool_size)``, the exact number of samples a strategy must return."""
+def check_budget(budget: float) -> float:
+    """Return ``budget`` as a float if it is a fraction in (0, 1]; else raise ConfigError."""
     if not isinstance(budget, (int, float)) or not 0.0 < float(budget) <= 1.0:
         raise ConfigError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    return float(budget)
+
+
+def budget_count(budget: float, pool_size: int) -> int:
+    """``round(budget * pool_size)``, the exact number of samples a strategy must return."""
+    check_budget(budget)
     count = int(round(float(budget) * pool_size))
     if count < 1:
         raise ConfigError(

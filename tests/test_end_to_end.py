@@ -1,0 +1,92 @@
+"""End to end on a tiny SynthWeb pool: select, train, evaluate, log, leaderboard."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from e2e_helpers import make_tiny_pool, make_tiny_scale
+
+from selbench import leaderboard as lb
+from selbench import tracking
+from selbench.cli import main
+from selbench.runner import RunRequest, execute
+
+pytestmark = pytest.mark.slow
+
+TIMING = ("selection_seconds", "training_seconds", "eval_seconds")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_pool(root), make_tiny_scale(root)
+
+
+def _request(tiny, **kw):
+    pool, scale = tiny
+    return RunRequest(pool=str(pool), scale=str(scale), **{"method": "random", "budget": 0.25, **kw})
+
+
+def test_same_seed_same_uids_and_metrics_and_leaderboard_rows(tiny):
+    first = execute(_request(tiny, seed=3))
+    second = execute(_request(tiny, seed=3))
+    assert first.selection.uids == second.selection.uids
+    assert len(first.selection.uids) == 80  # round(0.25 * 320)
+    for key, value in first.metrics.items():
+        if key not in TIMING:
+            assert value == second.metrics[key] or (math.isnan(value) and math.isnan(second.metrics[key])), key
+    other_seed = execute(_request(tiny, seed=4))
+    assert other_seed.selection.uids != first.selection.uids
+    full = execute(_request(tiny, budget=1.0))
+    assert len(full.selection.uids) == 320
+
+    runs = lb.load_runs()
+    board = lb.summarise(runs)
+    assert sorted(board.table["budget"]) == [0.25, 1.0]
+    quarter = board.table[board.table["budget"] == 0.25].iloc[0]
+    assert quarter["seeds"] == 2 and quarter["runs"] == 3
+    # The leaderboard equals a recomputation from the raw metrics of the runs.
+    values = pd.Series(
+        [first.metrics["mean_R1"], second.metrics["mean_R1"], other_seed.metrics["mean_R1"]]
+    )
+    assert quarter["mean_R1_mean"] == pytest.approx(values.mean())
+    assert quarter["mean_R1_std"] == pytest.approx(values.std(ddof=1))
+
+
+def test_run_is_visible_in_mlflow_with_params_metrics_and_artifacts(tiny):
+    outcome = execute(_request(tiny, seed=0))
+    tracking.setup()
+    runs = mlflow.search_runs(experiment_names=["selbench"])
+    row = runs.set_index("run_id").loc[outcome.run_id]
+    assert row["status"] == "FINISHED"
+    for param in ("method", "budget", "protocol", "scale", "seed", "pool_fingerprint",
+                  "version.torch", "version.open_clip_torch", "method_params", "budget_count"):
+        assert isinstance(row[f"params.{param}"], str) and row[f"params.{param}"], param
+    assert row["params.method"] == "random" and row["params.budget_count"] == "80"
+    for metric in ("mean_R1", "zeroshot_acc1", "retrieval/i2t_R1", "retrieval/t2i_R10",
+                   "shape/acc1", "colour/acc1", "subset_size", "selection_seconds",
+                   "training_seconds", "diag/pool_frac/misaligned", "diag/selected_frac/clean"):
+        assert not math.isnan(row[f"metrics.{metric}"]), metric
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id)}
+    assert {"selection.parquet", "config.yaml"} <= artifacts
+    local = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, artifact_path="selection.parquet")
+    frame = pd.read_parquet(local)
+    assert frame["uid"].tolist() == outcome.selection.uids
+    assert set(frame.columns) >= {"uid", "caption", "train_caption", "score"}
+
+
+def test_cli_run_prints_metrics_and_where_it_logged(tiny):
+    pool, scale = tiny
+    result = CliRunner().invoke(
+        main, ["run", "--method", "random", "--budget", "0.5", "--pool", str(pool), "--scale", str(scale)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "R@1" in result.output and "zero-shot top-1" in result.output
+    assert "mlflow ui --backend-store-uri sqlite:///" in result.output
+    board = CliRunner().invoke(main, ["leaderboard", "--out", str(pool.parent / "boards")])
+    assert board.exit_code == 0, board.output
+    assert (pool.parent / "boards" / "selbench.md").read_text().count("| random |") == 1
