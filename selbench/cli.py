@@ -34,7 +34,7 @@ def friendly_errors(func):
         try:
             return func(*args, **kwargs)
         except SelbenchError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
     return wrapper
@@ -83,14 +83,18 @@ def main() -> None:
     callback=_budget,
     help="Fraction of the pool to keep, in (0, 1]; the subset is exactly round(budget x size).",
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds selection and training.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seeds selection and training."
+)
 @click.option(
     "--pool",
     default="synthweb",
     show_default=True,
     help="Pool config name (configs/pools/), a pool YAML, or a SynthWeb dataset directory.",
 )
-@click.option("--scale", default="tiny", show_default=True, help="Training recipe (configs/scales/).")
+@click.option(
+    "--scale", default="tiny", show_default=True, help="Training recipe (configs/scales/)."
+)
 @click.option(
     "--protocol",
     type=click.Choice(["fixed-compute", "fixed-epochs"]),
@@ -138,12 +142,15 @@ def run(method, budget, seed, pool, scale, protocol, params, experiment, device)
         value = outcome.metrics[key]
         summary.add_row(key, f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}")
     console.print(summary)
+    nan = float("nan")
     console.print(
-        f"R@1 (mean of image->text and text->image): {outcome.metrics.get('mean_R1', float('nan')):.4f}"
-        f"   zero-shot top-1: {outcome.metrics.get('zeroshot_acc1', float('nan')):.4f}"
+        f"R@1 (mean of image->text and text->image): {outcome.metrics.get('mean_R1', nan):.4f}"
+        f"   zero-shot top-1: {outcome.metrics.get('zeroshot_acc1', nan):.4f}"
     )
-    console.print(f"Logged MLflow run [bold]{outcome.run_id}[/] to {outcome.tracking_uri}")
-    console.print(f"Open it with: {ui_command()}", highlight=False)
+    console.print(
+        f"Logged MLflow run [bold]{outcome.run_id}[/] to {outcome.tracking_uri}", soft_wrap=True
+    )
+    console.print(f"Open it with: {ui_command()}", highlight=False, soft_wrap=True)
 
 
 @main.command()

@@ -40,6 +40,10 @@ class ScaleConfig(BaseModel):
     beta2: float = 0.98
     eps: float = 1.0e-6
     grad_clip_norm: float | None = None
+    random_resized_crop_scale: tuple[float, float] | None = Field(
+        default=(0.9, 1.0),
+        description="training crop area range (open_clip's train transform); null disables",
+    )
     eval_batch_size: int = Field(default=256, gt=0)
     precision: Literal["fp32", "amp"] = "fp32"
 

@@ -10,6 +10,7 @@ Summary metrics: ``mean_R1`` (mean of i2t and t2i R@1 over retrieval sets) and
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,18 +36,26 @@ def _load(eval_set: EvalSetConfig, preprocess: Any):
             f"(missing test/nshards.txt)"
         )
     task = "zeroshot_retrieval" if eval_set.task == "retrieval" else "zeroshot_classification"
-    return build_dataset(
-        f"wds/{eval_set.name}",
-        root=eval_set.path,
-        transform=preprocess,
-        split="test",
-        download=False,
-        task=task,
-    )
+    with warnings.catch_warnings():
+        # CLIP_benchmark leaves shardshuffle unset; eval order does not matter here.
+        warnings.filterwarnings("ignore", message=r"WebDataset\(shardshuffle")
+        return build_dataset(
+            f"wds/{eval_set.name}",
+            root=eval_set.path,
+            transform=preprocess,
+            split="test",
+            download=False,
+            task=task,
+        )
 
 
 def evaluate_retrieval(
-    model: Any, eval_set: EvalSetConfig, preprocess: Any, tokenizer: Any, batch_size: int, device: str
+    model: Any,
+    eval_set: EvalSetConfig,
+    preprocess: Any,
+    tokenizer: Any,
+    batch_size: int,
+    device: str,
 ) -> dict[str, float]:
     from clip_benchmark.datasets.builder import image_captions_collate_fn
     from clip_benchmark.metrics import zeroshot_retrieval
@@ -65,7 +74,12 @@ def evaluate_retrieval(
 
 
 def evaluate_classification(
-    model: Any, eval_set: EvalSetConfig, preprocess: Any, tokenizer: Any, batch_size: int, device: str
+    model: Any,
+    eval_set: EvalSetConfig,
+    preprocess: Any,
+    tokenizer: Any,
+    batch_size: int,
+    device: str,
 ) -> dict[str, float]:
     from clip_benchmark.metrics import zeroshot_classification
 
@@ -87,7 +101,9 @@ def evaluate_classification(
     return classification_metrics(logits, target, eval_set.name)
 
 
-def classification_metrics(logits: torch.Tensor, target: torch.Tensor, name: str) -> dict[str, float]:
+def classification_metrics(
+    logits: torch.Tensor, target: torch.Tensor, name: str
+) -> dict[str, float]:
     """Top-1 (and top-5 with >= 5 classes) accuracy and mean per-class recall."""
     ranked = logits.argsort(dim=1, descending=True)
     hits = ranked == target.view(-1, 1)

@@ -92,14 +92,13 @@ def _run_strategy(info: StrategyInfo, strategy: Any, ctx: SelectionContext) -> S
         raise
     except Exception as exc:
         raise PluginError(
-            f"strategy {info.name!r} (package {info.package!r}) raised "
-            f"{type(exc).__name__}: {exc}"
+            f"strategy {info.name!r} (package {info.package!r}) raised {type(exc).__name__}: {exc}"
         ) from exc
     return validate_selection(result, set(ctx.pool.uids), ctx.budget_count, info.name)
 
 
 def _selection_frame(resolved: ResolvedPool, selection: Selection) -> pd.DataFrame:
-    captions = dict(zip(resolved.pool.uids, resolved.pool.captions))
+    captions = dict(zip(resolved.pool.uids, resolved.pool.captions, strict=True))
     rewrites = selection.captions or {}
     scores = selection.scores or {}
     return pd.DataFrame(
@@ -232,7 +231,7 @@ def _execute_in_run(
     set_seeds(request.seed)
     model, preprocess, tokenizer = build_model(scale.model, request.seed, device)
     samples_seen = planned_samples_seen(scale, request.protocol, len(pool), count)
-    captions = dict(zip(frame["uid"], frame["train_caption"]))
+    captions = dict(zip(frame["uid"], frame["train_caption"], strict=True))
     data = build_training_data(
         progress.track(pool.iter_images(selection.uids), "Loading subset", total=count),
         captions,

@@ -173,8 +173,7 @@ def validate_selection(
     duplicates = sorted({u for u in uids if u in seen or seen.add(u)})
     if duplicates:
         raise PluginError(
-            f"strategy {plugin!r} returned {len(duplicates)} duplicate uids, "
-            f"e.g. {duplicates[:3]}"
+            f"strategy {plugin!r} returned {len(duplicates)} duplicate uids, e.g. {duplicates[:3]}"
         )
     known = known_uids if isinstance(known_uids, (set, frozenset)) else set(known_uids)
     unknown = [u for u in uids if u not in known]

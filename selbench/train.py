@@ -81,7 +81,9 @@ def build_training_data(
     return TrainingData(images=torch.stack(tensors), tokens=tokenizer(texts))
 
 
-def planned_samples_seen(scale: ScaleConfig, protocol: str, pool_size: int, subset_size: int) -> int:
+def planned_samples_seen(
+    scale: ScaleConfig, protocol: str, pool_size: int, subset_size: int
+) -> int:
     """Total training samples for a protocol (see module docstring)."""
     if protocol == "fixed-compute":
         return int(round(pool_size * scale.epochs))
@@ -112,6 +114,32 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": no_decay, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
+
+
+def random_resized_crop(
+    images: torch.Tensor, scale: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """open_clip's training crop (RandomResizedCrop, ratio 3/4..4/3), one crop per image.
+
+    Done by hand as one batched ``affine_grid``/``grid_sample``: torchvision's transform
+    draws one crop per call, and a Python loop over every image of every batch costs more
+    than the tiny model's step on CPU.
+    """
+    n = images.shape[0]
+    area = torch.empty(n).uniform_(scale[0], scale[1], generator=generator)
+    log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    ratio = torch.exp(log_ratio)
+    width = torch.sqrt(area * ratio).clamp(max=1.0)
+    height = torch.sqrt(area / ratio).clamp(max=1.0)
+    shift_x = (torch.rand(n, generator=generator) * 2 - 1) * (1 - width)
+    shift_y = (torch.rand(n, generator=generator) * 2 - 1) * (1 - height)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = width, shift_x
+    theta[:, 1, 1], theta[:, 1, 2] = height, shift_y
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(
+        images, grid.to(images.device), mode="bilinear", padding_mode="border", align_corners=False
+    )
 
 
 def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterable[np.ndarray]:
@@ -155,10 +183,13 @@ def train_clip(
     running = float("nan")
     start = time.perf_counter()
     batches = _batch_indices(len(data), batch_size, steps, seed)
+    crop_rng = torch.Generator().manual_seed(seed)
     for step, idx in enumerate(progress.track(batches, "Training", total=steps)):
         schedule(step)
         index = torch.from_numpy(idx)
         images = data.images[index].to(device, non_blocking=True)
+        if scale.random_resized_crop_scale is not None:
+            images = random_resized_crop(images, scale.random_resized_crop_scale, crop_rng)
         tokens = data.tokens[index].to(device, non_blocking=True)
         with torch.autocast(device_type="cuda", enabled=use_amp):
             image_features, text_features, logit_scale = model(images, tokens)[:3]

@@ -54,7 +54,12 @@ def shard_pool_dir(tmp_path) -> Path:
     second = [
         ("000010000", png_bytes(), "", {}),
         ("000010001", None, "no image here", {}),
-        ("000010002", png_bytes((0, 0, 200)), "a blue square", {"synthweb": {"pathology": "clean"}}),
+        (
+            "000010002",
+            png_bytes((0, 0, 200)),
+            "a blue square",
+            {"synthweb": {"pathology": "clean"}},
+        ),
     ]
     write_shard(root / "00000.tar", first)
     write_shard(root / "00001.tar", second)

@@ -53,15 +53,26 @@ def test_corrupt_shard_is_named(tiny, tmp_path):
     shutil.copytree(pool, broken)
     shard = broken / "pool" / "00001.tar"
     shard.write_bytes(shard.read_bytes()[:5000])
-    result = invoke("run", "--method", "random", "--budget", "0.25", "--pool", str(broken),
-                    "--scale", str(scale))
+    result = invoke(
+        "run",
+        "--method",
+        "random",
+        "--budget",
+        "0.25",
+        "--pool",
+        str(broken),
+        "--scale",
+        str(scale),
+    )
     assert result.exit_code != 0
     assert "00001.tar" in result.output
 
 
 def test_bad_strategy_parameter_is_named(tiny):
     pool, scale = tiny
-    result = invoke("run", "--method", "random", "--budget", "0.25", "-p", "k=1", "--pool", str(pool))
+    result = invoke(
+        "run", "--method", "random", "--budget", "0.25", "-p", "k=1", "--pool", str(pool)
+    )
     assert result.exit_code != 0 and "random" in result.output and "k" in result.output
 
 
@@ -98,8 +109,9 @@ def bad_plugins(monkeypatch):
 @pytest.mark.parametrize("method, message", [("raises", "boom in select"), ("dupes", "duplicate")])
 def test_failing_plugin_marks_the_run_failed(tiny, bad_plugins, method, message):
     pool, scale = tiny
-    result = invoke("run", "--method", method, "--budget", "0.25", "--pool", str(pool),
-                    "--scale", str(scale))
+    result = invoke(
+        "run", "--method", method, "--budget", "0.25", "--pool", str(pool), "--scale", str(scale)
+    )
     assert result.exit_code != 0
     assert message in result.output and repr(method) in result.output
     tracking.setup()

@@ -28,7 +28,9 @@ def tiny(tmp_path_factory):
 
 def _request(tiny, **kw):
     pool, scale = tiny
-    return RunRequest(pool=str(pool), scale=str(scale), **{"method": "random", "budget": 0.25, **kw})
+    return RunRequest(
+        pool=str(pool), scale=str(scale), **{"method": "random", "budget": 0.25, **kw}
+    )
 
 
 def test_same_seed_same_uids_and_metrics_and_leaderboard_rows(tiny):
@@ -38,7 +40,9 @@ def test_same_seed_same_uids_and_metrics_and_leaderboard_rows(tiny):
     assert len(first.selection.uids) == 80  # round(0.25 * 320)
     for key, value in first.metrics.items():
         if key not in TIMING:
-            assert value == second.metrics[key] or (math.isnan(value) and math.isnan(second.metrics[key])), key
+            assert value == second.metrics[key] or (
+                math.isnan(value) and math.isnan(second.metrics[key])
+            ), key
     other_seed = execute(_request(tiny, seed=4))
     assert other_seed.selection.uids != first.selection.uids
     full = execute(_request(tiny, budget=1.0))
@@ -63,17 +67,39 @@ def test_run_is_visible_in_mlflow_with_params_metrics_and_artifacts(tiny):
     runs = mlflow.search_runs(experiment_names=["selbench"])
     row = runs.set_index("run_id").loc[outcome.run_id]
     assert row["status"] == "FINISHED"
-    for param in ("method", "budget", "protocol", "scale", "seed", "pool_fingerprint",
-                  "version.torch", "version.open_clip_torch", "method_params", "budget_count"):
+    for param in (
+        "method",
+        "budget",
+        "protocol",
+        "scale",
+        "seed",
+        "pool_fingerprint",
+        "version.torch",
+        "version.open_clip_torch",
+        "method_params",
+        "budget_count",
+    ):
         assert isinstance(row[f"params.{param}"], str) and row[f"params.{param}"], param
     assert row["params.method"] == "random" and row["params.budget_count"] == "80"
-    for metric in ("mean_R1", "zeroshot_acc1", "retrieval/i2t_R1", "retrieval/t2i_R10",
-                   "shape/acc1", "colour/acc1", "subset_size", "selection_seconds",
-                   "training_seconds", "diag/pool_frac/misaligned", "diag/selected_frac/clean"):
+    for metric in (
+        "mean_R1",
+        "zeroshot_acc1",
+        "retrieval/i2t_R1",
+        "retrieval/t2i_R10",
+        "shape/acc1",
+        "colour/acc1",
+        "subset_size",
+        "selection_seconds",
+        "training_seconds",
+        "diag/pool_frac/misaligned",
+        "diag/selected_frac/clean",
+    ):
         assert not math.isnan(row[f"metrics.{metric}"]), metric
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id)}
     assert {"selection.parquet", "config.yaml"} <= artifacts
-    local = mlflow.artifacts.download_artifacts(run_id=outcome.run_id, artifact_path="selection.parquet")
+    local = mlflow.artifacts.download_artifacts(
+        run_id=outcome.run_id, artifact_path="selection.parquet"
+    )
     frame = pd.read_parquet(local)
     assert frame["uid"].tolist() == outcome.selection.uids
     assert set(frame.columns) >= {"uid", "caption", "train_caption", "score"}
@@ -82,7 +108,18 @@ def test_run_is_visible_in_mlflow_with_params_metrics_and_artifacts(tiny):
 def test_cli_run_prints_metrics_and_where_it_logged(tiny):
     pool, scale = tiny
     result = CliRunner().invoke(
-        main, ["run", "--method", "random", "--budget", "0.5", "--pool", str(pool), "--scale", str(scale)]
+        main,
+        [
+            "run",
+            "--method",
+            "random",
+            "--budget",
+            "0.5",
+            "--pool",
+            str(pool),
+            "--scale",
+            str(scale),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "R@1" in result.output and "zero-shot top-1" in result.output

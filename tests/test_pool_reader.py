@@ -37,7 +37,7 @@ def test_fingerprint_is_stable_and_tracks_content(shard_pool_dir):
 
 
 def test_index_is_cached_and_reused(shard_pool_dir, monkeypatch):
-    ShardPool(shard_pool_dir).uids
+    assert len(ShardPool(shard_pool_dir).uids) == 3
     monkeypatch.setattr(ShardPool, "_scan", lambda self: pytest.fail("rescanned"))
     again = ShardPool(shard_pool_dir)
     assert len(again) == 3
@@ -66,4 +66,4 @@ def test_truncated_shard_is_an_error_naming_the_shard(shard_pool_dir):
     shard = shard_pool_dir / "00001.tar"
     shard.write_bytes(shard.read_bytes()[:700])
     with pytest.raises(PoolError, match="00001.tar"):
-        ShardPool(shard_pool_dir).uids
+        assert len(ShardPool(shard_pool_dir).uids) == 3

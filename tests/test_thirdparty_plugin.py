@@ -22,8 +22,19 @@ def installed_plugin(tmp_path_factory):
     source = tmp_path_factory.mktemp("src") / "example_plugin"
     shutil.copytree(FIXTURE, source)  # setuptools writes build/ into the source folder
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(source)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
         check=True,
     )
     path = os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])
@@ -31,8 +42,14 @@ def installed_plugin(tmp_path_factory):
 
 
 def test_installed_plugin_is_listed_with_its_package(installed_plugin):
-    out = subprocess.run(SELBENCH + ["methods"], env=installed_plugin, capture_output=True,
-                         text=True, check=True, timeout=120).stdout
+    out = subprocess.run(
+        SELBENCH + ["methods"],
+        env=installed_plugin,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     assert "longest_captions" in out
     assert "selbench-example-plugin" in out
     assert "min_words" in out  # parameters and defaults are listed
@@ -41,8 +58,9 @@ def test_installed_plugin_is_listed_with_its_package(installed_plugin):
 
 def test_methods_without_the_plugin_does_not_list_it():
     env = dict(os.environ, COLUMNS="200")
-    out = subprocess.run(SELBENCH + ["methods"], env=env, capture_output=True, text=True,
-                         check=True, timeout=120).stdout
+    out = subprocess.run(
+        SELBENCH + ["methods"], env=env, capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     assert "longest_captions" not in out
 
 
@@ -52,9 +70,22 @@ def test_installed_plugin_runs_end_to_end(installed_plugin, tmp_path):
     scale = make_tiny_scale(tmp_path)
     env = dict(installed_plugin, SELBENCH_HOME=str(tmp_path / "home"))
     done = subprocess.run(
-        SELBENCH + ["run", "--method", "longest_captions", "--budget", "0.25", "--pool", str(pool),
-                    "--scale", str(scale)],
-        env=env, capture_output=True, text=True, timeout=600,
+        SELBENCH
+        + [
+            "run",
+            "--method",
+            "longest_captions",
+            "--budget",
+            "0.25",
+            "--pool",
+            str(pool),
+            "--scale",
+            str(scale),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "zero-shot top-1" in done.stdout

@@ -40,9 +40,7 @@ def synthweb_dir(overrides: dict) -> tuple[Path, object]:
     return data_home() / f"synthweb-{digest}", config
 
 
-def ensure_synthweb(
-    overrides: dict, progress: Callable[[int, int], None] | None = None
-) -> Path:
+def ensure_synthweb(overrides: dict, progress: Callable[[int, int], None] | None = None) -> Path:
     """Generate SynthWeb for these settings unless it already exists; return its directory."""
     from selbench.synthweb import generate_synthweb
 
@@ -76,9 +74,7 @@ def _from_synthweb_dir(root: Path, spec: str) -> ResolvedPool:
     )
 
 
-def resolve_pool(
-    spec: str, progress: Callable[[int, int], None] | None = None
-) -> ResolvedPool:
+def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) -> ResolvedPool:
     """Turn a ``--pool`` value into a :class:`ResolvedPool`.
 
     ``spec`` is a pool config name (``configs/pools/NAME.yaml``), a path to such a YAML,

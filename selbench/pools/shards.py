@@ -68,7 +68,9 @@ def _iter_shard(shard: Path) -> Iterator[dict[str, Any]]:
         )
         yield from dataset
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-        raise PoolError(f"shard {shard} is corrupt or unreadable: {type(exc).__name__}: {exc}")
+        raise PoolError(
+            f"shard {shard} is corrupt or unreadable: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _file_sha256(path: Path) -> str:
@@ -235,7 +237,7 @@ class ShardPool:
         """SynthWeb ground truth per uid (harness diagnostics only; strategies never get it)."""
         return {
             uid: json.loads(gt)
-            for uid, gt in zip(self.index["uid"], self.index["ground_truth"])
+            for uid, gt in zip(self.index["uid"], self.index["ground_truth"], strict=True)
             if isinstance(gt, str)
         }
 

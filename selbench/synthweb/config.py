@@ -38,7 +38,7 @@ class SynthWebConfig(BaseModel):
     seed: int = Field(
         0, ge=0, description="Master seed; every split derives its own RNG stream from it."
     )
-    n_samples: int = Field(8000, ge=1, description="Number of image-text pairs in the pool.")
+    n_samples: int = Field(16000, ge=1, description="Number of image-text pairs in the pool.")
     image_size: int = Field(32, ge=16, description="Side of the square images, in pixels.")
     shard_size: int = Field(
         1000,

@@ -1,0 +1,806 @@
+"""Embedding cache: one embedding pass per (pool fingerprint, embedder id), shared by all runs.
+
+Layout under the cache root (``$SELBENCH_HOME/embeddings`` by default)::
+
+    <entry_id>/                 a complete entry: image.npy, text.npy, manifest.json
+    <entry_id>.partial/         an interrupted computation: partial.json, chunk-000000.npz, ...
+    <entry_id>.lock             the entry's file lock (kept; an empty file)
+    .tmp-<entry_id>-<token>/    an entry being assembled (renamed to <entry_id>/ when complete)
+    .sha256-memo.json           memoised sha256 digests of .npy files, keyed by path+size+mtime
+
+Files only ever appear under their final names when complete (write to a temp name, then
+``os.replace``/``os.rename``), so a process killed at any point leaves complete chunks, a
+complete entry, or nothing. A computation resumes from the first missing chunk. Every load
+validates the entry (manifest, shapes, dtype, sha256) and removes a damaged one, which is
+then recomputed: a bad entry is never used silently. See ``docs/cache.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import filelock
+import numpy as np
+
+from selbench.errors import ConfigError, SelbenchError
+from selbench.paths import selbench_home
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+DTYPE = np.float16
+ARRAY_NAMES = ("image", "text")
+PARTIAL_SUFFIX = ".partial"
+LOCK_SUFFIX = ".lock"
+TMP_PREFIX = ".tmp-"
+PARTIAL_INFO = "partial.json"
+MANIFEST = "manifest.json"
+MEMO_NAME = ".sha256-memo.json"
+# A digest is memoised only for files whose mtime is this much older than the moment they
+# were hashed: a file changed again within the same mtime tick (timestamps are coarse) would
+# otherwise keep its stale memo key ("racy git" problem).
+RACY_SECONDS = 3.0
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Manifest keys the cache owns; ``meta`` may not override them ("versions" is merged).
+_CORE_KEYS = frozenset(
+    {
+        "format",
+        "entry_id",
+        "pool_fingerprint",
+        "embedder_id",
+        "n_samples",
+        "dim",
+        "dtype",
+        "normalised",
+        "chunk_size",
+        "created",
+        "versions",
+        "sha256",
+        "status",
+        "path",
+        "size_mb",
+    }
+)
+_memo_lock = threading.Lock()
+
+Produce = Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+@dataclass
+class CacheEntry:
+    """A complete, validated cache entry.
+
+    ``image`` and ``text`` are read-only float16 memory maps of shape ``(n_samples, dim)``
+    in pool order, with L2-normalised rows.
+    """
+
+    entry_id: str
+    path: Path
+    image: np.ndarray
+    text: np.ndarray
+    manifest: dict
+
+
+@dataclass
+class CacheResult:
+    """What :meth:`EmbeddingCache.get_or_compute` did.
+
+    ``hit`` is True when the entry was already complete and valid; ``seconds`` is the wall
+    time of the call (load or compute, lock wait included); ``resumed_from`` is the number
+    of samples taken from an interrupted earlier attempt (0 if none).
+    """
+
+    entry: CacheEntry
+    hit: bool
+    seconds: float
+    resumed_from: int
+
+
+class _ProduceError(SelbenchError):
+    """``produce`` broke its contract (shape, count, non-finite values): partial data is dropped."""
+
+
+class _DimChanged(Exception):
+    """Resumed batches have another dim than the interrupted attempt's chunks."""
+
+
+# -- small pure helpers ------------------------------------------------------------------
+def embedder_hash(embedder_id: str) -> str:
+    """The short, stable hash of an embedder id used in entry ids."""
+    return hashlib.sha256(embedder_id.encode("utf-8")).hexdigest()[:12]
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    """L2-normalise the rows of ``x`` in float32 and return them as float16.
+
+    Rows are first scaled by their largest absolute value so that squaring cannot overflow.
+    All-zero rows stay zero.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.max(np.abs(x), axis=1, keepdims=True)
+    scale[scale == 0] = 1.0
+    scaled = x / scale
+    norms = np.sqrt(np.sum(scaled * scaled, axis=1, keepdims=True, dtype=np.float32))
+    norms[norms == 0] = 1.0
+    return (scaled / norms).astype(DTYPE)
+
+
+def chunk_rows(index: int, n_samples: int, chunk_size: int) -> int:
+    """Number of rows in chunk ``index`` (the last chunk may be short)."""
+    return min(chunk_size, n_samples - index * chunk_size)
+
+
+def n_chunks(n_samples: int, chunk_size: int) -> int:
+    """Number of chunks an entry of ``n_samples`` is written in."""
+    return math.ceil(n_samples / chunk_size)
+
+
+def chunk_name(index: int) -> str:
+    """File name of chunk ``index`` inside a ``.partial`` directory."""
+    return f"chunk-{index:06d}.npz"
+
+
+def _chunk_index(name: str) -> int | None:
+    """The index in a chunk file name, or None for other names."""
+    match = re.fullmatch(r"chunk-(\d+)\.npz", name)
+    return int(match.group(1)) if match else None
+
+
+def _token() -> str:
+    """A name component unique to this process, thread and call (for temp files)."""
+    return f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None if missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{_token()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree, or a file or symlink standing where one was expected."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _size_mb(n_bytes: int) -> float:
+    return round(n_bytes / 1e6, 3)
+
+
+def _is_int(value: Any, minimum: int = 1) -> bool:
+    return type(value) is int and value >= minimum
+
+
+def _versions() -> dict[str, str]:
+    import selbench  # late: selbench/__init__ may import modules that use the cache
+
+    return {
+        "numpy": np.__version__,
+        "selbench": selbench.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _write_chunk(path: Path, image: np.ndarray, text: np.ndarray) -> None:
+    """Write one chunk so that ``path`` exists only once it is complete."""
+    tmp = path.with_name(f".{path.name}.{_token()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, image=image, text=text)
+    os.replace(tmp, path)
+
+
+def _read_chunk(path: Path, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (image, text) arrays of a chunk, or None if it is missing or not as expected."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            image, text = data["image"], data["text"]
+    except Exception:  # any failure to parse means the chunk is unusable
+        return None
+    for array in (image, text):
+        if array.dtype != DTYPE or array.shape != (rows, dim):
+            return None
+    return image, text
+
+
+def _as_batch(
+    batch: Any, dim: int | None, embedder_id: str, first_sample: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check one ``(image, text)`` batch from ``produce``; return both as float32 arrays."""
+    try:
+        image, text = batch
+    except (TypeError, ValueError):
+        raise _ProduceError(
+            f"embedder {embedder_id!r}: produce must yield (image_batch, text_batch) pairs, "
+            f"got {type(batch).__name__}"
+        ) from None
+    arrays = []
+    for kind, value in (("image", image), ("text", text)):
+        array = np.asarray(value)
+        if array.ndim != 2 or array.dtype.kind != "f":
+            raise _ProduceError(
+                f"embedder {embedder_id!r}: {kind} batch must be a 2-d float array, "
+                f"got shape {array.shape} dtype {array.dtype}"
+            )
+        if array.shape[1] < 1:
+            raise _ProduceError(f"embedder {embedder_id!r}: {kind} batch has 0 columns")
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)
+        finite = np.isfinite(array).all(axis=1)
+        if not finite.all():
+            sample = first_sample + int(np.argmin(finite))
+            raise _ProduceError(
+                f"embedder {embedder_id!r} produced non-finite values (NaN/inf, or beyond "
+                f"float32 range) in the {kind} embedding of sample {sample} (pool order); "
+                "nothing was cached"
+            )
+        arrays.append(array)
+    image, text = arrays
+    if image.shape[0] != text.shape[0]:
+        raise _ProduceError(
+            f"embedder {embedder_id!r}: image batch has {image.shape[0]} rows but text batch "
+            f"has {text.shape[0]}"
+        )
+    if image.shape[1] != text.shape[1]:
+        raise _ProduceError(
+            f"embedder {embedder_id!r}: image embeddings have {image.shape[1]} columns but "
+            f"text embeddings {text.shape[1]}; both must have the same dim"
+        )
+    if dim is not None and image.shape[1] != dim:
+        raise _ProduceError(
+            f"embedder {embedder_id!r}: batch starting at sample {first_sample} has "
+            f"{image.shape[1]} columns, earlier batches had {dim}"
+        )
+    return image, text
+
+
+def _check_meta(meta: dict | None) -> dict:
+    """Validate extra manifest fields before any work is done."""
+    meta = dict(meta or {})
+    clash = sorted(k for k in meta if k in _CORE_KEYS and k != "versions")
+    if clash:
+        raise SelbenchError(f"cache meta may not set reserved manifest fields {clash}")
+    if "versions" in meta and not isinstance(meta["versions"], dict):
+        raise SelbenchError("cache meta 'versions' must be a dict of package -> version")
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise SelbenchError(f"cache meta must be JSON-serialisable: {exc}") from None
+    return meta
+
+
+# -- the cache ---------------------------------------------------------------------------
+class EmbeddingCache:
+    """Image and text embeddings of a pool, computed once per (pool, embedder) and reused."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else selbench_home() / "embeddings"
+
+    # -- naming ----------------------------------------------------------------------
+    def entry_id(self, pool_fingerprint: str, embedder_id: str) -> str:
+        """``f"{pool_fingerprint}-{short hash of embedder_id}"``: stable and filesystem-safe."""
+        if not isinstance(pool_fingerprint, str) or not _SAFE_NAME.match(pool_fingerprint):
+            raise SelbenchError(
+                f"pool fingerprint {pool_fingerprint!r} is not usable in a cache entry name "
+                "(letters, digits, '.', '_', '-' only)"
+            )
+        if not isinstance(embedder_id, str) or not embedder_id:
+            raise SelbenchError(f"embedder id must be a non-empty string, got {embedder_id!r}")
+        return f"{pool_fingerprint}-{embedder_hash(embedder_id)}"
+
+    def _entry_dir(self, entry_id: str) -> Path:
+        return self.root / entry_id
+
+    def _partial_dir(self, entry_id: str) -> Path:
+        return self.root / f"{entry_id}{PARTIAL_SUFFIX}"
+
+    def _lock(self, entry_id: str, timeout: float = -1) -> filelock.FileLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(self.root / f"{entry_id}{LOCK_SUFFIX}"), timeout=timeout)
+
+    def _known_id(self, entry_id: str) -> str:
+        """``entry_id`` if it names an entry (complete or partial); else ConfigError."""
+        if (
+            isinstance(entry_id, str)
+            and _SAFE_NAME.match(entry_id)
+            and not entry_id.endswith((PARTIAL_SUFFIX, LOCK_SUFFIX))
+            and (self._entry_dir(entry_id).is_dir() or self._partial_dir(entry_id).is_dir())
+        ):
+            return entry_id
+        raise ConfigError(f"no cache entry {entry_id!r}; `selbench cache ls` lists them")
+
+    # -- sha256 memo -----------------------------------------------------------------
+    def _digest(self, path: Path) -> str:
+        """sha256 of ``path``, memoised by (path, size, mtime_ns) in the cache root."""
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        memo_path = self.root / MEMO_NAME
+        with _memo_lock:
+            memo = _read_json(memo_path) or {}
+        if isinstance(memo.get(key), str):
+            return memo[key]
+        hashed_at = time.time()
+        digest = _file_sha256(path)
+        if hashed_at - st.st_mtime_ns / 1e9 >= RACY_SECONDS:
+            with _memo_lock:
+                memo = _read_json(memo_path) or {}
+                memo = {k: v for k, v in memo.items() if _memo_key_current(k)}
+                memo[key] = digest
+                _atomic_write_text(memo_path, json.dumps(memo, indent=0))
+        return digest
+
+    # -- validation ------------------------------------------------------------------
+    def _validate(
+        self,
+        entry_id: str,
+        pool_fingerprint: str,
+        embedder_id: str,
+        n_samples: int | None = None,
+    ) -> tuple[CacheEntry | None, str | None]:
+        """Check an entry: ``(entry, None)`` if valid, ``(None, problem)`` if damaged or
+        foreign, ``(None, None)`` if absent."""
+        path = self._entry_dir(entry_id)
+        if not os.path.lexists(path):
+            return None, None
+        if not path.is_dir():
+            return None, "it is not a directory"
+        manifest = _read_json(path / MANIFEST)
+        if manifest is None:
+            return None, f"{MANIFEST} is missing or unreadable"
+        expected = {
+            "format": CACHE_FORMAT,
+            "entry_id": entry_id,
+            "pool_fingerprint": pool_fingerprint,
+            "embedder_id": embedder_id,
+            "dtype": "float16",
+            "normalised": True,
+        }
+        for key, want in expected.items():
+            if manifest.get(key) != want:
+                return None, f"manifest {key} is {manifest.get(key)!r}, expected {want!r}"
+        n, dim = manifest.get("n_samples"), manifest.get("dim")
+        if not (_is_int(n) and _is_int(dim)):
+            return None, f"manifest n_samples/dim are not positive integers ({n!r}, {dim!r})"
+        if n_samples is not None and n != n_samples:
+            return None, f"entry holds {n} samples but the pool now has {n_samples}"
+        digests = manifest.get("sha256")
+        if not isinstance(digests, dict):
+            return None, "manifest has no sha256 digests"
+        arrays: dict[str, np.ndarray] = {}
+        for name in ARRAY_NAMES:
+            file = path / f"{name}.npy"
+            if not file.is_file():
+                return None, f"{file.name} is missing"
+            try:
+                array = np.load(file, mmap_mode="r", allow_pickle=False)
+            except Exception as exc:  # truncated header or data, not an .npy file, ...
+                return None, f"{file.name} cannot be read ({type(exc).__name__}: {exc})"
+            if array.dtype != DTYPE:
+                return None, f"{file.name} has dtype {array.dtype}, expected float16"
+            if array.shape != (n, dim):
+                return None, f"{file.name} has shape {array.shape}, manifest says {(n, dim)}"
+            if self._digest(file) != digests.get(name):
+                return None, f"{file.name} sha256 does not match the manifest (changed or corrupt)"
+            arrays[name] = array
+        return CacheEntry(entry_id, path, arrays["image"], arrays["text"], manifest), None
+
+    def _discard(self, entry_id: str, problem: str) -> None:
+        path = self._entry_dir(entry_id)
+        log.warning(
+            "embedding cache entry %s at %s is damaged: %s; removing it", entry_id, path, problem
+        )
+        _remove(path)
+
+    # -- public API ------------------------------------------------------------------
+    def load(self, pool_fingerprint: str, embedder_id: str) -> CacheEntry | None:
+        """The complete, validated entry, or None.
+
+        A damaged or foreign entry is logged (``logging.warning`` naming the problem),
+        removed and None returned; if another process holds the entry's lock (it is
+        computing it), the damaged entry is left for that process to replace.
+        """
+        entry_id = self.entry_id(pool_fingerprint, embedder_id)
+        entry, problem = self._validate(entry_id, pool_fingerprint, embedder_id)
+        if problem is None:
+            return entry
+        try:
+            with self._lock(entry_id, timeout=0):
+                entry, problem = self._validate(entry_id, pool_fingerprint, embedder_id)
+                if problem is None:
+                    return entry
+                self._discard(entry_id, problem)
+        except filelock.Timeout:
+            log.warning(
+                "embedding cache entry %s is damaged (%s); another process is computing it",
+                entry_id,
+                problem,
+            )
+        return None
+
+    def get_or_compute(
+        self,
+        pool_fingerprint: str,
+        embedder_id: str,
+        n_samples: int,
+        produce: Produce,
+        chunk_size: int = 4096,
+        meta: dict | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> CacheResult:
+        """Load the entry for (pool, embedder), computing (or resuming) it if needed.
+
+        ``produce(start)`` must yield consecutive ``(image_batch, text_batch)`` float arrays
+        (any float dtype, any batch sizes) for samples ``start, start + 1, ...`` up to
+        ``n_samples`` in pool order. Batches are re-chunked into ``chunk_size`` rows,
+        L2-normalised row by row (float32 math) and stored as float16; every completed chunk
+        is on disk, so an interrupted computation resumes from the first missing chunk.
+        ``meta`` adds fields to the manifest; ``progress(done, n_samples)`` is called as
+        chunks complete. The entry's file lock is held throughout, so concurrent callers
+        compute an entry once: the others wait and then load it.
+
+        Raises SelbenchError if ``produce`` yields malformed batches, too few or too many
+        rows, or non-finite values (its partial data is then discarded).
+        """
+        started = time.perf_counter()
+        entry_id = self.entry_id(pool_fingerprint, embedder_id)
+        if not _is_int(n_samples):
+            raise SelbenchError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if not _is_int(chunk_size):
+            raise SelbenchError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        extra = _check_meta(meta)
+        spec = {
+            "format": CACHE_FORMAT,
+            "entry_id": entry_id,
+            "pool_fingerprint": pool_fingerprint,
+            "embedder_id": embedder_id,
+            "n_samples": n_samples,
+            "chunk_size": chunk_size,
+        }
+        with self._lock(entry_id):
+            for stale in self.root.glob(f"{TMP_PREFIX}{entry_id}-*"):
+                _remove(stale)  # left by a killed assembly
+            entry, problem = self._validate(entry_id, pool_fingerprint, embedder_id, n_samples)
+            if problem is not None:
+                self._discard(entry_id, problem)
+            elif entry is not None:
+                _remove(self._partial_dir(entry_id))
+                return CacheResult(entry, True, time.perf_counter() - started, 0)
+            resumed_from, dim = self._compute(spec, produce, progress)
+            entry = self._assemble(spec, dim, extra)
+        return CacheResult(entry, False, time.perf_counter() - started, resumed_from)
+
+    def ls(self) -> list[dict]:
+        """All entries, sorted by id.
+
+        Complete entries: their manifest plus ``entry_id``, ``status: "complete"``, ``path``
+        (str) and ``size_mb``. Interrupted computations: ``{"entry_id", "status": "partial",
+        "done", "n_samples", "embedder_id", "pool_fingerprint", "path", "size_mb"}``.
+        An entry directory without a readable manifest is listed with ``status: "damaged"``.
+        Nothing is validated beyond reading manifests (cheap).
+        """
+        if not self.root.is_dir():
+            return []
+        rows = []
+        for path in sorted(self.root.iterdir()):
+            if path.name.startswith(".") or not path.is_dir():
+                continue
+            if path.name.endswith(PARTIAL_SUFFIX):
+                rows.append(self._partial_summary(path))
+            else:
+                rows.append(self._complete_summary(path))
+        return rows
+
+    def info(self, entry_id: str) -> dict:
+        """Manifest and sizes of one entry (as in :meth:`ls`), with per-file sizes in bytes.
+
+        If an interrupted computation exists too, it is under ``"partial"``. Raises
+        ConfigError for an unknown id.
+        """
+        entry_id = self._known_id(entry_id)
+        complete, partial = self._entry_dir(entry_id), self._partial_dir(entry_id)
+        if not complete.is_dir():
+            return self._partial_summary(partial)
+        info = self._complete_summary(complete)
+        info["files"] = {p.name: p.stat().st_size for p in sorted(complete.iterdir())}
+        if partial.is_dir():
+            info["partial"] = self._partial_summary(partial)
+        return info
+
+    def rm(self, entry_id: str) -> None:
+        """Remove an entry's complete and partial data. Raises ConfigError for an unknown id,
+        SelbenchError if another process is computing it right now."""
+        entry_id = self._known_id(entry_id)
+        try:
+            with self._lock(entry_id, timeout=0):
+                _remove(self._entry_dir(entry_id))
+                _remove(self._partial_dir(entry_id))
+                for stale in self.root.glob(f"{TMP_PREFIX}{entry_id}-*"):
+                    _remove(stale)
+        except filelock.Timeout:
+            raise SelbenchError(
+                f"cache entry {entry_id!r} is being computed by another process; try again later"
+            ) from None
+
+    # -- summaries -------------------------------------------------------------------
+    def _complete_summary(self, path: Path) -> dict:
+        manifest = _read_json(path / MANIFEST)
+        base = {
+            "status": "complete" if manifest else "damaged",
+            "path": str(path),
+            "size_mb": _size_mb(_dir_size(path)),
+        }
+        return {**(manifest or {}), "entry_id": path.name, **base}
+
+    def _partial_summary(self, path: Path) -> dict:
+        info = _read_json(path / PARTIAL_INFO) or {}
+        n, chunk = info.get("n_samples"), info.get("chunk_size")
+        done = 0
+        if _is_int(n) and _is_int(chunk):
+            chunks = 0
+            while (path / chunk_name(chunks)).is_file():
+                chunks += 1
+            done = min(chunks * chunk, n)
+        return {
+            "entry_id": path.name[: -len(PARTIAL_SUFFIX)],
+            "status": "partial",
+            "done": done,
+            "n_samples": n,
+            "embedder_id": info.get("embedder_id"),
+            "pool_fingerprint": info.get("pool_fingerprint"),
+            "path": str(path),
+            "size_mb": _size_mb(_dir_size(path)),
+        }
+
+    # -- computing -------------------------------------------------------------------
+    def _usable_chunks(self, partial: Path, spec: dict) -> tuple[int, int | None]:
+        """How many leading chunks of ``partial`` can be reused, and their dim.
+
+        Partial data written for another request (``partial.json`` differs) is discarded;
+        temp files and chunks after the first missing or damaged one are removed.
+        """
+        if not partial.is_dir():
+            return 0, None
+        info = _read_json(partial / PARTIAL_INFO)
+        dim = info.get("dim") if info else None
+        if info is None or any(info.get(k) != v for k, v in spec.items()) or not _is_int(dim):
+            log.warning(
+                "discarding partial embeddings in %s: written for another request (%s)",
+                partial,
+                info,
+            )
+            _remove(partial)
+            return 0, None
+        n, chunk = spec["n_samples"], spec["chunk_size"]
+        done = 0
+        while done < n_chunks(n, chunk) and _read_chunk(
+            partial / chunk_name(done), chunk_rows(done, n, chunk), dim
+        ):
+            done += 1
+        for path in partial.iterdir():
+            index = _chunk_index(path.name)
+            if path.name.startswith(".") or (index is not None and index >= done):
+                path.unlink(missing_ok=True)
+        return done, dim
+
+    def _compute(
+        self, spec: dict, produce: Produce, progress: Callable[[int, int], None] | None
+    ) -> tuple[int, int]:
+        """Write all chunks to the partial dir; return (samples resumed, dim)."""
+        partial = self._partial_dir(spec["entry_id"])
+        done, dim = self._usable_chunks(partial, spec)
+        if done == 0:
+            _remove(partial)
+            dim = None
+        start = min(done * spec["chunk_size"], spec["n_samples"])
+        if start:
+            log.info("resuming embeddings %s from sample %d", spec["entry_id"], start)
+        try:
+            try:
+                dim = self._write_chunks(spec, partial, produce, start, dim, progress)
+            except _DimChanged as exc:
+                log.warning(
+                    "discarding partial embeddings in %s: %s; restarting from 0", partial, exc
+                )
+                _remove(partial)
+                start = 0
+                dim = self._write_chunks(spec, partial, produce, 0, None, progress)
+        except _ProduceError:
+            _remove(partial)
+            raise
+        return start, dim
+
+    def _write_chunks(
+        self,
+        spec: dict,
+        partial: Path,
+        produce: Produce,
+        start: int,
+        dim: int | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> int:
+        """Consume ``produce(start)`` and write the remaining chunks; return the dim."""
+        n, chunk, embedder_id = spec["n_samples"], spec["chunk_size"], spec["embedder_id"]
+        index = start // chunk
+        if progress is not None:
+            progress(start, n)
+        if start >= n:
+            assert dim is not None
+            return dim
+        produced = start
+        buffer: list[tuple[np.ndarray, np.ndarray]] = []
+        buffered = 0
+        batches = produce(start)
+        try:
+            for batch in batches:
+                if produced == start and start > 0 and dim is not None:
+                    got = _batch_dim(batch)
+                    if got is not None and got != dim:
+                        raise _DimChanged(f"embedder now yields dim {got}, chunks have {dim}")
+                image, text = _as_batch(batch, dim, embedder_id, produced)
+                dim = image.shape[1]
+                rows = image.shape[0]
+                if produced + rows > n:
+                    raise _ProduceError(
+                        f"embedder {embedder_id!r} produced more than n_samples={n} samples "
+                        f"(batch of {rows} rows after {produced})"
+                    )
+                produced += rows
+                buffer.append((image, text))
+                buffered += rows
+                while index < n_chunks(n, chunk) and buffered >= chunk_rows(index, n, chunk):
+                    rows_needed = chunk_rows(index, n, chunk)
+                    chunk_image, chunk_text, buffer = _take_rows(buffer, rows_needed)
+                    buffered -= rows_needed
+                    if not (partial / PARTIAL_INFO).exists():
+                        _atomic_write_text(partial / PARTIAL_INFO, json.dumps({**spec, "dim": dim}))
+                    _write_chunk(
+                        partial / chunk_name(index),
+                        normalise_rows(chunk_image),
+                        normalise_rows(chunk_text),
+                    )
+                    index += 1
+                    if progress is not None:
+                        progress(min(index * chunk, n), n)
+        finally:
+            close = getattr(batches, "close", None)
+            if callable(close):
+                close()
+        if produced < n:
+            raise _ProduceError(
+                f"embedder {embedder_id!r} stopped after sample {produced}: expected "
+                f"n_samples={n} (produce({start}) yielded {produced - start} samples)"
+            )
+        assert dim is not None
+        return dim
+
+    def _assemble(self, spec: dict, dim: int, extra: dict) -> CacheEntry:
+        """Build the complete entry from the chunks in a temp dir, then rename it into place."""
+        entry_id, n, chunk = spec["entry_id"], spec["n_samples"], spec["chunk_size"]
+        partial = self._partial_dir(entry_id)
+        tmp = self.root / f"{TMP_PREFIX}{entry_id}-{_token()}"
+        tmp.mkdir(parents=True)
+        try:
+            outputs = {
+                name: np.lib.format.open_memmap(
+                    tmp / f"{name}.npy", mode="w+", dtype=DTYPE, shape=(n, dim)
+                )
+                for name in ARRAY_NAMES
+            }
+            for index in range(n_chunks(n, chunk)):
+                loaded = _read_chunk(partial / chunk_name(index), chunk_rows(index, n, chunk), dim)
+                if loaded is None:
+                    raise SelbenchError(
+                        f"chunk {partial / chunk_name(index)} vanished or is "
+                        "damaged while assembling the cache entry"
+                    )
+                lo = index * chunk
+                for name, array in zip(ARRAY_NAMES, loaded, strict=True):
+                    outputs[name][lo : lo + len(array)] = array
+            for name in ARRAY_NAMES:
+                outputs[name].flush()
+            outputs.clear()  # drops the memory maps, closing the files
+            manifest = {
+                "format": CACHE_FORMAT,
+                "entry_id": entry_id,
+                "pool_fingerprint": spec["pool_fingerprint"],
+                "embedder_id": spec["embedder_id"],
+                "n_samples": n,
+                "dim": dim,
+                "dtype": "float16",
+                "normalised": True,
+                "chunk_size": chunk,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": {**extra.get("versions", {}), **_versions()},
+                "sha256": {name: _file_sha256(tmp / f"{name}.npy") for name in ARRAY_NAMES},
+                **{k: v for k, v in extra.items() if k != "versions"},
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            final = self._entry_dir(entry_id)
+            _remove(final)
+            os.rename(tmp, final)
+        except BaseException:
+            _remove(tmp)
+            raise
+        _remove(partial)
+        image, text = (np.load(final / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES)
+        return CacheEntry(entry_id, final, image, text, manifest)
+
+
+def _batch_dim(batch: Any) -> int | None:
+    """The column count of a batch's image array, if it looks like a 2-d array."""
+    try:
+        shape = np.shape(batch[0])
+    except (TypeError, IndexError, ValueError):
+        return None
+    return shape[1] if len(shape) == 2 else None
+
+
+def _take_rows(
+    buffer: list[tuple[np.ndarray, np.ndarray]], rows: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Split the first ``rows`` rows off a buffer of batches: (image, text, rest).
+
+    Only the rows taken are copied; the rest stays as views of the batches.
+    """
+    taken: list[tuple[np.ndarray, np.ndarray]] = []
+    need = rows
+    rest = list(buffer)
+    while need:
+        image, text = rest.pop(0)
+        if len(image) > need:
+            rest.insert(0, (image[need:], text[need:]))
+            image, text = image[:need], text[:need]
+        taken.append((image, text))
+        need -= len(image)
+    image = np.concatenate([t[0] for t in taken])
+    text = np.concatenate([t[1] for t in taken])
+    return image, text, rest
+
+
+def _memo_key_current(key: str) -> bool:
+    """Whether a memo key still describes an existing, unchanged file."""
+    try:
+        path, size, mtime = key.rsplit("|", 2)
+        st = os.stat(path)
+    except (ValueError, OSError):
+        return False
+    return str(st.st_size) == size and str(st.st_mtime_ns) == mtime

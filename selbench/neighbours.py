@@ -1,0 +1,140 @@
+"""Shared faiss helpers for strategies: k-means and exact inner-product kNN.
+
+Both are deterministic: the same inputs (and seed) give identical outputs. Faiss's CPU
+k-means and flat search were checked to give bit-identical results run to run with the
+default OpenMP thread count, and with 1 vs 2 threads (the centroid update splits work by
+centroid, not by point, so no floating-point sum is reordered across threads), so no
+thread pinning is done. GPU results are deterministic run to run on the same GPU but may
+differ from CPU results in the last bits (and so in near-tied assignments).
+
+Faiss k-means subsamples the training set to ``max_points_per_centroid`` (256) points per
+centroid when ``n > 256 * k``; that default is kept (the subsampling is seeded). Its
+"please provide at least ... training points" warning, which faiss prints to stderr when
+``n < 39 * k``, is silenced by setting ``min_points_per_centroid=1`` (that parameter only
+controls the warning). The "Sampling a subset" message is printed only in verbose mode.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# faiss GPU flat search handles k (and nprobe) up to this; larger k runs on CPU.
+GPU_MAX_K = 2048
+
+
+def faiss_gpu_count() -> int:
+    """GPUs faiss can use: ``faiss.get_num_gpus()`` where it exists, else 0.
+
+    faiss-cpu reports 0. (``faiss.Kmeans(gpu=True)`` silently stays on CPU there, so the
+    flag alone never says where the work runs.)
+    """
+    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    if get_num_gpus is None:
+        return 0
+    try:
+        return int(get_num_gpus())
+    except Exception:  # a broken CUDA setup must not break CPU-only work
+        return 0
+
+
+def use_faiss_gpu(use_gpu: bool | None) -> bool:
+    """Whether to run on GPU: ``None`` means "if faiss has one"; True without one warns."""
+    available = faiss_gpu_count() > 0
+    if use_gpu is None:
+        return available
+    if use_gpu and not available:
+        log.warning("GPU requested but faiss sees no GPU (faiss-cpu?); running on CPU")
+        return False
+    return bool(use_gpu)
+
+
+def as_float32_matrix(x: np.ndarray, name: str = "x") -> np.ndarray:
+    """``x`` as a C-contiguous float32 2-d array (copies only if needed); checks it."""
+    array = np.ascontiguousarray(x, dtype=np.float32)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty 2-d array, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    return array
+
+
+def faiss_seed(seed: int) -> int:
+    """``seed`` reduced to faiss's non-negative 31-bit C int."""
+    return int(seed) % (2**31)
+
+
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    seed: int,
+    niter: int = 20,
+    spherical: bool = False,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster the rows of ``x`` into ``k`` clusters with faiss k-means.
+
+    Returns ``(centroids, assignment)``: float32 ``(k, d)`` and int64 ``(n,)``, the
+    nearest centroid of every row (by the trained index: L2, or inner product when
+    ``spherical``, whose centroids are L2-normalised). ``x`` may be any float array or
+    memory map; it is converted to contiguous float32. ``k`` larger than ``n`` is clipped
+    to ``n`` with a warning. ``use_gpu=None`` uses a GPU when faiss has one. ``seed`` is
+    taken modulo 2**31.
+    """
+    data = as_float32_matrix(x)
+    n, d = data.shape
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > n:
+        log.warning("kmeans: k=%d is larger than the number of points %d; using k=%d", k, n, n)
+        k = n
+    clustering = faiss.Kmeans(
+        d,
+        int(k),
+        niter=int(niter),
+        seed=faiss_seed(seed),
+        spherical=bool(spherical),
+        gpu=use_faiss_gpu(use_gpu),
+        verbose=False,
+        min_points_per_centroid=1,  # only silences faiss's "too few points" stderr warning
+    )
+    clustering.train(data)
+    _, assignment = clustering.index.search(data, 1)
+    centroids = np.ascontiguousarray(clustering.centroids, dtype=np.float32)
+    return centroids, assignment.reshape(-1).astype(np.int64, copy=False)
+
+
+def knn(
+    queries: np.ndarray,
+    base: np.ndarray,
+    k: int,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product k-nearest neighbours of ``queries`` among the rows of ``base``.
+
+    Returns ``(scores, indices)``: float32 and int64, both ``(n_queries, k)``, best first
+    (faiss ``IndexFlatIP``; for cosine similarity pass L2-normalised rows). ``k`` is clipped
+    to ``len(base)``. Runs on all GPUs when faiss has them (``use_gpu=None``) and
+    ``k <= 2048``, else on CPU. Inputs may be any float arrays or memory maps (float16
+    included); they are converted to float32, so ``base`` must fit in memory as float32.
+    """
+    q = as_float32_matrix(queries, "queries")
+    b = as_float32_matrix(base, "base")
+    if q.shape[1] != b.shape[1]:
+        raise ValueError(f"queries have dim {q.shape[1]} but base has dim {b.shape[1]}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(int(k), b.shape[0])
+    index = faiss.IndexFlatIP(b.shape[1])
+    if use_faiss_gpu(use_gpu):
+        if k <= GPU_MAX_K:
+            index = faiss.index_cpu_to_all_gpus(index)
+        else:
+            log.info("knn: k=%d exceeds faiss's GPU limit %d; searching on CPU", k, GPU_MAX_K)
+    index.add(b)
+    scores, indices = index.search(q, k)
+    return scores.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
