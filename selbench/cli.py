@@ -176,6 +176,119 @@ def methods() -> None:
             info.cls.reference,
         )
     console.print(table)
+    embedders = Table(title="selbench embedders (--embedder / -p embedder=SPEC)")
+    for column in ("name", "package", "spec", "reference"):
+        embedders.add_column(column, overflow="fold")
+    for info in get_registry().embedder_infos():
+        embedders.add_row(
+            info.name,
+            f"{info.package} {info.version}".strip(),
+            info.cls.summary,
+            info.cls.reference,
+        )
+    console.print(embedders)
+
+
+@main.command()
+@click.option("--pool", default="synthweb", show_default=True, help="Pool to embed (as for run).")
+@click.option(
+    "--embedder",
+    "-e",
+    default="proxy",
+    show_default=True,
+    help="Embedder spec: proxy, or open_clip:ARCH:/path/to/weights.pt.",
+)
+@click.option("--device", default=None, help="torch device; default cuda when available.")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Rows per chunk; an interrupted run resumes from the last complete chunk.",
+)
+@friendly_errors
+def embed(pool, embedder, device, chunk_size) -> None:
+    """Fill the embedding cache for POOL with EMBEDDER ahead of runs."""
+    _quiet_libraries()
+    from selbench.embedders import EmbeddingService
+    from selbench.pools import resolve_pool
+    from selbench.progress import RichProgress
+    from selbench.registry import get_registry
+    from selbench.runner import default_device
+
+    with RichProgress(err_console) as progress:
+        resolved = resolve_pool(pool, progress=progress.counter("Generating SynthWeb"))
+        service = EmbeddingService(
+            resolved.pool.strategy_view(),
+            device or default_device(),
+            get_registry().make_embedder,
+            progress,
+            chunk_size=chunk_size,
+        )
+        found = service.embeddings(embedder)
+    usage = service.usage[embedder]
+    verdict = "cache hit" if usage["hit"] else "computed"
+    if usage["resumed_from"]:
+        verdict += f" (resumed from sample {usage['resumed_from']})"
+    console.print(
+        f"{verdict}: entry {found.entry_id} ({found.image.shape[0]} x {found.image.shape[1]}, "
+        f"{usage['total_seconds']:.1f} s) for embedder {found.embedder_id}",
+        soft_wrap=True,
+    )
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and remove embedding cache entries ($SELBENCH_HOME/embeddings)."""
+
+
+@cache.command("ls")
+@friendly_errors
+def cache_ls() -> None:
+    """List cache entries: id, status, pool, embedder, size."""
+    from selbench.cache import EmbeddingCache
+
+    table = Table(title="embedding cache")
+    for column in ("entry", "status", "samples", "embedder", "size (MB)", "created"):
+        table.add_column(column, overflow="fold")
+    for row in EmbeddingCache().ls():
+        done = row.get("n_samples", "")
+        if row.get("status") == "partial":
+            done = f"{row.get('done', 0)}/{row.get('n_samples', '?')}"
+        table.add_row(
+            row["entry_id"],
+            row.get("status", ""),
+            str(done),
+            str(row.get("embedder_id", "")),
+            f"{row.get('size_mb', 0):.1f}",
+            str(row.get("created", "")),
+        )
+    console.print(table)
+
+
+@cache.command("info")
+@click.argument("entry_id")
+@friendly_errors
+def cache_info(entry_id) -> None:
+    """Show the manifest of one cache entry."""
+    import json
+
+    from selbench.cache import EmbeddingCache
+
+    console.print_json(json.dumps(EmbeddingCache().info(entry_id), default=str))
+
+
+@cache.command("rm")
+@click.argument("entry_ids", nargs=-1, required=True)
+@friendly_errors
+def cache_rm(entry_ids) -> None:
+    """Remove cache entries (complete or partial)."""
+    from selbench.cache import EmbeddingCache
+
+    store = EmbeddingCache()
+    for entry_id in entry_ids:
+        store.rm(entry_id)
+        console.print(f"removed {entry_id}")
 
 
 @main.command()

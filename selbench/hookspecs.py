@@ -17,3 +17,8 @@ hookimpl = pluggy.HookimplMarker("selbench")
 @hookspec
 def register_strategies(register: Callable[[type], None]) -> None:
     """Call ``register(StrategyClass)`` for every selection strategy this plugin provides."""
+
+
+@hookspec
+def register_embedders(register: Callable[[type], None]) -> None:
+    """Call ``register(EmbedderClass)`` for every embedder this plugin provides."""

@@ -64,6 +64,10 @@ class RichProgress:
 
         return update
 
+    def note(self, message: str) -> None:
+        """Print one line above the bars."""
+        self._progress.console.print(message, highlight=False, soft_wrap=True)
+
     def set_info(self, description: str, info: str) -> None:
         for task in self._progress.tasks:
             if task.description == description:
@@ -80,6 +84,9 @@ class NullProgress:
 
     def counter(self, description: str) -> Callable[[int, int], None]:
         return lambda done, total: None
+
+    def note(self, message: str) -> None:
+        return None
 
     def set_info(self, description: str, info: str) -> None:
         return None

@@ -22,6 +22,7 @@ import yaml
 from selbench import tracking
 from selbench.configs import load_scale
 from selbench.diagnostics import concept_coverage, pathology_fractions
+from selbench.embedders import EmbeddingService
 from selbench.errors import PluginError, SelbenchError
 from selbench.evaluate import evaluate
 from selbench.pools import ResolvedPool, resolve_pool
@@ -65,6 +66,7 @@ class RunOutcome:
     metrics: dict[str, float]
     selection: Selection
     tracking_uri: str
+    embeddings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def default_device() -> str:
@@ -95,6 +97,35 @@ def _run_strategy(info: StrategyInfo, strategy: Any, ctx: SelectionContext) -> S
             f"strategy {info.name!r} (package {info.package!r}) raised {type(exc).__name__}: {exc}"
         ) from exc
     return validate_selection(result, set(ctx.pool.uids), ctx.budget_count, info.name)
+
+
+def _log_embedding_usage(services: EmbeddingService, progress: Any) -> None:
+    """Record which cache entries the strategy used, hit or computed, and the seconds."""
+    import mlflow
+
+    for spec, usage in services.usage.items():
+        key = spec.split(":", 1)[0]
+        mlflow.log_params(
+            {
+                f"embeddings.{key}.spec": spec,
+                f"embeddings.{key}.entry_id": usage["entry_id"],
+                f"embeddings.{key}.embedder_id": usage["embedder_id"],
+                f"embeddings.{key}.hit": usage["hit"],
+            }
+        )
+        metrics = {
+            f"embeddings/{key}/seconds": usage["total_seconds"],
+            f"embeddings/{key}/cache_seconds": usage["cache_seconds"],
+            f"embeddings/{key}/hit": float(usage["hit"]),
+        }
+        if "embedder_train_seconds" in usage:
+            metrics[f"embeddings/{key}/proxy_train_seconds"] = usage["embedder_train_seconds"]
+        mlflow.log_metrics(metrics)
+        verdict = "cache hit" if usage["hit"] else "computed and cached"
+        progress.note(
+            f"Embeddings ({spec}): {verdict}, entry {usage['entry_id']}, "
+            f"{usage['total_seconds']:.2f} s"
+        )
 
 
 def _selection_frame(resolved: ResolvedPool, selection: Selection) -> pd.DataFrame:
@@ -209,11 +240,15 @@ def _execute_in_run(
         device=device,
         work_dir=work_dir,
         progress=progress,
+        services=EmbeddingService(
+            pool.strategy_view(), device, get_registry().make_embedder, progress
+        ),
     )
     t0 = time.perf_counter()
     strategy = info.cls(params)
     selection = _run_strategy(info, strategy, ctx)
     selection_s = time.perf_counter() - t0
+    _log_embedding_usage(ctx.services, progress)
     frame = _selection_frame(resolved, selection)
     frame.to_parquet(work_dir / "selection.parquet", index=False)
     mlflow.log_artifact(str(work_dir / "selection.parquet"))
@@ -289,5 +324,9 @@ def _execute_in_run(
     (work_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
     mlflow.log_artifact(str(work_dir / "config.yaml"))
     return RunOutcome(
-        run_id="", metrics=metrics, selection=selection, tracking_uri=tracking.tracking_uri()
+        run_id="",
+        metrics=metrics,
+        selection=selection,
+        tracking_uri=tracking.tracking_uri(),
+        embeddings=dict(ctx.services.usage),
     )

@@ -93,7 +93,9 @@ class PoolView(Protocol):
 
     def __len__(self) -> int: ...
 
-    def iter_images(self, uids: Iterable[str] | None = None) -> Iterator[tuple[str, Any]]: ...
+    def iter_images(
+        self, uids: Iterable[str] | None = None, start: int = 0
+    ) -> Iterator[tuple[str, Any]]: ...
 
 
 @dataclass
@@ -112,10 +114,28 @@ class SelectionContext:
     device: str
     work_dir: Path
     progress: Progress = field(default_factory=NullProgress)
+    services: Any = None  # the harness's EmbeddingService; strategies use the methods below
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
+
+    def _service(self) -> Any:
+        if self.services is None:
+            raise RuntimeError(
+                "this SelectionContext has no embedding service; build it with "
+                "selbench.runner.make_context() or pass services=EmbeddingService(...)"
+            )
+        return self.services
+
+    def embeddings(self, embedder: str = "proxy") -> Any:
+        """The pool's cached image and text embeddings (``.image``, ``.text``: float16,
+        L2-normalised, rows in ``pool.uids`` order), computed on first request."""
+        return self._service().embeddings(embedder)
+
+    def proxy(self, embedder: str = "proxy") -> Any:
+        """The prepared proxy model (``.model``, ``.preprocess``, ``.tokenizer``, ``.encode``)."""
+        return self._service().embedder(embedder)
 
 
 @dataclass

@@ -28,8 +28,13 @@ def tracking_uri() -> str:
 
 def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     """Point MLflow at selbench's store and make sure ``experiment`` exists; return its id."""
+    import logging
+
     import mlflow
 
+    # MLflow sets its loggers to INFO on import; its table-creation notices are noise here.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(experiment)

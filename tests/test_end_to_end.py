@@ -127,3 +127,21 @@ def test_cli_run_prints_metrics_and_where_it_logged(tiny):
     board = CliRunner().invoke(main, ["leaderboard", "--out", str(pool.parent / "boards")])
     assert board.exit_code == 0, board.output
     assert (pool.parent / "boards" / "selbench.md").read_text().count("| random |") == 1
+
+
+def test_embedding_strategies_share_one_cache_entry(tiny):
+    first = execute(_request(tiny, method="clip_score"))
+    second = execute(_request(tiny, method="clip_score", budget=0.5))
+    assert first.embeddings["proxy"]["hit"] is False
+    assert second.embeddings["proxy"]["hit"] is True
+    assert first.embeddings["proxy"]["entry_id"] == second.embeddings["proxy"]["entry_id"]
+    runs = mlflow.search_runs(experiment_names=["selbench"]).set_index("run_id")
+    assert runs.loc[first.run_id, "params.embeddings.proxy.hit"] == "False"
+    assert runs.loc[second.run_id, "params.embeddings.proxy.hit"] == "True"
+    # On this 320-sample pool fixed costs (building the model) dominate; on the default
+    # pool the hit costs under 1% of the first pass (docs/cache.md).
+    assert runs.loc[second.run_id, "metrics.embeddings/proxy/seconds"] < (
+        0.25 * runs.loc[first.run_id, "metrics.embeddings/proxy/seconds"]
+    )
+    # clip_score keeps the best-aligned pairs: its scores are logged with the selection
+    assert set(first.selection.uids) <= set(second.selection.uids)

@@ -7,6 +7,12 @@ The same reader serves SynthWeb and CC3M-style pools.
 The uid of a sample is its key; pool order is shard order, then order inside the shard.
 Unreadable images and empty captions are skipped and counted, never fatal. A shard
 that cannot be read at all (truncated, not a tar) is an error naming the shard.
+
+Members are grouped into samples by key as webdataset does (the basename up to its first
+dot). The scan is written with ``tarfile`` rather than webdataset's streaming iterator
+because it records each image's byte offset in its shard: later reads (training subsets,
+embedding passes) seek straight to the image bytes instead of re-parsing every tar
+header, which was half the cost of an embedding pass on CPU.
 """
 
 from __future__ import annotations
@@ -20,10 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
-import webdataset as wds
 from PIL import Image
 
 from selbench.errors import PoolError
@@ -31,10 +35,11 @@ from selbench.paths import index_home
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 GROUND_TRUTH_KEY = "synthweb"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 
-def _decode_image(data: bytes) -> Image.Image:
+def decode_image_bytes(data: bytes) -> Image.Image:
+    """Decode an encoded image (any format PIL reads) to RGB."""
     image = Image.open(io.BytesIO(data))
     image.load()
     return image.convert("RGB")
@@ -58,16 +63,25 @@ def _check_complete_tar(shard: Path) -> None:
         raise PoolError(f"shard {shard} is truncated or not a tar archive ({size} bytes)")
 
 
-def _iter_shard(shard: Path) -> Iterator[dict[str, Any]]:
-    """Samples of one shard as webdataset dicts; a broken shard raises PoolError naming it."""
+def _shard_samples(
+    shard: Path,
+) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
+    """``(key, {extension: member}, tar)`` per sample of one shard, in member order."""
     _check_complete_tar(shard)
     try:
-        # Each shard is read alone so an error names the shard that caused it.
-        dataset = wds.WebDataset(
-            str(shard), shardshuffle=False, empty_check=False, nodesplitter=None
-        )
-        yield from dataset
-    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        with tarfile.open(shard) as tar:
+            members = [m for m in tar.getmembers() if m.isreg()]
+            grouped: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in members:
+                base = os.path.basename(member.name)
+                key, dot, ext = base.partition(".")
+                if not dot or key.startswith("__"):
+                    continue
+                prefix = member.name[: len(member.name) - len(base)]
+                grouped.setdefault(prefix + key, {})[ext.lower()] = member
+            for key, parts in grouped.items():
+                yield os.path.basename(key), parts, tar
+    except (tarfile.TarError, OSError, EOFError) as exc:
         raise PoolError(
             f"shard {shard} is corrupt or unreadable: {type(exc).__name__}: {exc}"
         ) from exc
@@ -162,23 +176,24 @@ class ShardPool:
         return index
 
     def _scan(self) -> pd.DataFrame:
-        rows: list[tuple[str, str, int, str | None]] = []
+        rows: list[tuple] = []
         stats = ScanStats()
         seen: set[str] = set()
         for shard_id, shard in enumerate(self.shards):
-            for sample in _iter_shard(shard):
+            for key, parts, tar in _shard_samples(shard):
                 stats.total += 1
-                key = sample["__key__"]
-                image_bytes = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
-                if image_bytes is None:
+                ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+                if ext is None:
                     stats.skipped["missing_image"] += 1
                     continue
+                image = parts[ext]
                 try:
-                    _decode_image(image_bytes)
+                    decode_image_bytes(tar.extractfile(image).read())
                 except Exception:
                     stats.skipped["unreadable_image"] += 1
                     continue
-                caption = sample.get("txt", b"").decode("utf-8", errors="replace").strip()
+                text = tar.extractfile(parts["txt"]).read() if "txt" in parts else b""
+                caption = text.decode("utf-8", errors="replace").strip()
                 if not caption:
                     stats.skipped["empty_caption"] += 1
                     continue
@@ -187,19 +202,22 @@ class ShardPool:
                     continue
                 seen.add(key)
                 truth = None
-                if "json" in sample:
+                if "json" in parts:
                     try:
-                        meta = json.loads(sample["json"])
+                        meta = json.loads(tar.extractfile(parts["json"]).read())
                         if GROUND_TRUTH_KEY in meta:
                             truth = json.dumps(meta[GROUND_TRUTH_KEY], sort_keys=True)
                     except ValueError:
                         pass
-                rows.append((key, caption, shard_id, truth))
+                rows.append((key, caption, shard_id, truth, image.offset_data, image.size, ext))
                 stats.kept += 1
         if not rows:
             raise PoolError(f"pool {self.root} has no readable samples ({dict(stats.skipped)})")
         self.scan_stats = stats
-        return pd.DataFrame(rows, columns=["uid", "caption", "shard", "ground_truth"])
+        return pd.DataFrame(
+            rows,
+            columns=["uid", "caption", "shard", "ground_truth", "offset", "size", "ext"],
+        )
 
     # -- access ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -213,22 +231,40 @@ class ShardPool:
     def captions(self) -> list[str]:
         return self.index["caption"].tolist()
 
-    def iter_images(self, uids: Iterable[str] | None = None) -> Iterator[tuple[str, Image.Image]]:
-        """Stream ``(uid, RGB image)`` in pool order, for all samples or only ``uids``."""
-        wanted = None if uids is None else set(uids)
-        index = self.index
-        if wanted is not None:
-            shards = sorted(set(index.loc[index["uid"].isin(wanted), "shard"].tolist()))
-        else:
-            shards = sorted(set(index["shard"].tolist()))
-        valid = set(index["uid"])
-        for shard_id in shards:
-            for sample in _iter_shard(self.shards[shard_id]):
-                key = sample["__key__"]
-                if key not in valid or (wanted is not None and key not in wanted):
-                    continue
-                data = next(sample[e] for e in IMAGE_EXTENSIONS if e in sample)
-                yield key, _decode_image(data)
+    def iter_image_bytes(
+        self, uids: Iterable[str] | None = None, start: int = 0
+    ) -> Iterator[tuple[str, bytes, str]]:
+        """``(uid, encoded image bytes, extension)`` in pool order: every sample from
+        position ``start`` on, or only ``uids``. Reads by recorded offset (no tar parsing)."""
+        rows = self.index.iloc[start:] if start else self.index
+        if uids is not None:
+            rows = rows[rows["uid"].isin(set(uids))]
+        handle, open_shard = None, -1
+        try:
+            for uid, shard_id, offset, size, ext in zip(
+                rows["uid"], rows["shard"], rows["offset"], rows["size"], rows["ext"], strict=True
+            ):
+                if shard_id != open_shard:
+                    if handle is not None:
+                        handle.close()
+                    handle, open_shard = open(self.shards[shard_id], "rb"), shard_id
+                handle.seek(int(offset))
+                data = handle.read(int(size))
+                if len(data) != size:
+                    raise PoolError(f"shard {self.shards[shard_id]} changed since it was indexed")
+                yield uid, data, ext
+        except OSError as exc:
+            raise PoolError(f"pool {self.root} cannot be read: {exc}") from exc
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def iter_images(
+        self, uids: Iterable[str] | None = None, start: int = 0
+    ) -> Iterator[tuple[str, Image.Image]]:
+        """Stream ``(uid, RGB PIL image)`` in pool order (see :meth:`iter_image_bytes`)."""
+        for uid, data, _ in self.iter_image_bytes(uids, start):
+            yield uid, decode_image_bytes(data)
 
     def has_ground_truth(self) -> bool:
         return bool(self.index["ground_truth"].notna().any())
@@ -270,8 +306,15 @@ class PoolForStrategies:
     def __len__(self) -> int:
         return len(self._pool)
 
-    def iter_images(self, uids: Iterable[str] | None = None) -> Iterator[tuple[str, Image.Image]]:
-        return self._pool.iter_images(uids)
+    def iter_images(
+        self, uids: Iterable[str] | None = None, start: int = 0
+    ) -> Iterator[tuple[str, Image.Image]]:
+        return self._pool.iter_images(uids, start)
+
+    def iter_image_bytes(
+        self, uids: Iterable[str] | None = None, start: int = 0
+    ) -> Iterator[tuple[str, bytes, str]]:
+        return self._pool.iter_image_bytes(uids, start)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -1,0 +1,87 @@
+"""Embedding-cache throughput vs. the encoder alone, measured side by side.
+
+End to end: read shards, decode, preprocess, encode, normalise, write the fp16 cache
+entry (``EmbeddingService.embeddings`` into a fresh cache). Encoder only: the same
+embedder's ``encode`` call the cache makes (tokenise the captions, ``encode_image``,
+``encode_text``) on the same images, already decoded and preprocessed in memory, in the
+same batch size. So the ratio is what the cache's reading, decoding, preprocessing and
+writing cost on top of the model. Both are repeated, interleaved, and the medians
+compared; the last line is the ratio (goal >= 0.9).
+
+    python benchmarks/embed_throughput.py                 # default SynthWeb, tiny model
+    python benchmarks/embed_throughput.py --pool DIR --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from selbench.cache import EmbeddingCache
+from selbench.embedders import ENCODE_BATCH, EmbeddingService, pool_batches
+from selbench.pools import resolve_pool
+from selbench.registry import get_registry
+from selbench.train import build_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pool", default="synthweb", help="pool spec (as for selbench run)")
+    parser.add_argument("--model", default="selbench-tiny", help="open_clip architecture")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    pool = resolve_pool(args.pool).pool.strategy_view()
+    n = len(pool)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, _, _ = build_model(args.model, seed=0)
+        weights = Path(tmp) / "weights.pt"
+        torch.save(model.state_dict(), weights)
+        spec = f"open_clip:{args.model}:{weights}"
+        registry = get_registry()
+
+        embedder = registry.make_embedder(spec)
+        embedder.prepare(pool, args.device, None)
+        batches = list(pool_batches(pool, embedder.preprocess, 0, ENCODE_BATCH))
+
+        def encoder_only() -> float:
+            start = time.perf_counter()
+            for images, texts in batches:
+                embedder.encode(images, texts)
+            return time.perf_counter() - start
+
+        def end_to_end(i: int) -> float:
+            service = EmbeddingService(
+                pool,
+                args.device,
+                registry.make_embedder,
+                cache=EmbeddingCache(Path(tmp) / f"cache-{i}"),
+            )
+            service._embedders[spec] = embedder  # same prepared model, not a reload
+            start = time.perf_counter()
+            service.embeddings(spec)
+            return time.perf_counter() - start
+
+        encoder_only()  # warm-up
+        enc, e2e = [], []
+        for i in range(args.repeats):
+            enc.append(encoder_only())
+            e2e.append(end_to_end(i))
+    enc_rate, e2e_rate = n / statistics.median(enc), n / statistics.median(e2e)
+    print(
+        f"pool: {args.pool} ({n} samples), model: {args.model}, device: {args.device}, "
+        f"threads: {torch.get_num_threads()}, batch: {ENCODE_BATCH}"
+    )
+    print(f"encoder only : {enc_rate:10.0f} samples/s  (median of {args.repeats})")
+    print(f"end to end   : {e2e_rate:10.0f} samples/s  (read, decode, preprocess, encode, write)")
+    print(f"ratio end-to-end / encoder-only: {e2e_rate / enc_rate:.3f}")
+
+
+if __name__ == "__main__":
+    main()

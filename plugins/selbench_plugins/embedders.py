@@ -1,0 +1,168 @@
+"""Built-in embedders: ``proxy`` (trained on the pool, offline default) and ``open_clip``
+(any open_clip architecture with weights from a local file)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import filelock
+import torch
+
+from selbench import hookimpl
+from selbench.configs import find_config, load_scale
+from selbench.embedders import Embedder
+from selbench.errors import ConfigError
+from selbench.paths import selbench_home
+from selbench.train import build_model, build_training_data, train_clip
+
+PROXY_SEED = 0  # one proxy per (pool, recipe), shared by every strategy seed
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ProxyEmbedder(Embedder):
+    """A small open_clip CLIP trained contrastively on the pool itself.
+
+    Spec: ``proxy`` or ``proxy:RECIPE`` (a scale in ``configs/scales/``, default ``proxy``:
+    the tiny architecture, 2 epochs of the pool). The checkpoint is cached per (pool
+    fingerprint, recipe) under ``$SELBENCH_HOME/proxies`` and reused like the embeddings.
+    """
+
+    name = "proxy"
+    summary = "small CLIP trained on the pool itself (offline default)"
+    reference = (
+        "TL;DR (arXiv 2305.20087) and EL2N (Paul et al., 2021) score with models "
+        "trained on the source data"
+    )
+
+    def __init__(self, args: str = "") -> None:
+        super().__init__(args)
+        self.recipe = load_scale(args or "proxy")
+        self.recipe_path = find_config("scales", args or "proxy")
+
+    @property
+    def architecture(self) -> str:
+        return self.recipe.model
+
+    def checkpoint_dir(self, pool_fingerprint: str) -> Path:
+        recipe = hashlib.sha256(self.recipe.model_dump_json().encode()).hexdigest()[:10]
+        return selbench_home() / "proxies" / f"{pool_fingerprint}-{self.recipe.name}-{recipe}"
+
+    def prepare(self, pool: Any, device: str, progress: Any) -> None:
+        self.device = device
+        model, preprocess, tokenizer = build_model(self.recipe.model, PROXY_SEED, device)
+        folder = self.checkpoint_dir(pool.fingerprint)
+        checkpoint = folder / "model.pt"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(str(folder) + ".lock"):
+            if not checkpoint.is_file():
+                self.details["trained"] = True
+                self._train(model, preprocess, tokenizer, pool, device, progress, folder)
+            else:
+                self.details["trained"] = False
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+        model.eval()
+        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
+        self.weights_digest = _file_sha256(checkpoint)
+        self.details["checkpoint"] = str(checkpoint)
+
+    def _train(self, model, preprocess, tokenizer, pool, device, progress, folder: Path) -> None:
+        captions = dict(zip(pool.uids, pool.captions, strict=True))
+        images = progress.track(pool.iter_images(), "Proxy: loading pool", total=len(pool))
+        data = build_training_data(images, captions, preprocess, tokenizer)
+        samples = int(round(len(data) * self.recipe.epochs))
+        started = time.perf_counter()
+        result = train_clip(model, data, self.recipe, samples, PROXY_SEED, device, progress)
+        self.details["train_seconds"] = time.perf_counter() - started
+        self.details["train_final_loss"] = result.final_loss
+        # Written under a temporary name and renamed: a checkpoint exists only when complete.
+        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), tmp / "model.pt")
+        (tmp / "meta.json").write_text(
+            json.dumps(
+                {
+                    "recipe": self.recipe.model_dump(),
+                    "pool_fingerprint": pool.fingerprint,
+                    "samples_seen": result.samples_seen,
+                    "final_loss": result.final_loss,
+                    "seconds": result.seconds,
+                    "seed": PROXY_SEED,
+                },
+                indent=2,
+            )
+        )
+        if folder.exists():  # a damaged earlier attempt without model.pt
+            import shutil
+
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+
+
+class OpenClipEmbedder(Embedder):
+    """Any open_clip architecture with weights from a local file.
+
+    Spec: ``open_clip:ARCH:/path/to/weights.pt`` (a state dict or an open_clip
+    checkpoint). Nothing is downloaded: open_clip's pretrained tags need the internet, so
+    fetch the weights once on a connected machine and pass the file.
+    """
+
+    name = "open_clip"
+    summary = "open_clip model with local weights: open_clip:ARCH:/path/to/weights.pt"
+    reference = "OpenCLIP (Cherti et al., CVPR 2023; Ilharco et al., 2021)"
+
+    def __init__(self, args: str = "") -> None:
+        super().__init__(args)
+        arch, _, weights = args.partition(":")
+        if not arch or not weights:
+            raise ConfigError(
+                f"embedder 'open_clip:{args}' needs an architecture and a local weights file: "
+                "open_clip:ARCH:/path/to/weights.pt (download the weights once on a machine "
+                "with internet, e.g. with open_clip.create_model_and_transforms, and pass the file)"
+            )
+        self.arch, self.weights = arch, Path(weights).expanduser()
+        if not self.weights.is_file():
+            raise ConfigError(
+                f"weights file {self.weights} for open_clip:{arch} does not exist; selbench does "
+                "not download weights at run time, pass a local file"
+            )
+
+    @property
+    def architecture(self) -> str:
+        return self.arch
+
+    def prepare(self, pool: Any, device: str, progress: Any) -> None:
+        self.device = device
+        # Validates the name and registers selbench's own architectures (configs/models).
+        model, preprocess, tokenizer = build_model(self.arch, seed=0, device=device)
+        state = torch.load(self.weights, map_location=device, weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"weights {self.weights} do not fit open_clip architecture {self.arch!r}: {exc}"
+            ) from None
+        model.eval()
+        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
+        self.weights_digest = _file_sha256(self.weights)
+
+
+@hookimpl
+def register_embedders(register):
+    register(ProxyEmbedder)
+    register(OpenClipEmbedder)

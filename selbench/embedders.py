@@ -1,0 +1,262 @@
+"""Embedders and the shared embedding service strategies reach through ``ctx``.
+
+An embedder turns images and captions into L2-normalised vectors. Embedders are plugins
+(hook ``register_embedders``), named on the command line by a spec ``NAME[:ARGS]``:
+``proxy`` (a CLIP trained on the pool itself) or ``open_clip:ARCH:/path/to/weights.pt``.
+
+Every embedder has an id that names the model, a fingerprint of its weights and its
+preprocessing, so a cache entry is reused only for exactly the same embedding function.
+:class:`EmbeddingService` computes each (pool, embedder) pair once through the
+:class:`~selbench.cache.EmbeddingCache` and records what it did for MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from selbench.cache import EmbeddingCache
+from selbench.errors import ConfigError
+from selbench.progress import NullProgress
+
+ENCODE_BATCH = 512
+
+
+class Embedder:
+    """Base class: an open_clip-style model with ``encode_image``/``encode_text``.
+
+    Subclasses set ``name``, ``summary`` and ``reference``, parse their spec arguments in
+    ``__init__(args)``, and load or train the model in :meth:`prepare`, setting
+    ``self.model``, ``self.preprocess``, ``self.tokenizer`` and ``self.weights_digest``.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+
+    def __init__(self, args: str = "") -> None:
+        self.args = args
+        self.model: Any = None
+        self.preprocess: Any = None
+        self.tokenizer: Any = None
+        self.weights_digest: str = ""
+        self.device = "cpu"
+        self.details: dict[str, Any] = {}  # what prepare() did (logged with the run)
+
+    def prepare(self, pool: Any, device: str, progress: Any) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def architecture(self) -> str:
+        return self.args.split(":", 1)[0] or self.name
+
+    @property
+    def embedder_id(self) -> str:
+        """``name:architecture:w<weights sha256>:p<preprocess hash>``."""
+        if not self.weights_digest:
+            raise RuntimeError(f"embedder {self.name!r} used before prepare()")
+        return (
+            f"{self.name}:{self.architecture}:w{self.weights_digest[:16]}"
+            f":p{preprocess_digest(self.preprocess)}"
+        )
+
+    @torch.inference_mode()
+    def encode(
+        self, images: torch.Tensor, captions: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 embeddings (not yet normalised) of preprocessed images and captions."""
+        self.model.eval()
+        image = self.model.encode_image(images.to(self.device))
+        text = self.model.encode_text(self.tokenizer(list(captions)).to(self.device))
+        return image.float().cpu().numpy(), text.float().cpu().numpy()
+
+
+def preprocess_digest(preprocess: Any) -> str:
+    """A short hash of the preprocessing pipeline's description (sizes, interpolation, norm)."""
+    return hashlib.sha256(repr(preprocess).encode()).hexdigest()[:8]
+
+
+def _normalize_params(preprocess: Any) -> tuple[int, tuple, tuple] | None:
+    """(size, mean, std) when ``preprocess`` is open_clip's Resize/CenterCrop/ToTensor/Normalize."""
+    transforms = getattr(preprocess, "transforms", None)
+    if not transforms:
+        return None
+    size, mean, std = None, None, None
+    for t in transforms:
+        kind = type(t).__name__
+        if kind == "Resize" and isinstance(t.size, int):
+            size = t.size
+        elif kind == "CenterCrop":
+            crop = t.size if isinstance(t.size, (tuple, list)) else (t.size, t.size)
+            if len(set(crop)) != 1 or (size is not None and crop[0] != size):
+                return None
+            size = crop[0]
+        elif kind == "Normalize":
+            mean, std = tuple(t.mean), tuple(t.std)
+        elif kind not in ("MaybeConvertMode", "MaybeToTensor", "ToTensor"):
+            return None
+    if size is None or mean is None:
+        return None
+    return size, mean, std
+
+
+def preprocess_batch(images: Sequence[Any], preprocess: Any) -> torch.Tensor:
+    """Preprocess PIL images into one batch tensor.
+
+    Fast path, written by hand because torchvision transforms work one image at a time:
+    when every image is RGB and already at the model's input size, open_clip's
+    Resize/CenterCrop are no-ops and ToTensor+Normalize are done once on the whole batch
+    (equal to the per-image pipeline; tested). Otherwise each image goes through
+    ``preprocess``.
+    """
+    params = _normalize_params(preprocess)
+    if params is not None:
+        size, mean, std = params
+        if all(im.mode == "RGB" and im.size == (size, size) for im in images):
+            array = np.stack([np.asarray(im, dtype=np.uint8) for im in images])
+            batch = torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255.0)
+            mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+            std_t = torch.tensor(std).view(1, 3, 1, 1)
+            return batch.sub_(mean_t).div_(std_t)
+    return torch.stack([preprocess(im) for im in images])
+
+
+def _prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``iterator`` in a thread, ``depth`` items ahead, so decoding overlaps encoding."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    failure: list[BaseException] = []
+
+    def fill() -> None:
+        try:
+            for item in iterator:
+                buffer.put(item)
+        except BaseException as exc:  # re-raised in the consumer
+            failure.append(exc)
+        finally:
+            buffer.put(done)
+
+    thread = threading.Thread(target=fill, daemon=True)
+    thread.start()
+    while True:
+        item = buffer.get()
+        if item is done:
+            break
+        yield item
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def pool_batches(
+    pool: Any, preprocess: Any, start: int = 0, batch_size: int = ENCODE_BATCH
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Preprocessed image batches and their captions, in pool order from ``start``."""
+    captions = pool.captions
+    position = start
+    images: list[Any] = []
+    texts: list[str] = []
+    for _, image in pool.iter_images(start=start):
+        images.append(image)
+        texts.append(captions[position])
+        position += 1
+        if len(images) == batch_size:
+            yield preprocess_batch(images, preprocess), texts
+            images, texts = [], []
+    if images:
+        yield preprocess_batch(images, preprocess), texts
+
+
+@dataclass
+class Embeddings:
+    """Cached, L2-normalised float16 embeddings of a whole pool, rows in pool order."""
+
+    image: np.ndarray
+    text: np.ndarray
+    uids: Sequence[str]
+    embedder_id: str
+    entry_id: str
+
+
+@dataclass
+class EmbeddingService:
+    """Embeds a pool at most once per embedder, through the cache; what strategies call.
+
+    ``usage`` records, per embedder spec, the cache entry, whether it was a hit and the
+    seconds spent, for the run's MLflow record.
+    """
+
+    pool: Any
+    device: str
+    make_embedder: Callable[[str], Embedder]
+    progress: Any = field(default_factory=NullProgress)
+    cache: EmbeddingCache = field(default_factory=EmbeddingCache)
+    chunk_size: int = 4096  # rows per resumable cache chunk
+    usage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _embedders: dict[str, Embedder] = field(default_factory=dict)
+    _embeddings: dict[str, Embeddings] = field(default_factory=dict)
+
+    def embedder(self, spec: str = "proxy") -> Embedder:
+        """The prepared embedder for ``spec`` (trained or loaded on first use)."""
+        if spec not in self._embedders:
+            embedder = self.make_embedder(spec)
+            started = time.perf_counter()
+            embedder.prepare(self.pool, self.device, self.progress)
+            embedder.details.setdefault("prepare_seconds", time.perf_counter() - started)
+            self._embedders[spec] = embedder
+        return self._embedders[spec]
+
+    def embeddings(self, spec: str = "proxy") -> Embeddings:
+        """Image and text embeddings of the pool by ``spec``; computed once, then cached."""
+        if spec in self._embeddings:
+            return self._embeddings[spec]
+        started = time.perf_counter()
+        embedder = self.embedder(spec)
+        n = len(self.pool)
+        bar = self.progress.counter(f"Embedding pool ({spec})")
+
+        def produce(start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            batches = _prefetch(pool_batches(self.pool, embedder.preprocess, start))
+            for images, texts in batches:
+                yield embedder.encode(images, texts)
+
+        result = self.cache.get_or_compute(
+            self.pool.fingerprint,
+            embedder.embedder_id,
+            n,
+            produce,
+            chunk_size=self.chunk_size,
+            meta={"embedder_spec": spec, "pool_name": getattr(self.pool, "name", "")},
+            progress=bar,
+        )
+        entry = result.entry
+        found = Embeddings(
+            entry.image, entry.text, self.pool.uids, embedder.embedder_id, entry.entry_id
+        )
+        self._embeddings[spec] = found
+        self.usage[spec] = {
+            "entry_id": entry.entry_id,
+            "embedder_id": embedder.embedder_id,
+            "hit": result.hit,
+            "cache_seconds": result.seconds,
+            "total_seconds": time.perf_counter() - started,
+            "resumed_from": result.resumed_from,
+            **{f"embedder_{k}": v for k, v in embedder.details.items()},
+        }
+        return found
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``"open_clip:ViT-B-32:/w.pt"`` -> ``("open_clip", "ViT-B-32:/w.pt")``."""
+    name, _, args = spec.partition(":")
+    if not name:
+        raise ConfigError(f"empty embedder spec {spec!r}; e.g. 'proxy' or 'open_clip:ARCH:PATH'")
+    return name, args

@@ -1,0 +1,169 @@
+"""Embedders, the embedding service and the `selbench embed` command."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from e2e_helpers import make_tiny_pool
+from PIL import Image
+
+from selbench.cache import EmbeddingCache
+from selbench.embedders import EmbeddingService, preprocess_batch
+from selbench.errors import ConfigError
+from selbench.pools import resolve_pool
+from selbench.registry import get_registry
+from selbench.train import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(tmp_path_factory):
+    return make_tiny_pool(tmp_path_factory.mktemp("emb"))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """open_clip weights made by the test itself: a seeded selbench-tiny state dict."""
+    model, _, _ = build_model("selbench-tiny", seed=123)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_batched_preprocessing_equals_open_clips_per_image_pipeline():
+    _, preprocess, _ = build_model("selbench-tiny", seed=0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(5)]
+    fast = preprocess_batch(images, preprocess)
+    slow = torch.stack([preprocess(im) for im in images])
+    assert torch.allclose(fast, slow, atol=1e-6)
+    mixed = images[:2] + [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))]
+    assert torch.allclose(
+        preprocess_batch(mixed, preprocess), torch.stack([preprocess(im) for im in mixed])
+    )
+
+
+def _service(pool_dir, spec_device="cpu", chunk_size=4096):
+    pool = resolve_pool(str(pool_dir)).pool
+    return EmbeddingService(
+        pool.strategy_view(), spec_device, get_registry().make_embedder, chunk_size=chunk_size
+    ), pool
+
+
+def test_open_clip_embedder_with_local_weights_matches_the_model(tiny_pool, weights):
+    service, pool = _service(tiny_pool)
+    found = service.embeddings(f"open_clip:selbench-tiny:{weights}")
+    model, preprocess, tokenizer = build_model("selbench-tiny", seed=0)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    uid, image = next(pool.iter_images())
+    with torch.no_grad():
+        ref_img = torch.nn.functional.normalize(model.encode_image(preprocess(image)[None]), dim=-1)
+        ref_txt = torch.nn.functional.normalize(
+            model.encode_text(tokenizer([pool.captions[0]])), dim=-1
+        )
+    assert found.image.dtype == np.float16 and found.image.shape == (len(pool), 128)
+    assert np.allclose(found.image[0], ref_img[0].numpy(), atol=2e-3)
+    assert np.allclose(found.text[0], ref_txt[0].numpy(), atol=2e-3)
+    assert (
+        f"w{__import__('hashlib').sha256(weights.read_bytes()).hexdigest()[:16]}"
+        in found.embedder_id
+    )
+
+
+def test_weights_for_another_architecture_are_refused(tiny_pool, weights):
+    service, _ = _service(tiny_pool)
+    with pytest.raises(ConfigError, match="do not fit"):
+        service.embeddings(f"open_clip:RN50:{weights}")
+
+
+def test_second_service_hits_the_cache_without_encoding(tiny_pool, weights, monkeypatch):
+    spec = f"open_clip:selbench-tiny:{weights}"
+    first, _ = _service(tiny_pool)
+    computed = first.embeddings(spec)
+    assert first.usage[spec]["hit"] is False
+    second, _ = _service(tiny_pool)
+    monkeypatch.setattr(
+        "selbench.embedders.Embedder.encode", lambda *a: pytest.fail("re-encoded on a hit")
+    )
+    again = second.embeddings(spec)
+    assert second.usage[spec]["hit"] is True
+    assert again.entry_id == computed.entry_id
+    assert np.array_equal(np.asarray(again.image), np.asarray(computed.image))
+
+
+def test_proxy_is_trained_once_per_pool_and_reused(tiny_pool):
+    first, _ = _service(tiny_pool)
+    embedder = first.embedder("proxy")
+    assert embedder.details["trained"] is True
+    second, _ = _service(tiny_pool)
+    reused = second.embedder("proxy")
+    assert reused.details["trained"] is False
+    assert reused.embedder_id == embedder.embedder_id
+
+
+def _embed_cmd(pool_dir, spec, chunk_size):
+    return [
+        sys.executable,
+        "-m",
+        "selbench.cli",
+        "embed",
+        "--pool",
+        str(pool_dir),
+        "--embedder",
+        spec,
+        "--chunk-size",
+        str(chunk_size),
+    ]
+
+
+@pytest.mark.slow
+def test_kill_9_during_embedding_then_the_same_command_resumes(tmp_path, weights):
+    """`selbench embed` killed with SIGKILL mid-way resumes and gives the same arrays."""
+    from selbench.synthweb import SynthWebConfig, generate_synthweb
+
+    pool_dir = tmp_path / "pool"
+    generate_synthweb(
+        pool_dir,
+        SynthWebConfig(
+            n_samples=4000, shard_size=500, n_retrieval=20, n_classification=20, n_target=10
+        ),
+    )
+    spec = f"open_clip:selbench-tiny:{weights}"
+    killed_home, clean_home = tmp_path / "killed", tmp_path / "clean"
+    env = dict(os.environ, SELBENCH_HOME=str(killed_home), COLUMNS="200")
+    proc = subprocess.Popen(
+        _embed_cmd(pool_dir, spec, 64), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    chunks = []
+    while time.time() < deadline and proc.poll() is None:
+        chunks = list((killed_home / "embeddings").glob("*.partial/chunk-*"))
+        if len(chunks) >= 3:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "embedding finished before it could be killed"
+    again = subprocess.run(
+        _embed_cmd(pool_dir, spec, 64), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from sample" in again.stdout
+    env_clean = dict(env, SELBENCH_HOME=str(clean_home))
+    subprocess.run(
+        _embed_cmd(pool_dir, spec, 64), env=env_clean, check=True, capture_output=True, timeout=600
+    )
+    resumed = EmbeddingCache(killed_home / "embeddings").ls()
+    clean = EmbeddingCache(clean_home / "embeddings").ls()
+    assert [r["status"] for r in resumed] == ["complete"]
+    for name in ("image", "text"):
+        a = np.load(f"{resumed[0]['path']}/{name}.npy")
+        b = np.load(f"{clean[0]['path']}/{name}.npy")
+        assert np.array_equal(a, b), name
