@@ -38,6 +38,7 @@ import filelock
 import numpy as np
 
 from selbench.errors import ConfigError, SelbenchError
+from selbench.fileutil import atomic_write_text, file_sha256
 from selbench.paths import selbench_home
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,6 @@ def _token() -> str:
     return f"{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_json(path: Path) -> dict | None:
     """The JSON object in ``path``, or None if missing, unreadable or not an object."""
     try:
@@ -182,13 +175,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{_token()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _remove(path: Path) -> None:
@@ -359,13 +345,13 @@ class EmbeddingCache:
         if isinstance(memo.get(key), str):
             return memo[key]
         hashed_at = time.time()
-        digest = _file_sha256(path)
+        digest = file_sha256(path)
         if hashed_at - st.st_mtime_ns / 1e9 >= RACY_SECONDS:
             with _memo_lock:
                 memo = _read_json(memo_path) or {}
                 memo = {k: v for k, v in memo.items() if _memo_key_current(k)}
                 memo[key] = digest
-                _atomic_write_text(memo_path, json.dumps(memo, indent=0))
+                atomic_write_text(memo_path, json.dumps(memo, indent=0))
         return digest
 
     # -- validation ------------------------------------------------------------------
@@ -691,7 +677,7 @@ class EmbeddingCache:
                     chunk_image, chunk_text, buffer = _take_rows(buffer, rows_needed)
                     buffered -= rows_needed
                     if not (partial / PARTIAL_INFO).exists():
-                        _atomic_write_text(partial / PARTIAL_INFO, json.dumps({**spec, "dim": dim}))
+                        atomic_write_text(partial / PARTIAL_INFO, json.dumps({**spec, "dim": dim}))
                     _write_chunk(
                         partial / chunk_name(index),
                         normalise_rows(chunk_image),
@@ -750,7 +736,7 @@ class EmbeddingCache:
                 "chunk_size": chunk,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "versions": {**extra.get("versions", {}), **_versions()},
-                "sha256": {name: _file_sha256(tmp / f"{name}.npy") for name in ARRAY_NAMES},
+                "sha256": {name: file_sha256(tmp / f"{name}.npy") for name in ARRAY_NAMES},
                 **{k: v for k, v in extra.items() if k != "versions"},
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

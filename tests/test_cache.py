@@ -296,7 +296,7 @@ def test_interrupted_assembly_resumes_without_producing(cache, reference, monkey
     def broken(path):
         raise OSError("disk fell off")
 
-    monkeypatch.setattr(cache_mod, "_file_sha256", broken)
+    monkeypatch.setattr(cache_mod, "file_sha256", broken)
     with pytest.raises(OSError, match="disk fell off"):
         compute(cache)
     monkeypatch.undo()
@@ -431,7 +431,7 @@ def test_sha256_is_memoised_for_unchanged_files(cache, tmp_path, monkeypatch):
     def no_hashing(path):
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(cache_mod, "_file_sha256", no_hashing)
+    monkeypatch.setattr(cache_mod, "file_sha256", no_hashing)
     assert cache.load(POOL, EMBEDDER) is not None
     monkeypatch.undo()
 

@@ -17,18 +17,11 @@ from selbench import hookimpl
 from selbench.configs import find_config, load_scale
 from selbench.embedders import Embedder
 from selbench.errors import ConfigError
+from selbench.fileutil import file_sha256
 from selbench.paths import selbench_home
 from selbench.train import build_model, build_training_data, train_clip
 
 PROXY_SEED = 0  # one proxy per (pool, recipe), shared by every strategy seed
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ProxyEmbedder(Embedder):
@@ -75,7 +68,7 @@ class ProxyEmbedder(Embedder):
         model.load_state_dict(state)
         model.eval()
         self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
-        self.weights_digest = _file_sha256(checkpoint)
+        self.weights_digest = file_sha256(checkpoint)
         self.details["checkpoint"] = str(checkpoint)
 
     def _train(self, model, preprocess, tokenizer, pool, device, progress, folder: Path) -> None:
@@ -159,7 +152,7 @@ class OpenClipEmbedder(Embedder):
             ) from None
         model.eval()
         self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
-        self.weights_digest = _file_sha256(self.weights)
+        self.weights_digest = file_sha256(self.weights)
 
 
 @hookimpl

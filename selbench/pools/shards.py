@@ -31,6 +31,7 @@ import pandas as pd
 from PIL import Image
 
 from selbench.errors import PoolError
+from selbench.fileutil import atomic_write_text, file_sha256
 from selbench.paths import index_home
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -87,14 +88,6 @@ def _shard_samples(
         ) from exc
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class ScanStats:
     """What the pool scan found: samples kept and samples skipped by reason."""
@@ -133,11 +126,11 @@ class ShardPool:
             st = shard.stat()
             memo_key = f"{shard.resolve()}|{st.st_size}|{st.st_mtime_ns}"
             if memo_key not in memo:
-                memo[memo_key] = _file_sha256(shard)
+                memo[memo_key] = file_sha256(shard)
                 changed = True
             digest.update(f"{shard.name}:{memo[memo_key]}\n".encode())
         if changed:
-            _atomic_write_text(memo_path, json.dumps(memo))
+            atomic_write_text(memo_path, json.dumps(memo))
         return digest.hexdigest()[:16]
 
     # -- index -----------------------------------------------------------------------
@@ -169,7 +162,7 @@ class ShardPool:
         index.to_parquet(tmp, index=False)
         os.replace(tmp, path)
         stats = self.scan_stats
-        _atomic_write_text(
+        atomic_write_text(
             stats_path,
             json.dumps({"total": stats.total, "kept": stats.kept, "skipped": dict(stats.skipped)}),
         )
@@ -315,10 +308,3 @@ class PoolForStrategies:
         self, uids: Iterable[str] | None = None, start: int = 0
     ) -> Iterator[tuple[str, bytes, str]]:
         return self._pool.iter_image_bytes(uids, start)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
