@@ -113,8 +113,16 @@ def main() -> None:
 )
 @click.option("--experiment", default="selbench", show_default=True, help="MLflow experiment.")
 @click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@click.option(
+    "--target",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Target data for target-aware methods (nds, knn_target): a CLIP_benchmark wds "
+    "directory or an image folder. Default: the pool's target split (SynthWeb has one). "
+    "A target sharing any image with an eval set is refused.",
+)
 @friendly_errors
-def run(method, budget, seed, pool, scale, protocol, params, experiment, device) -> None:
+def run(method, budget, seed, pool, scale, protocol, params, experiment, device, target) -> None:
     """Select a subset with METHOD, train the fixed recipe on it, evaluate, log to MLflow."""
     _quiet_libraries()
     from selbench.progress import RichProgress
@@ -131,6 +139,7 @@ def run(method, budget, seed, pool, scale, protocol, params, experiment, device)
         params=_parse_assignments(params, "--param"),
         experiment=experiment,
         device=device,
+        target=str(target) if target else None,
     )
     with RichProgress(err_console) as progress:
         outcome = execute(request, progress=progress)

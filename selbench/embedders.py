@@ -198,11 +198,35 @@ class EmbeddingService:
     device: str
     make_embedder: Callable[[str], Embedder]
     progress: Any = field(default_factory=NullProgress)
+    load_target: Callable[[], Any] | None = None  # returns a selbench.target.TargetSet
     cache: EmbeddingCache = field(default_factory=EmbeddingCache)
     chunk_size: int = 4096  # rows per resumable cache chunk
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)
     _embedders: dict[str, Embedder] = field(default_factory=dict)
     _embeddings: dict[str, Embeddings] = field(default_factory=dict)
+    _target: Any = None
+
+    def target(self) -> Any:
+        """The run's target set, loaded and checked against the eval sets on first use."""
+        if self._target is None:
+            if self.load_target is None:
+                raise ConfigError(
+                    "this pool has no target split; give target data with --target PATH "
+                    "(a CLIP_benchmark wds directory or an image folder)"
+                )
+            self._target = self.load_target()
+        return self._target
+
+    def embed_images(self, spec: str, images: Sequence[Any]) -> np.ndarray:
+        """L2-normalised float32 image embeddings of ``images`` (e.g. target images)."""
+        embedder = self.embedder(spec)
+        rows = []
+        for start in range(0, len(images), ENCODE_BATCH):
+            batch = preprocess_batch(images[start : start + ENCODE_BATCH], embedder.preprocess)
+            with torch.inference_mode():
+                rows.append(embedder.model.encode_image(batch.to(embedder.device)).float().cpu())
+        out = torch.cat(rows).numpy()
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def embedder(self, spec: str = "proxy") -> Embedder:
         """The prepared embedder for ``spec`` (trained or loaded on first use)."""

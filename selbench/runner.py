@@ -11,6 +11,7 @@ import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from selbench.strategy import (
     parse_params,
     validate_selection,
 )
+from selbench.target import load_target
 from selbench.train import (
     PROTOCOLS,
     build_model,
@@ -58,6 +60,7 @@ class RunRequest:
     params: dict[str, Any] = field(default_factory=dict)
     experiment: str = tracking.DEFAULT_EXPERIMENT
     device: str | None = None
+    target: str | None = None  # target data for target-aware methods; default: the pool's
 
 
 @dataclass
@@ -97,6 +100,30 @@ def _run_strategy(info: StrategyInfo, strategy: Any, ctx: SelectionContext) -> S
             f"strategy {info.name!r} (package {info.package!r}) raised {type(exc).__name__}: {exc}"
         ) from exc
     return validate_selection(result, set(ctx.pool.uids), ctx.budget_count, info.name)
+
+
+def _target_loader(request: RunRequest, resolved: ResolvedPool) -> Any:
+    """A loader for the run's target set (``--target`` or the pool's own split), or None."""
+    path = request.target or resolved.target
+    if path is None:
+        return None
+    return partial(load_target, path, resolved.eval_sets)
+
+
+def _log_target(services: EmbeddingService) -> None:
+    import mlflow
+
+    target = services._target
+    if target is None:
+        return
+    mlflow.log_params(
+        {
+            "target.path": str(target.path),
+            "target.size": len(target.images),
+            "target.overlap_checked_against": ",".join(target.checked_against),
+            "target.overlap": 0,  # load_target refuses any overlap
+        }
+    )
 
 
 def _log_embedding_usage(services: EmbeddingService, progress: Any) -> None:
@@ -241,7 +268,11 @@ def _execute_in_run(
         work_dir=work_dir,
         progress=progress,
         services=EmbeddingService(
-            pool.strategy_view(), device, get_registry().make_embedder, progress
+            pool.strategy_view(),
+            device,
+            get_registry().make_embedder,
+            progress,
+            load_target=_target_loader(request, resolved),
         ),
     )
     t0 = time.perf_counter()
@@ -249,6 +280,7 @@ def _execute_in_run(
     selection = _run_strategy(info, strategy, ctx)
     selection_s = time.perf_counter() - t0
     _log_embedding_usage(ctx.services, progress)
+    _log_target(ctx.services)
     frame = _selection_frame(resolved, selection)
     frame.to_parquet(work_dir / "selection.parquet", index=False)
     mlflow.log_artifact(str(work_dir / "selection.parquet"))

@@ -133,6 +133,15 @@ class SelectionContext:
         L2-normalised, rows in ``pool.uids`` order), computed on first request."""
         return self._service().embeddings(embedder)
 
+    def target(self) -> Any:
+        """The run's target data (``.images``: PIL images, ``.path``), already checked to
+        share no image with the evaluation sets. Declare ``"target"`` in ``needs``."""
+        return self._service().target()
+
+    def embed_images(self, images: Any, embedder: str = "proxy") -> Any:
+        """L2-normalised float32 embeddings of extra images (e.g. the target's) by ``embedder``."""
+        return self._service().embed_images(embedder, images)
+
     def proxy(self, embedder: str = "proxy") -> Any:
         """The prepared proxy model (``.model``, ``.preprocess``, ``.tokenizer``, ``.encode``)."""
         return self._service().embedder(embedder)

@@ -13,8 +13,8 @@ Checks (each failure is an ``AssertionError`` naming the strategy and the case):
 2. determinism: the same seed gives the same selection;
 3. seed sensitivity: a strategy declared ``stochastic`` selects differently under
    different seeds (one that is not declared stochastic must not);
-4. declared needs: a strategy that calls ``ctx.embeddings()`` / ``ctx.proxy()`` declares
-   ``"embeddings"`` / ``"proxy"`` in ``needs``;
+4. declared needs: a strategy that calls ``ctx.embeddings()`` / ``ctx.proxy()`` /
+   ``ctx.target()`` declares ``"embeddings"`` / ``"proxy"`` / ``"target"`` in ``needs``;
 5. parameters: every ``Params`` field has a default and a description, and the defaults
    survive the trip through strings (CLI ``-p key=value``, MLflow params) and JSON.
 """
@@ -120,6 +120,22 @@ class RecordingServices:
             f"fake:{spec}",
             f"{self.pool.fingerprint}-fake",
         )
+
+    def target(self) -> Any:
+        self.used.add("target")
+        from selbench.target import TargetSet
+
+        extra = make_memory_pool(12, seed=len(self.pool) + 7)
+        return TargetSet(Path("memory-target"), extra.images, extra.uids, [])
+
+    def embed_images(self, spec: str, images: Sequence[Image.Image]) -> np.ndarray:
+        # Deterministic per image content, in the same space as embeddings().
+        rows = []
+        for image in images:
+            seed = int(hashlib.sha256(image.tobytes()).hexdigest()[:8], 16)
+            rows.append(np.random.default_rng(seed).standard_normal(self.dim))
+        out = np.asarray(rows, dtype=np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     def embedder(self, spec: str = "proxy") -> Any:
         self.used.add("proxy")
