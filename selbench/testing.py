@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from selbench.embedders import Embeddings
 from selbench.errors import PluginError
 from selbench.strategy import (
     SelectionContext,
@@ -82,15 +83,6 @@ def make_memory_pool(size: int, seed: int = 0, image_size: int = 32) -> MemoryPo
 
 
 @dataclass
-class _Embeddings:
-    image: np.ndarray
-    text: np.ndarray
-    uids: Sequence[str]
-    embedder_id: str
-    entry_id: str
-
-
-@dataclass
 class RecordingServices:
     """Stands in for the harness's EmbeddingService and records what the strategy asked for.
 
@@ -104,7 +96,7 @@ class RecordingServices:
     used: set[str] = field(default_factory=set)
     _proxy: Any = None
 
-    def embeddings(self, spec: str = "proxy") -> _Embeddings:
+    def embeddings(self, spec: str = "proxy") -> Embeddings:
         self.used.add("embeddings")
         seed = int(self.pool.fingerprint[:8], 16)
         rng = np.random.default_rng(seed)
@@ -113,7 +105,7 @@ class RecordingServices:
         text = image + noise * rng.uniform(0.1, 3.0, size=(len(self.pool), 1)).astype(np.float32)
         image /= np.linalg.norm(image, axis=1, keepdims=True)
         text /= np.linalg.norm(text, axis=1, keepdims=True)
-        return _Embeddings(
+        return Embeddings(
             image.astype(np.float16),
             text.astype(np.float16),
             self.pool.uids,
