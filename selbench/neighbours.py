@@ -138,3 +138,9 @@ def knn(
     index.add(b)
     scores, indices = index.search(q, k)
     return scores.astype(np.float32, copy=False), indices.astype(np.int64, copy=False)
+
+
+def scaled_cluster_count(requested: int, n_points: int, min_points_per_cluster: int) -> int:
+    """``requested`` clusters, reduced so each has ``min_points_per_cluster`` points on
+    average when the pool is small (never below one)."""
+    return max(1, min(int(requested), n_points // min_points_per_cluster))

@@ -1,0 +1,133 @@
+"""Self-supervised prototype pruning (Sorscher et al., "Beyond neural scaling laws: beating
+power law scaling via data pruning", NeurIPS 2022, Sec. 5).
+
+The paper's self-supervised pruning metric: run k-means in the embedding space of a
+self-supervised model (SwAV on ImageNet) and score every example by its cosine distance to
+its nearest cluster centroid ("prototype"). Examples close to a prototype are easy /
+prototypical, distant ones are hard. With abundant data (a large budget) the paper keeps
+the hard examples; with scarce data, the easy ones (Sec. 3 and Fig. 1-2). Here the
+embedding is the pool's image embedding (the proxy CLIP by default).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from selbench import Selection, SelectionContext, Strategy, hookimpl
+from selbench.neighbours import kmeans, scaled_cluster_count
+
+log = logging.getLogger(__name__)
+
+# Small pools: at least this many points per prototype on average.
+MIN_POINTS_PER_CLUSTER = 20
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` as float32 unit vectors (all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def prototype_distances(x: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """Cosine distance of every row of ``x`` to its assigned centroid (float32).
+
+    ``d_i = 1 - <x_i, c_{a_i}> / (|x_i| |c_{a_i}|)``, in ``[0, 2]``: the self-supervised
+    prototype metric of Sorscher et al. (NeurIPS 2022, Sec. 5), where ``a_i`` is the nearest
+    prototype of ``x_i``. Rows and centroids need not be normalised.
+    """
+    rows = _unit_rows(x)
+    protos = _unit_rows(centroids)[np.asarray(assignment, dtype=np.int64)]
+    return (1.0 - np.einsum("ij,ij->i", rows, protos)).astype(np.float32)
+
+
+def select_by_score(scores: np.ndarray, k: int, keep: Literal["hard", "easy"]) -> np.ndarray:
+    """Indices (sorted) of the ``k`` largest (``keep="hard"``) or smallest (``"easy"``) scores.
+
+    Ties go to the earlier pool position.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if keep not in ("hard", "easy"):
+        raise ValueError(f"keep must be 'hard' or 'easy', got {keep!r}")
+    key = -scores if keep == "hard" else scores
+    order = np.lexsort((np.arange(len(scores)), key))
+    return np.sort(order[:k])
+
+
+def effective_clusters(requested: int, pool_size: int) -> int:
+    """``requested`` clipped to ``pool_size // 20`` (at least 1) for small pools."""
+    return scaled_cluster_count(requested, pool_size, MIN_POINTS_PER_CLUSTER)
+
+
+class PrototypesParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    embedder: str = Field(
+        default="proxy",
+        description="embedder spec for the image embeddings; the paper used a self-supervised "
+        "SwAV ResNet-50 trained on ImageNet, the offline default is the pool proxy",
+    )
+    clusters: int = Field(
+        default=100,
+        ge=1,
+        description="number of k-means prototypes; Sorscher et al. (Sec. 5) used k=100 on "
+        "ImageNet; scaled down to pool_size // 20 (at least 1) on small pools",
+    )
+    niter: int = Field(
+        default=20,
+        ge=1,
+        description="k-means iterations (faiss's default, 20; the paper does not state one)",
+    )
+    keep: Literal["hard", "easy"] = Field(
+        default="hard",
+        description="hard: keep the examples farthest from their prototype (the paper's "
+        "choice when data is abundant, i.e. large budgets); easy: keep the closest",
+    )
+
+
+class Prototypes(Strategy):
+    """Keep the examples farthest from (or closest to) their k-means prototype."""
+
+    name = "prototypes"
+    summary = "Self-supervised prototype pruning: keep examples far from their k-means centroid"
+    reference = (
+        "Sorscher et al., Beyond neural scaling laws: beating power law scaling via data "
+        "pruning (NeurIPS 2022), Sec. 5, self-supervised prototype metric"
+    )
+    stochastic = True  # k-means is seeded with ctx.seed; scoring and ranking are deterministic
+    needs = frozenset({"embeddings"})
+    Params = PrototypesParams
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        found = ctx.embeddings(self.params.embedder)
+        image = _unit_rows(np.asarray(found.image))
+        n = len(image)
+        k = effective_clusters(self.params.clusters, n)
+        if k < self.params.clusters:
+            log.info(
+                "prototypes: pool of %d samples; using %d clusters instead of %d "
+                "(at most pool_size // %d)",
+                n,
+                k,
+                self.params.clusters,
+                MIN_POINTS_PER_CLUSTER,
+            )
+        centroids, assignment = kmeans(
+            image, k, seed=ctx.seed, niter=self.params.niter, spherical=True
+        )
+        scores = prototype_distances(image, centroids, assignment)
+        chosen = select_by_score(scores, ctx.budget_count, self.params.keep)
+        uids = list(ctx.pool.uids)
+        return Selection(
+            uids=[uids[i] for i in chosen],
+            scores={uids[i]: float(scores[i]) for i in range(n)},
+        )
+
+
+@hookimpl
+def register_strategies(register):
+    register(Prototypes)

@@ -1,0 +1,286 @@
+"""SemDeDup (Abbas et al., "SemDeDup: Data-efficient learning at web-scale through semantic
+deduplication", 2023, arXiv 2303.09540, Sec. 3 and Algorithm 1).
+
+Cluster the image embeddings with k-means; inside each cluster, visit the points in a fixed
+order (by default farthest from the centroid first) and mark a point as a semantic
+duplicate when its cosine similarity to some point visited before it exceeds ``1 - eps``.
+Removing the marked points keeps one member of every group of semantic duplicates: the one
+visited first, i.e. (by default) the one with the lowest cosine similarity to the centroid.
+
+Algorithm 1 in matrix form, per cluster with rows in visiting order::
+
+    S = X X^T;  M_j = max_{i < j} S_ij;  keep j  iff  M_j <= 1 - eps
+
+``M_j`` does not depend on ``eps``, so the number of kept points is a non-increasing step
+function of ``eps`` and the ``eps`` that meets a budget is an order statistic of ``M``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from selbench import Selection, SelectionContext, Strategy, hookimpl
+from selbench.neighbours import kmeans, scaled_cluster_count
+
+log = logging.getLogger(__name__)
+
+# Small pools: at least this many points per cluster on average.
+MIN_POINTS_PER_CLUSTER = 100
+# Columns of a cluster's similarity matrix computed at once (bounds memory for big clusters).
+BLOCK = 2048
+# M of the first point visited in a cluster: it has no earlier point, so it is never a
+# duplicate for any eps in [0, 2] (the test is strict: -1 > 1 - eps never holds).
+NO_EARLIER_POINT = -1.0
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` as float32 unit vectors (all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def order_within_cluster(
+    dist_to_centroid: np.ndarray,
+    keep: Literal["farthest", "closest", "random"],
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The order in which Algorithm 1 visits a cluster's points (a permutation of indices).
+
+    The first-visited member of a duplicate group is the one kept. ``farthest``: decreasing
+    cosine distance to the centroid (the paper: "keep the image with the lowest cosine
+    similarity to the cluster centroid"; also the released code's default ``keep_hard``);
+    ``closest``: increasing distance; ``random``: a permutation drawn from ``rng``. Ties go
+    to the earlier position (the input is in pool order).
+    """
+    dist = np.asarray(dist_to_centroid, dtype=np.float64)
+    positions = np.arange(len(dist))
+    if keep == "farthest":
+        return np.lexsort((positions, -dist))
+    if keep == "closest":
+        return np.lexsort((positions, dist))
+    if keep == "random":
+        if rng is None:
+            raise ValueError("keep='random' needs an rng")
+        return rng.permutation(len(dist))
+    raise ValueError(f"keep must be 'farthest', 'closest' or 'random', got {keep!r}")
+
+
+def max_similarity_to_earlier(sim: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Algorithm 1's ``M``: for every point, its maximum similarity to a point visited earlier.
+
+    ``sim`` is one cluster's pairwise cosine-similarity matrix, ``order`` the visiting order
+    (:func:`order_within_cluster`). Returned in the rows' own order (not visiting order); the
+    first-visited point gets ``-1``. The earlier point may itself be a duplicate: Algorithm 1
+    compares with every earlier point, not only with kept ones.
+    """
+    sim = np.asarray(sim)
+    order = np.asarray(order, dtype=np.int64)
+    ordered = sim[np.ix_(order, order)]
+    earlier = np.triu(np.ones(ordered.shape, dtype=bool), k=1)  # (i, j) with i visited before j
+    best = np.where(earlier, ordered, -np.inf).max(axis=0, initial=-np.inf)
+    result = np.empty(len(order), dtype=np.float64)
+    result[order] = np.maximum(best, NO_EARLIER_POINT)
+    return result
+
+
+def duplicate_mask(sim: np.ndarray, order: np.ndarray, epsilon: float) -> np.ndarray:
+    """Algorithm 1 on one cluster: True for the points it removes (``M_j > 1 - epsilon``)."""
+    return max_similarity_to_earlier(sim, order) > 1.0 - float(epsilon)
+
+
+def _cluster_max_similarity(members: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """:func:`max_similarity_to_earlier` from a cluster's unit embeddings, in column blocks.
+
+    Same result as building the whole similarity matrix, with at most ``len * BLOCK``
+    similarities in memory at once.
+    """
+    xs = members[order]
+    m = len(xs)
+    best = np.full(m, NO_EARLIER_POINT, dtype=np.float64)
+    rows = np.arange(m)[:, None]
+    for start in range(0, m, BLOCK):
+        stop = min(start + BLOCK, m)
+        block = xs[:stop] @ xs[start:stop].T  # similarities of the first `stop` to the block
+        cols = np.arange(start, stop)[None, :]
+        block = np.where(rows[:stop] < cols, block, -np.inf)
+        best[start:stop] = np.maximum(block.max(axis=0), NO_EARLIER_POINT)
+    result = np.empty(m, dtype=np.float64)
+    result[order] = best
+    return result
+
+
+def semdedup_scores(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    assignment: np.ndarray,
+    keep: Literal["farthest", "closest", "random"],
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """``M`` for every row of ``x``: Algorithm 1 run on every k-means cluster.
+
+    ``x`` are embeddings (normalised here, as in Algorithm 1), ``assignment`` the cluster of
+    every row, ``centroids`` the cluster centres (for the visiting order). Clusters are
+    processed in increasing id, so ``keep="random"`` draws from ``rng`` reproducibly.
+    """
+    unit = _unit_rows(x)
+    protos = _unit_rows(centroids)
+    assignment = np.asarray(assignment, dtype=np.int64)
+    scores = np.full(len(unit), NO_EARLIER_POINT, dtype=np.float64)
+    by_cluster = np.argsort(assignment, kind="stable")  # pool order inside each cluster
+    bounds = np.searchsorted(assignment[by_cluster], np.arange(len(protos) + 1))
+    for c in range(len(protos)):
+        idx = by_cluster[bounds[c] : bounds[c + 1]]
+        if len(idx) < 2:
+            continue
+        members = unit[idx]
+        dist = 1.0 - members @ protos[c]
+        order = order_within_cluster(dist, keep, rng)
+        scores[idx] = _cluster_max_similarity(members, order)
+    return scores
+
+
+def kept_mask(scores: np.ndarray, epsilon: float) -> np.ndarray:
+    """Points Algorithm 1 keeps at ``epsilon``: ``M_j <= 1 - epsilon``."""
+    return np.asarray(scores, dtype=np.float64) <= 1.0 - float(epsilon)
+
+
+def choose_epsilon(scores: np.ndarray, budget: int) -> float:
+    """The largest ``eps`` in ``[0, 2]`` whose kept set still holds ``budget`` points.
+
+    The number kept, ``#{M_j <= 1 - eps}``, falls as ``eps`` grows, so this is the end of a
+    binary search over ``[0, 2]``, found directly: ``1 - m_(budget)`` with ``m_(b)`` the
+    ``b``-th smallest ``M``. Every ``eps`` in ``(1 - m_(budget+1), 1 - m_(budget)]`` keeps
+    the same points; the top of that interval is returned. More than ``budget`` points are
+    kept only when ``M`` ties at ``m_(budget)``; fewer only when the result is clipped to 0
+    (exact duplicates whose similarity rounds above 1).
+    """
+    values = np.sort(np.asarray(scores, dtype=np.float64))
+    if not 1 <= budget <= len(values):
+        raise ValueError(f"budget must be in [1, {len(values)}], got {budget}")
+    epsilon = float(np.clip(1.0 - values[budget - 1], 0.0, 2.0))
+    # 1 - (1 - m) can round below m; step eps down until the budget-th value is kept.
+    while epsilon > 0.0 and np.count_nonzero(values <= 1.0 - epsilon) < budget:
+        epsilon = float(np.nextafter(epsilon, 0.0))
+    return epsilon
+
+
+def exact_budget(scores: np.ndarray, kept: np.ndarray, budget: int) -> np.ndarray:
+    """Indices (sorted) of exactly ``budget`` points, starting from the ``kept`` mask.
+
+    Too many kept: drop the kept points with the highest ``M`` (the most redundant) first,
+    ties by pool position (the later one goes first). Too few: add back removed points with
+    the lowest ``M`` first, ties by pool position (the earlier one comes back first).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    kept = np.asarray(kept, dtype=bool)
+    positions = np.arange(len(scores))
+    inside = positions[kept][np.lexsort((positions[kept], scores[kept]))]
+    if len(inside) >= budget:
+        return np.sort(inside[:budget])
+    outside = positions[~kept][np.lexsort((positions[~kept], scores[~kept]))]
+    return np.sort(np.concatenate([inside, outside[: budget - len(inside)]]))
+
+
+def effective_clusters(requested: int, pool_size: int) -> int:
+    """``requested`` clipped to ``pool_size // 100`` (at least 1) for small pools."""
+    return scaled_cluster_count(requested, pool_size, MIN_POINTS_PER_CLUSTER)
+
+
+class SemDeDupParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    embedder: str = Field(
+        default="proxy",
+        description="embedder spec for the image embeddings; the paper used a pre-trained "
+        "(Open)CLIP image encoder for LAION, the offline default is the pool proxy",
+    )
+    clusters: int = Field(
+        default=50000,
+        ge=1,
+        description="k-means clusters; the paper used 50,000 for LAION-440M (Sec. 3); scaled "
+        "down to pool_size // 100 (at least 1) on small pools",
+    )
+    niter: int = Field(
+        default=100,
+        ge=1,
+        description="k-means iterations (the released code's clustering config: niter 100)",
+    )
+    kmeans_seed: int = Field(
+        default=1234,
+        description="k-means seed (the released code's config: 1234); fixed so the selection "
+        "does not change with the run seed, as in the released pipeline",
+    )
+    keep: Literal["farthest", "closest", "random"] = Field(
+        default="farthest",
+        description="which member of a duplicate group is kept: farthest from the centroid "
+        "(the paper, Sec. 3, and the released code's keep_hard), closest, or random",
+    )
+
+
+class SemDeDup(Strategy):
+    """Remove semantic duplicates within k-means clusters until the budget is met.
+
+    ``eps`` is chosen per run so the kept set is the smallest one that still holds the
+    budget (:func:`choose_epsilon`); :func:`exact_budget` then trims ties. After
+    :meth:`select`, ``self.epsilon_used`` holds that ``eps`` and ``self.clusters_used`` the
+    number of clusters. ``Selection.scores`` holds every sample's ``M``.
+    """
+
+    name = "semdedup"
+    summary = "SemDeDup: drop semantic near-duplicates inside k-means clusters"
+    reference = (
+        "Abbas et al., SemDeDup: Data-efficient learning at web-scale through semantic "
+        "deduplication (arXiv 2303.09540), Sec. 3, Algorithm 1"
+    )
+    stochastic = False  # k-means uses kmeans_seed; keep=random draws from ctx.rng
+    needs = frozenset({"embeddings"})
+    Params = SemDeDupParams
+
+    epsilon_used: float | None = None
+    clusters_used: int | None = None
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        found = ctx.embeddings(self.params.embedder)
+        image = _unit_rows(np.asarray(found.image))
+        n = len(image)
+        k = effective_clusters(self.params.clusters, n)
+        if k < self.params.clusters:
+            log.info(
+                "semdedup: pool of %d samples; using %d clusters instead of %d "
+                "(at most pool_size // %d)",
+                n,
+                k,
+                self.params.clusters,
+                MIN_POINTS_PER_CLUSTER,
+            )
+        centroids, assignment = kmeans(
+            image, k, seed=self.params.kmeans_seed, niter=self.params.niter, spherical=True
+        )
+        scores = semdedup_scores(image, centroids, assignment, self.params.keep, ctx.rng)
+        epsilon = choose_epsilon(scores, ctx.budget_count)
+        kept = kept_mask(scores, epsilon)
+        chosen = exact_budget(scores, kept, ctx.budget_count)
+        self.epsilon_used = epsilon
+        self.clusters_used = len(centroids)
+        log.info(
+            "semdedup: eps=%.6g keeps %d of %d samples (budget %d)",
+            epsilon,
+            int(kept.sum()),
+            n,
+            ctx.budget_count,
+        )
+        uids = list(ctx.pool.uids)
+        return Selection(
+            uids=[uids[i] for i in chosen],
+            scores={uids[i]: float(scores[i]) for i in range(n)},
+        )
+
+
+@hookimpl
+def register_strategies(register):
+    register(SemDeDup)

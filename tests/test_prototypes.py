@@ -1,0 +1,166 @@
+"""prototypes: Sorscher et al. (NeurIPS 2022) self-supervised prototype pruning."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from e2e_helpers import make_tiny_pool, make_tiny_scale
+from selbench_plugins.prototypes import (
+    Prototypes,
+    effective_clusters,
+    prototype_distances,
+    select_by_score,
+)
+
+from selbench.strategy import SelectionContext, validate_selection
+
+
+@dataclass
+class TinyPool:
+    uids: list[str]
+    captions: list[str]
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256("\n".join(self.uids).encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def iter_images(self, uids=None, start=0):
+        return iter(())
+
+
+class FakeServices:
+    def __init__(self, image: np.ndarray, text: np.ndarray, uids: list[str]):
+        self.found = SimpleNamespace(image=image, text=text, uids=uids)
+
+    def embeddings(self, spec="proxy"):
+        return self.found
+
+    def embedder(self, spec="proxy"):
+        raise AssertionError("prototypes must not need the proxy model")
+
+
+def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def run(image: np.ndarray, count: int, tmp_path, seed: int = 0, **params):
+    uids = [f"u{i:04d}" for i in range(len(image))]
+    pool = TinyPool(uids, [f"caption {i}" for i in range(len(image))])
+    ctx = SelectionContext(
+        pool=pool,
+        budget_count=count,
+        budget_fraction=count / len(image),
+        seed=seed,
+        device="cpu",
+        work_dir=tmp_path,
+        services=FakeServices(image, image, uids),
+    )
+    selection = Prototypes(params).select(ctx)
+    return validate_selection(selection, set(uids), count, "prototypes"), uids
+
+
+def test_cosine_distance_to_assigned_prototype_worked_by_hand():
+    # 2-D unit vectors; centroids need not be unit length (the metric is a cosine).
+    x = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0], [0.8, 0.6]])
+    centroids = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assignment = np.array([0, 1, 1, 0, 1])
+    # x0 on c0: cos 1 -> 0; x1 on c1: cos 1 -> 0; x2.(0,1) = 0.8 -> 0.2;
+    # x3 opposite c0: cos -1 -> 2; x4.(0,1) = 0.6 -> 0.4
+    expected = [0.0, 0.0, 0.2, 2.0, 0.4]
+    np.testing.assert_allclose(prototype_distances(x, centroids, assignment), expected, atol=1e-6)
+
+
+def test_distance_ignores_the_length_of_the_embedding():
+    x = np.array([[3.0, 4.0]])  # direction (0.6, 0.8), length 5
+    np.testing.assert_allclose(
+        prototype_distances(x, np.array([[1.0, 0.0]]), np.array([0])), [0.4], atol=1e-6
+    )
+
+
+def test_hard_keeps_the_largest_distances_easy_the_smallest_ties_by_position():
+    scores = np.array([0.5, 0.2, 0.5, 0.9, 0.1])
+    # hard: 0.9 (index 3), then 0.5 tied between 0 and 2 -> the earlier, 0
+    assert select_by_score(scores, 2, "hard").tolist() == [0, 3]
+    assert select_by_score(scores, 3, "hard").tolist() == [0, 2, 3]
+    # easy: 0.1 (index 4), 0.2 (index 1), then the 0.5 tie goes to index 0
+    assert select_by_score(scores, 2, "easy").tolist() == [1, 4]
+    assert select_by_score(scores, 3, "easy").tolist() == [0, 1, 4]
+    assert select_by_score(scores, 5, "easy").tolist() == [0, 1, 2, 3, 4]
+
+
+def test_cluster_count_is_scaled_down_for_small_pools():
+    assert effective_clusters(100, 16000) == 100  # the paper's k fits a large pool
+    assert effective_clusters(100, 320) == 16  # 320 // 20
+    assert effective_clusters(100, 19) == 1  # never below one cluster
+    assert effective_clusters(5, 1000) == 5  # an explicit smaller k is kept
+
+
+@pytest.mark.parametrize("count", [1, 13, 50, 199, 200])
+def test_exact_budget_on_random_unit_vectors(tmp_path, count):
+    image = unit_vectors(200, 16, seed=1)
+    checked, uids = run(image, count, tmp_path)
+    assert len(checked.uids) == count
+    assert set(checked.scores) == set(uids)  # a score for every pool sample
+
+
+def test_selection_is_the_far_or_near_end_of_the_logged_scores(tmp_path):
+    image = unit_vectors(300, 16, seed=2)
+    hard, _ = run(image, 60, tmp_path, keep="hard")
+    easy, _ = run(image, 60, tmp_path, keep="easy")
+    scores = hard.scores
+    chosen = np.array([scores[u] for u in hard.uids])
+    rest = np.array([s for u, s in scores.items() if u not in set(hard.uids)])
+    assert chosen.min() >= rest.max()
+    chosen_easy = np.array([easy.scores[u] for u in easy.uids])
+    rest_easy = np.array([s for u, s in easy.scores.items() if u not in set(easy.uids)])
+    assert chosen_easy.max() <= rest_easy.min()
+    assert not set(hard.uids) & set(easy.uids)
+
+
+def test_outliers_are_kept_first_with_keep_hard(tmp_path):
+    # Four tight groups of 25 around orthogonal directions, plus 5 points halfway between
+    # two groups: those are the farthest from every prototype.
+    rng = np.random.default_rng(3)
+    centres = np.eye(8, dtype=np.float32)[:4]
+    groups = np.repeat(centres, 25, axis=0) + 0.02 * rng.standard_normal((100, 8))
+    between = (centres[[0, 1, 2, 3, 0]] + centres[[1, 2, 3, 0, 2]]) / np.sqrt(2)
+    x = np.concatenate([groups, between]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    checked, uids = run(x.astype(np.float16), 5, tmp_path, clusters=4)
+    assert sorted(checked.uids) == uids[100:]
+
+
+def test_same_seed_same_selection(tmp_path):
+    image = unit_vectors(400, 16, seed=4)
+    first, _ = run(image, 100, tmp_path, seed=7)
+    again, _ = run(image, 100, tmp_path, seed=7)
+    assert first.uids == again.uids
+    assert first.scores == again.scores
+
+
+def test_unknown_parameters_are_rejected():
+    from selbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="keep"):
+        Prototypes({"keep": "middle"})
+
+
+@pytest.mark.slow
+def test_end_to_end_on_tiny_synthweb(tmp_path):
+    from selbench.runner import RunRequest, execute
+
+    pool, scale = make_tiny_pool(tmp_path), make_tiny_scale(tmp_path)
+    outcome = execute(
+        RunRequest(method="prototypes", budget=0.25, pool=str(pool), scale=str(scale))
+    )
+    assert len(outcome.selection.uids) == 80  # round(0.25 * 320)
+    assert len(set(outcome.selection.uids)) == 80
+    assert outcome.metrics["subset_size"] == 80
