@@ -43,6 +43,8 @@ def test_batched_preprocessing_equals_open_clips_per_image_pipeline():
     fast = preprocess_batch(images, preprocess)
     slow = torch.stack([preprocess(im) for im in images])
     assert torch.allclose(fast, slow, atol=1e-6)
+    arrays = [np.asarray(im) for im in images]  # decoded straight to arrays (OpenCV path)
+    assert torch.allclose(preprocess_batch(arrays, preprocess), slow, atol=1e-6)
     mixed = images[:2] + [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))]
     assert torch.allclose(
         preprocess_batch(mixed, preprocess), torch.stack([preprocess(im) for im in mixed])
@@ -167,3 +169,14 @@ def test_kill_9_during_embedding_then_the_same_command_resumes(tmp_path, weights
         a = np.load(f"{resumed[0]['path']}/{name}.npy")
         b = np.load(f"{clean[0]['path']}/{name}.npy")
         assert np.array_equal(a, b), name
+
+
+def test_png_decoding_for_embedding_is_pixel_identical_to_pil(tiny_pool):
+    from selbench.embedders import decode
+
+    pool = resolve_pool(str(tiny_pool)).pool
+    for (uid, data, ext), (_, image) in zip(
+        pool.iter_image_bytes(), pool.iter_images(), strict=True
+    ):
+        assert ext == "png"
+        assert np.array_equal(decode(data, ext), np.asarray(image)), uid
