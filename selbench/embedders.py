@@ -230,6 +230,11 @@ class EmbeddingService:
     _embeddings: dict[str, Embeddings] = field(default_factory=dict)
     _target: Any = None
 
+    @property
+    def loaded_target(self) -> Any:
+        """The target set if a strategy asked for it during this run, else None."""
+        return self._target
+
     def target(self) -> Any:
         """The run's target set, loaded and checked against the eval sets on first use."""
         if self._target is None:

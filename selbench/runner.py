@@ -113,7 +113,7 @@ def _target_loader(request: RunRequest, resolved: ResolvedPool) -> Any:
 def _log_target(services: EmbeddingService) -> None:
     import mlflow
 
-    target = services._target
+    target = services.loaded_target
     if target is None:
         return
     mlflow.log_params(
