@@ -117,7 +117,7 @@ def main() -> None:
     "--target",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Target data for target-aware methods (nds, knn_target): a CLIP_benchmark wds "
+    help="Target data for target-aware methods (knn_target): a CLIP_benchmark wds "
     "directory or an image folder. Default: the pool's target split (SynthWeb has one). "
     "A target sharing any image with an eval set is refused.",
 )
