@@ -118,3 +118,32 @@ def test_failing_plugin_marks_the_run_failed(tiny, bad_plugins, method, message)
     runs = mlflow.search_runs(experiment_names=["selbench"])
     assert runs["status"].tolist() == ["FAILED"]
     assert message in runs["tags.selbench.error"].iloc[0]
+
+
+class Interrupted(selbench.Strategy):
+    name = "interrupted"
+
+    def select(self, ctx):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_run_marks_it_killed_not_running(tiny, monkeypatch):
+    from selbench.runner import RunRequest, execute
+
+    module = types.ModuleType("interrupting_plugin")
+
+    @selbench.hookimpl
+    def register_strategies(register):
+        register(Interrupted)
+
+    module.register_strategies = register_strategies
+    registry = Registry(make_plugin_manager())
+    registry.add_plugin(module)
+    monkeypatch.setattr("selbench.runner.get_registry", lambda: registry)
+    pool, scale = tiny
+    with pytest.raises(KeyboardInterrupt):
+        execute(RunRequest(method="interrupted", budget=0.25, pool=str(pool), scale=str(scale)))
+    tracking.setup()
+    runs = mlflow.search_runs(experiment_names=["selbench"])
+    assert runs["status"].tolist() == ["KILLED"]
