@@ -6,6 +6,7 @@ reason is marked FAILED (KILLED on Ctrl-C) with the error as a tag, never left R
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import tempfile
@@ -155,6 +156,11 @@ def _log_embedding_usage(services: EmbeddingService, progress: Any) -> None:
         )
 
 
+def selection_hash(uids: list[str]) -> str:
+    """sha256 of the sorted selected uids: equal for equal subsets, whatever their order."""
+    return hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()
+
+
 def _selection_frame(resolved: ResolvedPool, selection: Selection) -> pd.DataFrame:
     captions = dict(zip(resolved.pool.uids, resolved.pool.captions, strict=True))
     rewrites = selection.captions or {}
@@ -283,6 +289,7 @@ def _execute_in_run(
     _log_target(ctx.services)
     frame = _selection_frame(resolved, selection)
     frame.to_parquet(work_dir / "selection.parquet", index=False)
+    mlflow.log_param("selection_sha256", selection_hash(selection.uids))
     mlflow.log_artifact(str(work_dir / "selection.parquet"))
     metrics: dict[str, float] = {
         "subset_size": float(len(selection.uids)),

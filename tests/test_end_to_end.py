@@ -37,6 +37,11 @@ def test_same_seed_same_uids_and_metrics_and_leaderboard_rows(tiny):
     first = execute(_request(tiny, seed=3))
     second = execute(_request(tiny, seed=3))
     assert first.selection.uids == second.selection.uids
+    runs = mlflow.search_runs(experiment_names=["selbench"]).set_index("run_id")
+    assert (
+        runs.loc[first.run_id, "params.selection_sha256"]
+        == runs.loc[second.run_id, "params.selection_sha256"]
+    )
     assert len(first.selection.uids) == 80  # round(0.25 * 320)
     for key, value in first.metrics.items():
         if key not in TIMING:
