@@ -51,7 +51,7 @@ class MemoryPool:
 
     uids: list[str]
     captions: list[str]
-    images: list[Image.Image]
+    images: list[Image.Image] = field(default_factory=list)  # empty: a pool without pixels
     name: str = "memory"
 
     @property
@@ -64,6 +64,8 @@ class MemoryPool:
     def iter_images(
         self, uids: Iterable[str] | None = None, start: int = 0
     ) -> Iterator[tuple[str, Image.Image]]:
+        if not self.images:
+            raise AssertionError("this memory pool holds no images")
         wanted = None if uids is None else set(uids)
         for uid, image in list(zip(self.uids, self.images, strict=True))[start:]:
             if wanted is None or uid in wanted:
@@ -140,6 +142,43 @@ class RecordingServices:
             proxy.weights_digest = "0" * 16
             self._proxy = proxy
         return self._proxy
+
+
+@dataclass
+class FixedEmbeddings:
+    """Services that serve embeddings the test chose (rows in pool order)."""
+
+    pool: MemoryPool
+    image: np.ndarray
+    text: np.ndarray
+
+    def embeddings(self, spec: str = "proxy") -> Embeddings:
+        return Embeddings(self.image, self.text, self.pool.uids, f"fixed:{spec}", "fixed")
+
+    def embedder(self, spec: str = "proxy") -> Any:
+        raise AssertionError("the strategy asked for a proxy model; this context has none")
+
+
+def context_with_embeddings(
+    image: np.ndarray,
+    budget_count: int,
+    work_dir: Path,
+    text: np.ndarray | None = None,
+    seed: int = 0,
+) -> SelectionContext:
+    """A context over a pool of ``len(image)`` samples (uids ``u0000``, ...) whose
+    ``ctx.embeddings()`` returns exactly ``image`` and ``text`` (default: ``image``)."""
+    uids = [f"u{i:04d}" for i in range(len(image))]
+    pool = MemoryPool(uids, [f"caption {i}" for i in range(len(image))])
+    return SelectionContext(
+        pool=pool,
+        budget_count=budget_count,
+        budget_fraction=budget_count / len(image),
+        seed=seed,
+        device="cpu",
+        work_dir=work_dir,
+        services=FixedEmbeddings(pool, image, image if text is None else text),
+    )
 
 
 def _run(

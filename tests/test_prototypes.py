@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from e2e_helpers import make_tiny_pool, make_tiny_scale
@@ -16,34 +12,8 @@ from selbench_plugins.prototypes import (
     select_by_score,
 )
 
-from selbench.strategy import SelectionContext, validate_selection
-
-
-@dataclass
-class TinyPool:
-    uids: list[str]
-    captions: list[str]
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256("\n".join(self.uids).encode()).hexdigest()[:16]
-
-    def __len__(self) -> int:
-        return len(self.uids)
-
-    def iter_images(self, uids=None, start=0):
-        return iter(())
-
-
-class FakeServices:
-    def __init__(self, image: np.ndarray, text: np.ndarray, uids: list[str]):
-        self.found = SimpleNamespace(image=image, text=text, uids=uids)
-
-    def embeddings(self, spec="proxy"):
-        return self.found
-
-    def embedder(self, spec="proxy"):
-        raise AssertionError("prototypes must not need the proxy model")
+from selbench.strategy import validate_selection
+from selbench.testing import context_with_embeddings
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -52,17 +22,8 @@ def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
 
 
 def run(image: np.ndarray, count: int, tmp_path, seed: int = 0, **params):
-    uids = [f"u{i:04d}" for i in range(len(image))]
-    pool = TinyPool(uids, [f"caption {i}" for i in range(len(image))])
-    ctx = SelectionContext(
-        pool=pool,
-        budget_count=count,
-        budget_fraction=count / len(image),
-        seed=seed,
-        device="cpu",
-        work_dir=tmp_path,
-        services=FakeServices(image, image, uids),
-    )
+    ctx = context_with_embeddings(image, count, tmp_path, seed=seed)
+    uids = list(ctx.pool.uids)
     selection = Prototypes(params).select(ctx)
     return validate_selection(selection, set(uids), count, "prototypes"), uids
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 from e2e_helpers import make_tiny_pool, make_tiny_scale
@@ -22,7 +18,8 @@ from selbench_plugins.semdedup import (
     semdedup_scores,
 )
 
-from selbench.strategy import SelectionContext, validate_selection
+from selbench.strategy import validate_selection
+from selbench.testing import context_with_embeddings
 
 # One cluster of four points. 0~1 and 1~2 are near-duplicates, 0 and 2 are not (a chain).
 SIM = np.array(
@@ -33,33 +30,6 @@ SIM = np.array(
         [0.10, 0.20, 0.40, 1.00],
     ]
 )
-
-
-@dataclass
-class TinyPool:
-    uids: list[str]
-    captions: list[str]
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256("\n".join(self.uids).encode()).hexdigest()[:16]
-
-    def __len__(self) -> int:
-        return len(self.uids)
-
-    def iter_images(self, uids=None, start=0):
-        return iter(())
-
-
-class FakeServices:
-    def __init__(self, image: np.ndarray, text: np.ndarray, uids: list[str]):
-        self.found = SimpleNamespace(image=image, text=text, uids=uids)
-
-    def embeddings(self, spec="proxy"):
-        return self.found
-
-    def embedder(self, spec="proxy"):
-        raise AssertionError("semdedup must not need the proxy model")
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -86,17 +56,8 @@ def planted_pool(n_single: int, n_groups: int, copies: int, dim: int = 32, seed:
 
 
 def run(image: np.ndarray, count: int, tmp_path, seed: int = 0, **params):
-    uids = [f"u{i:04d}" for i in range(len(image))]
-    pool = TinyPool(uids, [f"caption {i}" for i in range(len(image))])
-    ctx = SelectionContext(
-        pool=pool,
-        budget_count=count,
-        budget_fraction=count / len(image),
-        seed=seed,
-        device="cpu",
-        work_dir=tmp_path,
-        services=FakeServices(image, image, uids),
-    )
+    ctx = context_with_embeddings(image, count, tmp_path, seed=seed)
+    uids = list(ctx.pool.uids)
     strategy = SemDeDup(params)
     selection = strategy.select(ctx)
     checked = validate_selection(selection, set(uids), count, "semdedup")
