@@ -144,3 +144,33 @@ def scaled_cluster_count(requested: int, n_points: int, min_points_per_cluster: 
     """``requested`` clusters, reduced so each has ``min_points_per_cluster`` points on
     average when the pool is small (never below one)."""
     return max(1, min(int(requested), n_points // min_points_per_cluster))
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` as float32 unit vectors (all-zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.finfo(np.float32).tiny)
+
+
+def kmeans_scaled(
+    x: np.ndarray,
+    requested: int,
+    min_points_per_cluster: int,
+    seed: int,
+    niter: int,
+    who: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means with :func:`scaled_cluster_count` clusters; logs (naming ``who``)
+    when a small pool reduced the requested count."""
+    k = scaled_cluster_count(requested, len(x), min_points_per_cluster)
+    if k < requested:
+        log.info(
+            "%s: pool of %d samples; using %d clusters instead of %d (at most pool_size // %d)",
+            who,
+            len(x),
+            k,
+            requested,
+            min_points_per_cluster,
+        )
+    return kmeans(x, k, seed=seed, niter=niter, spherical=True)

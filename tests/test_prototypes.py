@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import selbench_plugins.prototypes as prototypes
 from e2e_helpers import make_tiny_pool, make_tiny_scale
 from selbench_plugins.prototypes import (
     Prototypes,
-    effective_clusters,
     prototype_distances,
     select_by_score,
 )
 
+from selbench.neighbours import scaled_cluster_count
 from selbench.strategy import validate_selection
 from selbench.testing import context_with_embeddings
 
@@ -58,10 +59,16 @@ def test_hard_keeps_the_largest_distances_easy_the_smallest_ties_by_position():
 
 
 def test_cluster_count_is_scaled_down_for_small_pools():
-    assert effective_clusters(100, 16000) == 100  # the paper's k fits a large pool
-    assert effective_clusters(100, 320) == 16  # 320 // 20
-    assert effective_clusters(100, 19) == 1  # never below one cluster
-    assert effective_clusters(5, 1000) == 5  # an explicit smaller k is kept
+    assert (
+        scaled_cluster_count(100, 16000, prototypes.MIN_POINTS_PER_CLUSTER) == 100
+    )  # the paper's k fits a large pool
+    assert scaled_cluster_count(100, 320, prototypes.MIN_POINTS_PER_CLUSTER) == 16  # 320 // 20
+    assert (
+        scaled_cluster_count(100, 19, prototypes.MIN_POINTS_PER_CLUSTER) == 1
+    )  # never below one cluster
+    assert (
+        scaled_cluster_count(5, 1000, prototypes.MIN_POINTS_PER_CLUSTER) == 5
+    )  # an explicit smaller k is kept
 
 
 @pytest.mark.parametrize("count", [1, 13, 50, 199, 200])

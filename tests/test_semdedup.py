@@ -10,7 +10,6 @@ from selbench_plugins.semdedup import (
     SemDeDup,
     choose_epsilon,
     duplicate_mask,
-    effective_clusters,
     exact_budget,
     kept_mask,
     max_similarity_to_earlier,
@@ -18,6 +17,7 @@ from selbench_plugins.semdedup import (
     semdedup_scores,
 )
 
+from selbench.neighbours import scaled_cluster_count
 from selbench.strategy import validate_selection
 from selbench.testing import context_with_embeddings
 
@@ -231,10 +231,10 @@ def test_same_seed_same_selection_and_random_keep_follows_the_seed(tmp_path):
 
 
 def test_cluster_count_is_scaled_down_for_small_pools():
-    assert effective_clusters(50000, 16000) == 160
-    assert effective_clusters(50000, 320) == 3
-    assert effective_clusters(50000, 99) == 1
-    assert effective_clusters(10, 16000) == 10
+    assert scaled_cluster_count(50000, 16000, semdedup.MIN_POINTS_PER_CLUSTER) == 160
+    assert scaled_cluster_count(50000, 320, semdedup.MIN_POINTS_PER_CLUSTER) == 3
+    assert scaled_cluster_count(50000, 99, semdedup.MIN_POINTS_PER_CLUSTER) == 1
+    assert scaled_cluster_count(10, 16000, semdedup.MIN_POINTS_PER_CLUSTER) == 10
 
 
 @pytest.mark.slow

@@ -11,26 +11,16 @@ embedding is the pool's image embedding (the proxy CLIP by default).
 
 from __future__ import annotations
 
-import logging
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.neighbours import kmeans, scaled_cluster_count
-
-log = logging.getLogger(__name__)
+from selbench.neighbours import kmeans_scaled, unit_rows
 
 # Small pools: at least this many points per prototype on average.
 MIN_POINTS_PER_CLUSTER = 20
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` as float32 unit vectors (all-zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
 def prototype_distances(x: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
@@ -40,8 +30,8 @@ def prototype_distances(x: np.ndarray, centroids: np.ndarray, assignment: np.nda
     prototype metric of Sorscher et al. (NeurIPS 2022, Sec. 5), where ``a_i`` is the nearest
     prototype of ``x_i``. Rows and centroids need not be normalised.
     """
-    rows = _unit_rows(x)
-    protos = _unit_rows(centroids)[np.asarray(assignment, dtype=np.int64)]
+    rows = unit_rows(x)
+    protos = unit_rows(centroids)[np.asarray(assignment, dtype=np.int64)]
     return (1.0 - np.einsum("ij,ij->i", rows, protos)).astype(np.float32)
 
 
@@ -56,11 +46,6 @@ def select_by_score(scores: np.ndarray, k: int, keep: Literal["hard", "easy"]) -
     key = -scores if keep == "hard" else scores
     order = np.lexsort((np.arange(len(scores)), key))
     return np.sort(order[:k])
-
-
-def effective_clusters(requested: int, pool_size: int) -> int:
-    """``requested`` clipped to ``pool_size // 20`` (at least 1) for small pools."""
-    return scaled_cluster_count(requested, pool_size, MIN_POINTS_PER_CLUSTER)
 
 
 class PrototypesParams(BaseModel):
@@ -104,20 +89,15 @@ class Prototypes(Strategy):
 
     def select(self, ctx: SelectionContext) -> Selection:
         found = ctx.embeddings(self.params.embedder)
-        image = _unit_rows(np.asarray(found.image))
+        image = unit_rows(np.asarray(found.image))
         n = len(image)
-        k = effective_clusters(self.params.clusters, n)
-        if k < self.params.clusters:
-            log.info(
-                "prototypes: pool of %d samples; using %d clusters instead of %d "
-                "(at most pool_size // %d)",
-                n,
-                k,
-                self.params.clusters,
-                MIN_POINTS_PER_CLUSTER,
-            )
-        centroids, assignment = kmeans(
-            image, k, seed=ctx.seed, niter=self.params.niter, spherical=True
+        centroids, assignment = kmeans_scaled(
+            image,
+            self.params.clusters,
+            MIN_POINTS_PER_CLUSTER,
+            ctx.seed,
+            self.params.niter,
+            "prototypes",
         )
         scores = prototype_distances(image, centroids, assignment)
         chosen = select_by_score(scores, ctx.budget_count, self.params.keep)

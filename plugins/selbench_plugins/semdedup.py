@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.neighbours import kmeans, scaled_cluster_count
+from selbench.neighbours import kmeans_scaled, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,6 @@ BLOCK = 2048
 # M of the first point visited in a cluster: it has no earlier point, so it is never a
 # duplicate for any eps in [0, 2] (the test is strict: -1 > 1 - eps never holds).
 NO_EARLIER_POINT = -1.0
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` as float32 unit vectors (all-zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
 def order_within_cluster(
@@ -127,8 +120,8 @@ def semdedup_scores(
     every row, ``centroids`` the cluster centres (for the visiting order). Clusters are
     processed in increasing id, so ``keep="random"`` draws from ``rng`` reproducibly.
     """
-    unit = _unit_rows(x)
-    protos = _unit_rows(centroids)
+    unit = unit_rows(x)
+    protos = unit_rows(centroids)
     assignment = np.asarray(assignment, dtype=np.int64)
     scores = np.full(len(unit), NO_EARLIER_POINT, dtype=np.float64)
     by_cluster = np.argsort(assignment, kind="stable")  # pool order inside each cluster
@@ -186,11 +179,6 @@ def exact_budget(scores: np.ndarray, kept: np.ndarray, budget: int) -> np.ndarra
     return np.sort(np.concatenate([inside, outside[: budget - len(inside)]]))
 
 
-def effective_clusters(requested: int, pool_size: int) -> int:
-    """``requested`` clipped to ``pool_size // 100`` (at least 1) for small pools."""
-    return scaled_cluster_count(requested, pool_size, MIN_POINTS_PER_CLUSTER)
-
-
 class SemDeDupParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -246,20 +234,15 @@ class SemDeDup(Strategy):
 
     def select(self, ctx: SelectionContext) -> Selection:
         found = ctx.embeddings(self.params.embedder)
-        image = _unit_rows(np.asarray(found.image))
+        image = unit_rows(np.asarray(found.image))
         n = len(image)
-        k = effective_clusters(self.params.clusters, n)
-        if k < self.params.clusters:
-            log.info(
-                "semdedup: pool of %d samples; using %d clusters instead of %d "
-                "(at most pool_size // %d)",
-                n,
-                k,
-                self.params.clusters,
-                MIN_POINTS_PER_CLUSTER,
-            )
-        centroids, assignment = kmeans(
-            image, k, seed=self.params.kmeans_seed, niter=self.params.niter, spherical=True
+        centroids, assignment = kmeans_scaled(
+            image,
+            self.params.clusters,
+            MIN_POINTS_PER_CLUSTER,
+            self.params.kmeans_seed,
+            self.params.niter,
+            "semdedup",
         )
         scores = semdedup_scores(image, centroids, assignment, self.params.keep, ctx.rng)
         epsilon = choose_epsilon(scores, ctx.budget_count)
