@@ -296,6 +296,13 @@ def _execute_in_run(
         "selection_seconds": selection_s,
         "caption_rewrites": float(len(selection.captions or {})),
     }
+    for key, value in (selection.metrics or {}).items():
+        metrics[f"strategy/{key}"] = float(value)
+    for key, curve in (selection.series or {}).items():
+        for step, value in curve:
+            mlflow.log_metric(f"strategy/{key}", float(value), step=int(step))
+    for path in selection.artifacts or []:
+        mlflow.log_artifact(str(path), artifact_path="strategy")
     if pool.has_ground_truth():
         truth = pool.ground_truth()
         metrics.update(pathology_fractions(truth, selection.uids))

@@ -7,6 +7,7 @@ enforces the budget (:func:`validate_selection`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,11 +155,20 @@ class Selection:
     ``uids``: the chosen samples, unique, exactly ``ctx.budget_count`` of them.
     ``captions``: optional caption rewrites (uid -> training text) for selected uids.
     ``scores``: optional per-sample scores (uid -> float), logged with the selection.
+    ``metrics``: optional numbers about the selection (stage seconds, cluster counts, ...),
+    logged to MLflow as ``strategy/<name>``.
+    ``series``: optional curves (name -> ``[(step, value), ...]``, e.g. a proxy's loss),
+    logged as ``strategy/<name>`` at each step.
+    ``artifacts``: optional files the strategy wrote (plots, examples), logged under
+    ``strategy/`` in the run's artifacts.
     """
 
     uids: list[str]
     captions: dict[str, str] | None = None
     scores: dict[str, float] | None = None
+    metrics: dict[str, float] | None = None
+    series: dict[str, list[tuple[int, float]]] | None = None
+    artifacts: list[Path] | None = None
 
 
 def check_budget(budget: float) -> float:
@@ -235,4 +245,32 @@ def validate_selection(
                 f"strategy {plugin!r} returned scores for {len(stray)} uids not in the pool, "
                 f"e.g. {stray[:3]}"
             )
-    return Selection(uids=uids, captions=selection.captions, scores=selection.scores)
+    _check_report(selection, plugin)
+    return Selection(
+        uids=uids,
+        captions=selection.captions,
+        scores=selection.scores,
+        metrics=selection.metrics,
+        series=selection.series,
+        artifacts=selection.artifacts,
+    )
+
+
+def _check_report(selection: Selection, plugin: str) -> None:
+    """Metrics and series must be finite numbers under simple names; artifacts, files."""
+    name_ok = re.compile(r"^[A-Za-z0-9_.\-/ ]+$").match
+    values: list[tuple[str, object]] = list((selection.metrics or {}).items())
+    for key, curve in (selection.series or {}).items():
+        values.extend((key, v) for _, v in curve)
+    for key, value in values:
+        if not isinstance(key, str) or not name_ok(key):
+            raise PluginError(f"strategy {plugin!r} reported a metric with a bad name: {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise PluginError(
+                f"strategy {plugin!r} reported metric {key!r} = {value!r}, not a number"
+            )
+        if not np.isfinite(float(value)):
+            raise PluginError(f"strategy {plugin!r} reported metric {key!r} = {value}")
+    for path in selection.artifacts or []:
+        if not Path(path).is_file():
+            raise PluginError(f"strategy {plugin!r} reported artifact {path} that is not a file")

@@ -137,7 +137,7 @@ class RecordingServices:
             from selbench.embedders import Embedder
             from selbench.train import build_model
 
-            proxy = Embedder(spec)
+            proxy = Embedder("selbench-tiny")  # .architecture: the tiny open_clip model
             proxy.model, proxy.preprocess, proxy.tokenizer = build_model("selbench-tiny", 0)
             proxy.weights_digest = "0" * 16
             self._proxy = proxy
@@ -197,12 +197,12 @@ def _run(
             services=services,
         )
         selection = strategy_cls(params).select(ctx)
-    try:
-        checked = validate_selection(selection, set(pool.uids), count, strategy_cls.name)
-    except PluginError as exc:
-        raise AssertionError(
-            f"{strategy_cls.name}: budget {budget}, pool of {len(pool)}, seed {seed}: {exc}"
-        ) from None
+        try:  # inside the work dir: reported artifacts must still exist
+            checked = validate_selection(selection, set(pool.uids), count, strategy_cls.name)
+        except PluginError as exc:
+            raise AssertionError(
+                f"{strategy_cls.name}: budget {budget}, pool of {len(pool)}, seed {seed}: {exc}"
+            ) from None
     return checked.uids, services.used
 
 

@@ -40,6 +40,19 @@ def _register_model_configs() -> None:
         open_clip.add_model_config(models)
 
 
+def model_config(model_name: str) -> dict[str, Any]:
+    """The open_clip architecture config (``vision_cfg``, ``text_cfg``, ...) of a model name,
+    selbench's own architectures (``configs/models``) included."""
+    _register_model_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ConfigError(
+            f"unknown model architecture {model_name!r}; add configs/models/{model_name}.json "
+            f"or use an open_clip name"
+        )
+    return config
+
+
 def build_model(model_name: str, seed: int, device: str = "cpu") -> tuple[Any, Any, Any]:
     """A randomly initialised open_clip model, its eval preprocess and its tokenizer."""
     _register_model_configs()

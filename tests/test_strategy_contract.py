@@ -64,3 +64,34 @@ def test_params_are_validated_with_the_strategy_name_in_the_error():
         parse_params(S, {"k": "many"})
     with pytest.raises(ConfigError, match="known parameters: k"):
         parse_params(S, {"kk": 1})
+
+
+@pytest.mark.parametrize(
+    "report, message",
+    [
+        ({"metrics": {"clusters": float("nan")}}, "'clusters' = nan"),
+        ({"metrics": {"bad name!": 1.0}}, "bad name"),
+        ({"metrics": {"seconds": "12"}}, "not a number"),
+        ({"series": {"loss": [(0, 1.0), (10, float("inf"))]}}, "'loss' = inf"),
+        ({"artifacts": ["/nonexistent/plot.png"]}, "not a file"),
+    ],
+)
+def test_strategy_reports_are_checked_naming_the_plugin(report, message):
+    selection = Selection(uids=["a"], **report)
+    with pytest.raises(PluginError, match=message) as info:
+        validate_selection(selection, {"a", "b"}, 1, "reporter")
+    assert "reporter" in str(info.value)
+
+
+def test_a_valid_report_passes_through(tmp_path):
+    plot = tmp_path / "plot.png"
+    plot.write_bytes(b"png")
+    selection = Selection(
+        uids=["a"],
+        metrics={"seconds_stage": 1.5, "clusters_used": 3},
+        series={"loss": [(0, 2.0), (10, 1.0)]},
+        artifacts=[plot],
+    )
+    checked = validate_selection(selection, {"a"}, 1, "reporter")
+    assert checked.metrics == selection.metrics and checked.artifacts == [plot]
+    assert checked.series == selection.series

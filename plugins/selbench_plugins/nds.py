@@ -429,9 +429,18 @@ class Nds(Strategy):
             int(sizes[best]),
             float(self.expert_probability[best]),
         )
+        trained = sizes > 0
         return Selection(
             uids=[uids[i] for i in chosen],
             scores={u: float(w) for u, w in zip(uids, probability, strict=True)},
+            metrics={
+                "experts_used": float(k),
+                "experts_requested": float(p.experts),
+                "seconds_expert_training": self.train_seconds,
+                "expert_accuracy_min": float(accuracy[trained].min()),
+                "expert_accuracy_max": float(accuracy[trained].max()),
+                "best_expert_probability": float(self.expert_probability[best]),
+            },
         )
 
 

@@ -1,0 +1,486 @@
+"""TL;DR (Wang, Lin, Zhang, Lei, Shou, "Too Large; Data Reduction for Vision-Language
+Pre-Training", ICCV 2023, arXiv 2305.20087), in two presets:
+
+- ``tldr``: the paper. Codebook of K = 3000 entries initialised with text embeddings of
+  the most frequent keywords/keyphrases (Sec. 3.1; Table 2c), patch tokens only (L = 196
+  on ViT-B/16, Sec. 3.2), k-means on the raw index vectors into N = 3000 clusters (Sec.
+  3.2; Table 2f), a uniform M% of every cluster (Table 2b), and every selected caption
+  refined as T = T_o + T_g (Sec. 3.2; Table 2a).
+- ``tldr-release``: the authors' released code (github showlab/datacentric.vlp, commit
+  a488102). 1024 codes initialised uniformly in [-1/K, 1/K]; all tokens quantised, the
+  class token included; index vectors PCA-whitened to 256 dimensions and L2-normalised
+  before k-means into 1000 clusters; evenly spaced members of each cluster; only samples
+  in the top half by image-text matching score are eligible; beam search with 3 beams.
+
+Both train the captioner with the caption loss plus ||sg(z_q) - z||^2 + 0.25 ||z_q -
+sg(z)||^2 (the release's loss, which the paper calls a symmetric commitment loss).
+What selbench substitutes offline (no pretrained BLIP/ViT) is listed in
+``docs/strategies/tldr.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from selbench import Selection, SelectionContext, Strategy, hookimpl
+from selbench.errors import ConfigError
+from selbench.neighbours import kmeans, scaled_cluster_count
+from selbench.train import build_model, build_training_data
+
+from .captioner import (
+    CaptionerConfig,
+    CaptionVocab,
+    build_captioner,
+    cached_captioner,
+    checkpoint_dir,
+    extract_codes,
+    init_codebook,
+    init_from_proxy,
+    train_captioner,
+)
+from .selection import (
+    centre_distances,
+    largest_remainder_quotas,
+    pick_within_cluster,
+    refine_caption,
+    top_keywords,
+    truncate_to_context,
+    whiten,
+)
+
+
+class TldrParams(BaseModel):
+    """The paper's defaults (``tldr``); ``TldrReleaseParams`` holds the release's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    codebook_size: int = Field(
+        default=3000,
+        ge=2,
+        description="K codebook entries; paper Sec. 4.1: K = 3000 (release: 1024). With "
+        "keyword init, at most the number of distinct keywords/keyphrases in the pool",
+    )
+    codebook_init: Literal["keywords", "uniform"] = Field(
+        default="keywords",
+        description="keywords: text embeddings of the K most frequent keywords/keyphrases "
+        "(paper Sec. 3.1, Table 2c), embedded by the pool proxy's text encoder; uniform: "
+        "U[-1/K, 1/K] (release quantize.py)",
+    )
+    quantize_cls: bool = Field(
+        default=False,
+        description="quantise the class token too; paper: the L = 196 patch tokens; "
+        "release: all 197 tokens",
+    )
+    clusters: int = Field(
+        default=3000,
+        ge=1,
+        description="N k-means clusters of the index vectors; paper: 3000 on CC3M (Table "
+        "2f ablates 100-10K); release: 1000. Scaled down on small pools (min_cluster_size)",
+    )
+    min_cluster_size: int = Field(
+        default=39,
+        ge=1,
+        description="clusters are reduced to at most candidates // this (selbench; 39 is "
+        "faiss's minimum points per centroid for a reliable k-means)",
+    )
+    whiten: bool = Field(
+        default=False,
+        description="PCA-whiten (eigen power -0.5) and L2-normalise the index vectors "
+        "before k-means; paper: no; release fast_cluster.py: yes",
+    )
+    whiten_dim: int = Field(
+        default=256, ge=1, description="output dimension of the whitening (release: 256)"
+    )
+    kmeans_iterations: int = Field(
+        default=20, ge=1, description="k-means iterations (release fast_cluster.py: 20)"
+    )
+    within_cluster: Literal["uniform", "hard", "far", "stride"] = Field(
+        default="uniform",
+        description="which members of a cluster fill its quota: uniform random (paper "
+        "default, Table 2b), hard (highest captioner caption loss, Table 2b 'hard-sample'), "
+        "far (largest distance from the centre, Table 2b), stride (evenly spaced in pool "
+        "order, the release's every-5th rule at an exact quota)",
+    )
+    match_filter: bool = Field(
+        default=False,
+        description="only samples in the top match_keep fraction by image-text matching "
+        "score are eligible; paper: no (Fig. 1 motivates it); release: top half by ITM",
+    )
+    match_keep: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="fraction kept by the matching filter (release: half, "
+        "cc3m_training_success_half_itm.json)",
+    )
+    match_embedder: str = Field(
+        default="proxy",
+        description="embedder whose image-text cosine is the matching score (release: a "
+        "pretrained BLIP ITM head; offline: the pool proxy)",
+    )
+    refine: bool = Field(
+        default=True,
+        description="train on 'original; generated' captions of the selected samples "
+        "(paper Sec. 3.2, T = T_o + T_g; Table 2a)",
+    )
+    separator: str = Field(
+        default="; ",
+        min_length=1,
+        description="text between the original and the generated caption "
+        "(release generate_train_json_w_caption.py)",
+    )
+    beams: int = Field(
+        default=1,
+        ge=1,
+        description="beam width for generation, 1 = greedy; paper: unspecified (greedy, "
+        "the cheapest); release: BLIP's beam search, 3 beams",
+    )
+    min_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="no end token before this many generated tokens (BLIP's caption "
+        "config uses 5; 0 lets a short caption be short)",
+    )
+    captioner_epochs: float = Field(
+        default=3.0,
+        gt=0,
+        description="captioner training, in epochs of the pool; paper/release: 20 epochs "
+        "from a pretrained ViT; 3 from the pool proxy fits the 2-core CPU budget",
+    )
+    captioner_lr: float = Field(
+        default=2e-3,
+        gt=0,
+        description="AdamW peak learning rate; release: 3e-4 at batch 1260 on a "
+        "pretrained ViT-B; selbench's tiny-scale CLIP rate (configs/scales/tiny.yaml) here",
+    )
+    captioner_weight_decay: float = Field(
+        default=0.05, ge=0, description="AdamW weight decay (release codebook_cc3m.yaml)"
+    )
+    captioner_batch_size: int = Field(
+        default=256, ge=1, description="captioner batch size (selbench tiny scale)"
+    )
+    captioner_warmup: float = Field(
+        default=0.05, ge=0, lt=1, description="warm-up fraction of captioner steps"
+    )
+    decoder_layers: int = Field(
+        default=2,
+        ge=1,
+        description="caption decoder layers (release: 12-layer BERT; selbench: the tiny "
+        "text tower's 2)",
+    )
+    commitment_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="weight of ||sg(z_q) - z||^2 (release quantize.py, legacy form)",
+    )
+    codebook_weight: float = Field(
+        default=0.25,
+        ge=0,
+        description="weight of ||z_q - sg(z)||^2 (release quantize.py: beta = 0.25)",
+    )
+    captioner_seed: int = Field(
+        default=0,
+        ge=0,
+        description="seed of the captioner, shared by every selection seed so one trained "
+        "captioner serves a seed sweep (the paper trains one captioner)",
+    )
+    proxy: str = Field(
+        default="proxy",
+        description="proxy embedder spec whose image encoder initialises the captioner's "
+        "and whose text encoder embeds the keywords (offline stand-in for the paper's "
+        "pretrained ViT-B/16 and text encoder)",
+    )
+
+
+class TldrReleaseParams(TldrParams):
+    """Defaults of the released code (showlab/datacentric.vlp, commit a488102)."""
+
+    codebook_size: int = Field(
+        default=1024, ge=2, description="K codebook entries (release quantize.py: n_embed 1024)"
+    )
+    codebook_init: Literal["keywords", "uniform"] = Field(
+        default="uniform", description="U[-1/K, 1/K] (release quantize.py)"
+    )
+    quantize_cls: bool = Field(
+        default=True, description="the release quantises all 197 tokens, class token included"
+    )
+    clusters: int = Field(
+        default=1000, ge=1, description="k-means clusters (release codebook_cluster.py: 1000)"
+    )
+    min_cluster_size: int = Field(
+        default=39, ge=1, description="clusters reduced to at most candidates // this"
+    )
+    whiten: bool = Field(
+        default=True, description="PCA whitening to 256 dims + L2 norm (release fast_cluster.py)"
+    )
+    within_cluster: Literal["uniform", "hard", "far", "stride"] = Field(
+        default="stride",
+        description="evenly spaced members in pool order (release: every 5th member)",
+    )
+    match_filter: bool = Field(
+        default=True, description="only the top half by image-text matching score (release)"
+    )
+    beams: int = Field(default=3, ge=1, description="beam search, 3 beams (BLIP's default)")
+
+
+class Tldr(Strategy):
+    """TL;DR with the paper's defaults: codebook captioner, index-vector clusters,
+    a uniform share of every cluster, captions refined as 'original; generated'."""
+
+    name = "tldr"
+    summary = (
+        "TL;DR (paper): codebook-captioner clusters, uniform per-cluster sampling, "
+        "caption refinement"
+    )
+    reference = (
+        "Wang et al., Too Large; Data Reduction for Vision-Language Pre-Training, ICCV 2023 "
+        "(arXiv 2305.20087), Sec. 3, Table 2"
+    )
+    stochastic = True
+    needs = frozenset({"proxy", "embeddings"})  # embeddings: the optional matching filter
+    Params = TldrParams
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        p = self.params
+        timings: dict[str, float] = {}
+        metrics: dict[str, float] = {}
+        pool = ctx.pool
+        uids = list(pool.uids)
+        captions = list(pool.captions)
+        n = len(uids)
+
+        # -- stage 1: the captioner --------------------------------------------------
+        t0 = time.perf_counter()
+        proxy = ctx.proxy(p.proxy)
+        _, preprocess, tokenizer = build_model(proxy.architecture, seed=0)
+        images = build_training_data(
+            ctx.progress.track(pool.iter_images(), "TL;DR: loading pool", total=n),
+            dict(zip(uids, captions, strict=True)),
+            preprocess,
+            tokenizer,
+        ).images
+        vocab = CaptionVocab.from_captions(captions, tokenizer)
+        timings["loading"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        keywords: list[str] = []
+        codebook_size = p.codebook_size
+        code_dim = int(proxy.model.text_projection.shape[1])
+        if p.codebook_init == "keywords":
+            keywords = top_keywords(captions, p.codebook_size)
+            if len(keywords) < 2:
+                raise ConfigError(
+                    "tldr: codebook_init=keywords found fewer than 2 keywords in the pool's "
+                    "captions; use -p codebook_init=uniform"
+                )
+            codebook_size = len(keywords)
+        config = CaptionerConfig(
+            model=proxy.architecture,
+            codebook_size=codebook_size,
+            codebook_init=p.codebook_init,
+            quantize_cls=p.quantize_cls,
+            decoder_layers=p.decoder_layers,
+            epochs=p.captioner_epochs,
+            lr=p.captioner_lr,
+            weight_decay=p.captioner_weight_decay,
+            batch_size=p.captioner_batch_size,
+            warmup_fraction=p.captioner_warmup,
+            commitment_weight=p.commitment_weight,
+            codebook_weight=p.codebook_weight,
+            visual_init="proxy",
+            seed=p.captioner_seed,
+        )
+        model, context_length = build_captioner(config, len(vocab), code_dim)
+        tokens = vocab.encode(captions, context_length)
+        key = f"{config.digest()}-{proxy.weights_digest[:10]}"
+
+        def train() -> dict:
+            init_from_proxy(model, proxy.model)
+            vectors = None
+            if keywords:
+                with torch.inference_mode():
+                    text = proxy.model.encode_text(proxy.tokenizer(keywords).to(ctx.device))
+                vectors = torch.nn.functional.normalize(text.float().cpu(), dim=-1)
+            init_codebook(model, vectors, p.captioner_seed)
+            record = train_captioner(model, images, tokens, config, ctx.device, ctx.progress)
+            return {
+                "config": config.model_dump(),
+                "pool_fingerprint": pool.fingerprint,
+                "proxy_weights": proxy.weights_digest,
+                "keywords": keywords[:50],
+                "vocab_size": len(vocab),
+                **record,
+            }
+
+        meta, hit = cached_captioner(checkpoint_dir(pool.fingerprint, key), model, train)
+        model.to(ctx.device).eval()
+        timings["captioner_training"] = time.perf_counter() - t0
+        metrics["captioner_cache_hit"] = float(hit)
+        metrics["codebook_size_used"] = float(codebook_size)
+        for name, value in meta["final"].items():
+            metrics[f"captioner_{name}"] = float(value)
+
+        # -- stage 2: codes, clusters, quotas -----------------------------------------
+        t0 = time.perf_counter()
+        codes, caption_loss = extract_codes(
+            model, images, tokens, device=ctx.device, progress=ctx.progress
+        )
+        timings["code_extraction"] = time.perf_counter() - t0
+        metrics["codes_used"] = float(len(np.unique(codes)))
+        metrics["distinct_index_vectors"] = float(len(np.unique(codes, axis=0)))
+
+        t0 = time.perf_counter()
+        candidates = np.arange(n)
+        if p.match_filter:
+            candidates = self._match_filter(ctx, n)
+            metrics["match_filter_kept"] = float(len(candidates))
+        features = codes[candidates].astype(np.float32)
+        if p.whiten:
+            features = whiten(features, p.whiten_dim)
+        k = scaled_cluster_count(p.clusters, len(candidates), p.min_cluster_size)
+        centroids, assignment = kmeans(features, k, seed=ctx.seed, niter=p.kmeans_iterations)
+        sizes = np.bincount(assignment, minlength=len(centroids))
+        quotas = largest_remainder_quotas(sizes, ctx.budget_count)
+        distance = np.zeros(n)
+        distance[candidates] = centre_distances(features, centroids, assignment)
+        chosen = []
+        for cluster in range(len(centroids)):
+            members = candidates[assignment == cluster]
+            chosen.append(
+                pick_within_cluster(
+                    members,
+                    int(quotas[cluster]),
+                    p.within_cluster,
+                    ctx.rng,
+                    hardness=caption_loss,
+                    distance=distance,
+                )
+            )
+        selected = np.sort(np.concatenate(chosen))
+        timings["clustering"] = time.perf_counter() - t0
+        metrics["clusters_used"] = float(len(centroids))
+        metrics["clusters_requested"] = float(p.clusters)
+        metrics["cluster_size_max"] = float(sizes.max())
+        metrics["cluster_size_median"] = float(np.median(sizes))
+        histogram = self._histogram(ctx, sizes)
+
+        # -- stage 3: caption refinement --------------------------------------------
+        rewrites: dict[str, str] | None = None
+        if p.refine:
+            t0 = time.perf_counter()
+            rewrites, kept = self._refine(ctx, model, vocab, images, selected, context_length)
+            timings["generation"] = time.perf_counter() - t0
+            metrics["refined_with_generated_text"] = kept
+        for stage, seconds in timings.items():
+            metrics[f"seconds_{stage}"] = seconds
+        return Selection(
+            uids=[uids[i] for i in selected],
+            captions=rewrites,
+            scores={u: float(v) for u, v in zip(uids, caption_loss, strict=True)},
+            metrics=metrics,
+            artifacts=[histogram, *self._examples(ctx, uids, captions, rewrites, selected)],
+            series={"captioner_caption_loss": meta["caption_loss_curve"]},
+        )
+
+    def _match_filter(self, ctx: SelectionContext, n: int) -> np.ndarray:
+        """Pool indices in the top ``match_keep`` by image-text cosine (ties to the earlier
+        position), in pool order. Refuses a budget larger than what the filter keeps."""
+        p = self.params
+        keep = int(np.ceil(p.match_keep * n))
+        if ctx.budget_count > keep:
+            raise ConfigError(
+                f"tldr: the budget of {ctx.budget_count} samples exceeds the {keep} that "
+                f"match_filter keeps (match_keep={p.match_keep}); lower the budget, raise "
+                "-p match_keep, or set -p match_filter=false"
+            )
+        emb = ctx.embeddings(p.match_embedder)
+        score = np.einsum(
+            "ij,ij->i", np.asarray(emb.image, np.float32), np.asarray(emb.text, np.float32)
+        )
+        order = np.lexsort((np.arange(n), -score))
+        return np.sort(order[:keep])
+
+    def _refine(self, ctx, model, vocab, images, selected, context_length):
+        p = self.params
+        pool_captions = ctx.pool.captions
+        uids = ctx.pool.uids
+        rewrites: dict[str, str] = {}
+        with_generated = 0
+        batch = 512
+        starts = range(0, len(selected), batch)
+        for start in ctx.progress.track(starts, "TL;DR: generating captions", total=len(starts)):
+            index = selected[start : start + batch]
+            generated = model.generate(
+                images[torch.from_numpy(index)].to(ctx.device),
+                beams=p.beams,
+                min_tokens=p.min_tokens,
+            )
+            for i, ids in zip(index.tolist(), generated, strict=True):
+                original = pool_captions[i]
+                text = truncate_to_context(
+                    refine_caption(original, vocab.decode(ids), p.separator),
+                    vocab.tokenizer,
+                    context_length,
+                )
+                if not text.strip():
+                    continue
+                with_generated += text != original and len(text) > len(original)
+                rewrites[uids[i]] = text
+        return rewrites, with_generated / max(1, len(selected))
+
+    @staticmethod
+    def _histogram(ctx: SelectionContext, sizes: np.ndarray):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+        ax.hist(sizes, bins=min(50, max(5, len(sizes) // 4)), color="#4477aa")
+        ax.set_xlabel("samples per cluster")
+        ax.set_ylabel("clusters")
+        ax.set_title(f"TL;DR cluster sizes ({len(sizes)} clusters)")
+        fig.tight_layout()
+        path = ctx.work_dir / "tldr_cluster_sizes.png"
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    @staticmethod
+    def _examples(ctx, uids, captions, rewrites, selected, count: int = 30):
+        if not rewrites:
+            return []
+        lines = ["| uid | original | training caption |", "|---|---|---|"]
+        for i in selected[:count].tolist():
+            lines.append(f"| {uids[i]} | {captions[i]} | {rewrites.get(uids[i], captions[i])} |")
+        path = ctx.work_dir / "tldr_caption_examples.md"
+        path.write_text("\n".join(lines) + "\n")
+        return [path]
+
+
+class TldrRelease(Tldr):
+    """TL;DR as in the released code: uniform-init 1024-entry codebook, whitened index
+    vectors, 1000 clusters, evenly spaced members, top-half matching-score filter."""
+
+    name = "tldr-release"
+    summary = (
+        "TL;DR (released code): whitened codes, 1000 clusters, top-half ITM filter, beam captions"
+    )
+    reference = (
+        "Wang et al., ICCV 2023 (arXiv 2305.20087); released code github.com/showlab/"
+        "datacentric.vlp (a488102): quantize.py, fast_cluster.py, codebook_cluster.py"
+    )
+    stochastic = True
+    needs = frozenset({"proxy", "embeddings"})
+    Params = TldrReleaseParams
+
+
+@hookimpl
+def register_strategies(register):
+    register(Tldr)
+    register(TldrRelease)
