@@ -334,6 +334,109 @@ def leaderboard(experiment, out, metrics) -> None:
     console.print(f"Wrote {md_path} and {csv_path}")
 
 
+def _list(kind: type, option: str):
+    def parse(ctx, param, value: str):
+        try:
+            items = [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+        if not items:
+            raise click.BadParameter("empty list", param_hint=option)
+        return items
+
+    return parse
+
+
+@main.command()
+@click.option(
+    "--methods",
+    required=True,
+    callback=_list(str, "--methods"),
+    help="Comma-separated strategy names, e.g. tldr,clip_score,random.",
+)
+@click.option(
+    "--budgets",
+    default="0.1,0.25,0.5",
+    show_default=True,
+    callback=_list(float, "--budgets"),
+    help="Comma-separated fractions in (0, 1].",
+)
+@click.option(
+    "--seeds",
+    default="0,1,2",
+    show_default=True,
+    callback=_list(int, "--seeds"),
+    help="Comma-separated seeds.",
+)
+@click.option("--pool", default="synthweb", show_default=True, help="Pool, as for `run`.")
+@click.option("--scale", default="tiny", show_default=True, help="Training recipe.")
+@click.option(
+    "--protocol",
+    type=click.Choice(["fixed-compute", "fixed-epochs"]),
+    default="fixed-compute",
+    show_default=True,
+)
+@click.option(
+    "--full-pool/--no-full-pool",
+    default=True,
+    show_default=True,
+    help="Add the full pool (random at budget 1.0) for every seed as a reference row.",
+)
+@click.option("--experiment", default="selbench", show_default=True, help="MLflow experiment.")
+@click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@friendly_errors
+def sweep(methods, budgets, seeds, pool, scale, protocol, full_pool, experiment, device) -> None:
+    """Run methods x budgets x seeds as nested MLflow runs under one sweep run.
+
+    Resumable: a cell (identified by the hash of its resolved config) that already has a
+    finished run, from this sweep or any `selbench run`, is skipped; missing and failed
+    cells run. Run one sweep per experiment at a time: a run left RUNNING by a killed
+    process is marked KILLED when the sweep starts again.
+    """
+    _quiet_libraries()
+    from selbench import sweep as sw
+    from selbench.progress import RichProgress
+
+    cells = sw.plan(methods, budgets, seeds, pool, scale, protocol, experiment, full_pool, device)
+
+    def update(cell, cells) -> None:
+        counts = {s: sum(c.status == s for c in cells) for s in ("done", "skipped", "failed")}
+        if cell.status == "pending":
+            return
+        left = sum(c.status in ("pending", "running") for c in cells)
+        detail = ""
+        if cell.mean_r1 is not None and cell.status in ("done", "skipped"):
+            detail = f" R@1 {cell.mean_r1:.4f}"
+        if cell.status in ("done", "failed"):
+            detail += f" ({cell.error})"
+        err_console.print(
+            f"[{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed, "
+            f"{left} to go] {cell.label}: [bold]{cell.status}[/]{detail}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    with RichProgress(err_console) as progress:
+        result = sw.run_sweep(cells, experiment, progress=progress, on_update=update)
+    summary = Table(title=f"sweep {result.sweep_key} ({len(cells)} cells)")
+    for column in ("cell", "status", "mean R@1", "run"):
+        summary.add_column(column)
+    for cell in result.cells:
+        r1 = "" if cell.mean_r1 is None else f"{cell.mean_r1:.4f}"
+        summary.add_row(cell.label, cell.status, r1, cell.run_id or cell.error)
+    console.print(summary)
+    console.print(
+        f"{result.count('done')} ran, {result.count('skipped')} already finished, "
+        f"{result.count('failed')} failed. Parent run {result.parent_run_id}; "
+        "`selbench leaderboard` aggregates them."
+    )
+    if result.count("failed"):
+        for cell in result.cells:
+            if cell.status == "failed":
+                err_console.print(f"[red]failed:[/] {cell.label}: {cell.error}", highlight=False)
+        sys.exit(1)
+
+
 @main.group()
 def datasets() -> None:
     """Generate and inspect datasets."""

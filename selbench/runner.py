@@ -175,8 +175,33 @@ def _selection_frame(resolved: ResolvedPool, selection: Selection) -> pd.DataFra
     )
 
 
-def execute(request: RunRequest, progress: Any = None) -> RunOutcome:
-    """Run one benchmark cell and log it to MLflow. Raises SelbenchError on user errors."""
+def cell_key(request: RunRequest, params: Any) -> str:
+    """sha256 of the resolved configuration of a run: method, every parameter (defaults
+    filled in), budget, seed, pool, scale, protocol, target. Runs with the same key are
+    the same benchmark cell; ``selbench sweep`` skips a cell that already has one."""
+    resolved = {
+        "method": request.method,
+        "params": params.model_dump(mode="json"),
+        "budget": float(request.budget),
+        "seed": int(request.seed),
+        "pool": request.pool,
+        "scale": request.scale,
+        "protocol": request.protocol,
+        "target": request.target,
+    }
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def execute(
+    request: RunRequest,
+    progress: Any = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> RunOutcome:
+    """Run one benchmark cell and log it to MLflow. Raises SelbenchError on user errors.
+
+    ``parent_run_id`` nests the run under a sweep's parent run; ``tags`` are added to it.
+    """
     import mlflow
 
     progress = progress or NullProgress()
@@ -198,7 +223,13 @@ def execute(request: RunRequest, progress: Any = None) -> RunOutcome:
     experiment_id = tracking.setup(request.experiment)
     defaults = info.cls.Params().model_dump()
     label = method_label(info.name, params.model_dump(), defaults)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{label}@{request.budget}")
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"{label}@{request.budget}",
+        parent_run_id=parent_run_id,
+        nested=parent_run_id is not None,
+        tags={"selbench.cell_key": cell_key(request, params), **(tags or {})},
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="selbench-run-") as work:
             outcome = _execute_in_run(

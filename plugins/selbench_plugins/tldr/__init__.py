@@ -256,7 +256,9 @@ class Tldr(Strategy):
 
         # -- stage 1: the captioner --------------------------------------------------
         t0 = time.perf_counter()
-        proxy = ctx.proxy(p.proxy)
+        proxy = ctx.proxy(p.proxy)  # trained on first use, then cached per pool
+        timings["proxy"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         _, preprocess, tokenizer = build_model(proxy.architecture, seed=0)
         images = build_training_data(
             ctx.progress.track(pool.iter_images(), "TL;DR: loading pool", total=n),
@@ -334,11 +336,13 @@ class Tldr(Strategy):
         metrics["codes_used"] = float(len(np.unique(codes)))
         metrics["distinct_index_vectors"] = float(len(np.unique(codes, axis=0)))
 
-        t0 = time.perf_counter()
         candidates = np.arange(n)
         if p.match_filter:
+            t0 = time.perf_counter()
             candidates = self._match_filter(ctx, n)
             metrics["match_filter_kept"] = float(len(candidates))
+            timings["matching_filter"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         features = codes[candidates].astype(np.float32)
         if p.whiten:
             features = whiten(features, p.whiten_dim)

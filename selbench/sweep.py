@@ -1,0 +1,189 @@
+"""``selbench sweep``: a grid of methods x budgets x seeds as nested MLflow runs.
+
+Every cell is one :func:`selbench.runner.execute` call, nested under a sweep parent run.
+A cell is identified by the hash of its resolved configuration
+(:func:`selbench.runner.cell_key`, also tagged on every ``selbench run``), so running the
+same sweep again skips the cells that already have a FINISHED run -- whether a sweep or
+a plain ``selbench run`` produced it -- and runs the missing and failed ones. A cell
+whose run was left RUNNING by a killed process is marked KILLED before it is rerun.
+Embedding caches, proxies and captioners are shared through the usual caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from selbench import tracking
+from selbench.errors import ConfigError
+from selbench.progress import NullProgress
+from selbench.registry import get_registry
+from selbench.runner import RunRequest, cell_key, execute
+from selbench.strategy import check_budget, parse_params
+
+SWEEP_TAG = "selbench.sweep_key"
+CELL_TAG = "selbench.cell_key"
+
+
+@dataclass
+class Cell:
+    request: RunRequest
+    key: str
+    status: str = "pending"  # pending | skipped | running | done | failed
+    run_id: str = ""
+    error: str = ""
+    mean_r1: float | None = None
+
+    @property
+    def label(self) -> str:
+        r = self.request
+        return f"{r.method} budget={r.budget:g} seed={r.seed}"
+
+
+@dataclass
+class SweepResult:
+    sweep_key: str
+    parent_run_id: str
+    cells: list[Cell] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(c.status == status for c in self.cells)
+
+
+def plan(
+    methods: Sequence[str],
+    budgets: Sequence[float],
+    seeds: Sequence[int],
+    pool: str = "synthweb",
+    scale: str = "tiny",
+    protocol: str = "fixed-compute",
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    full_pool: bool = True,
+    device: str | None = None,
+) -> list[Cell]:
+    """The grid's cells (validated before anything runs), plus with ``full_pool`` the
+    reference cells ``random`` at budget 1.0 for every seed."""
+    if not methods or not budgets or not seeds:
+        raise ConfigError("a sweep needs at least one method, one budget and one seed")
+    registry = get_registry()
+    for budget in budgets:
+        check_budget(budget)
+    combos = [(m, float(b)) for m in methods for b in budgets]
+    if full_pool and ("random", 1.0) not in combos:
+        combos.append(("random", 1.0))
+    cells = []
+    for method, budget in combos:
+        info = registry.get(method)  # unknown names fail here, naming the method
+        params = parse_params(info.cls, {})
+        for seed in seeds:
+            request = RunRequest(
+                method=method,
+                budget=budget,
+                seed=int(seed),
+                pool=pool,
+                scale=scale,
+                protocol=protocol,
+                experiment=experiment,
+                device=device,
+            )
+            cells.append(Cell(request, cell_key(request, params)))
+    return cells
+
+
+def sweep_key(cells: Sequence[Cell]) -> str:
+    return hashlib.sha256(json.dumps(sorted(c.key for c in cells)).encode()).hexdigest()[:16]
+
+
+def _runs_by_cell(experiment_id: str, keys: set[str]) -> dict[str, list[Any]]:
+    import mlflow
+
+    found: dict[str, list[Any]] = {}
+    runs = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list")
+    for run in runs:
+        key = run.data.tags.get(CELL_TAG)
+        if key in keys:
+            found.setdefault(key, []).append(run)
+    return found
+
+
+def _parent_run(experiment_id: str, key: str, description: str) -> str:
+    """The id of this sweep's parent run: the existing one if the sweep ran before."""
+    import mlflow
+
+    existing = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`{SWEEP_TAG}` = '{key}' and tags.`selbench.sweep_parent` = 'true'",
+        output_format="list",
+    )
+    if existing:
+        return existing[0].info.run_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        experiment_id,
+        run_name=f"sweep-{key}",
+        tags={SWEEP_TAG: key, "selbench.sweep_parent": "true", "selbench.sweep": description},
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def run_sweep(
+    cells: list[Cell],
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    progress: Any = None,
+    on_update: Callable[[Cell, list[Cell]], None] | None = None,
+) -> SweepResult:
+    """Run every cell that has no FINISHED run yet. Failed cells are recorded and the
+    sweep goes on; a KeyboardInterrupt stops it (the interrupted run ends KILLED)."""
+    import mlflow
+
+    progress = progress or NullProgress()
+    on_update = on_update or (lambda cell, cells: None)
+    experiment_id = tracking.setup(experiment)
+    key = sweep_key(cells)
+    description = json.dumps(
+        sorted({(c.request.method, c.request.budget, c.request.seed) for c in cells}),
+    )[:5000]
+    parent = _parent_run(experiment_id, key, description)
+    client = mlflow.MlflowClient()
+    existing = _runs_by_cell(experiment_id, {c.key for c in cells})
+    for cell in cells:
+        runs = existing.get(cell.key, [])
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        for stale in (r for r in runs if r.info.status == "RUNNING"):
+            # Left RUNNING by a killed process: nothing will ever finish it.
+            client.set_tag(stale.info.run_id, "selbench.error", "stale: process died")
+            client.set_terminated(stale.info.run_id, "KILLED")
+        if finished:
+            cell.status, cell.run_id = "skipped", finished[0].info.run_id
+            cell.mean_r1 = finished[0].data.metrics.get("mean_R1")
+        on_update(cell, cells)
+    result = SweepResult(key, parent, cells)
+    todo = [c for c in cells if c.status == "pending"]
+    for cell in todo:
+        cell.status = "running"
+        on_update(cell, cells)
+        started = time.perf_counter()
+        mlflow.start_run(run_id=parent)  # the parent is RUNNING while one of its cells is
+        parent_status = "FINISHED"
+        try:
+            outcome = execute(cell.request, progress, parent_run_id=parent, tags={SWEEP_TAG: key})
+        except KeyboardInterrupt:
+            parent_status = "KILLED"
+            cell.status, cell.error = "failed", "interrupted"
+            on_update(cell, cells)
+            raise
+        except Exception as exc:  # the cell's own run has already ended FAILED
+            cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
+        else:
+            cell.status, cell.run_id = "done", outcome.run_id
+            cell.mean_r1 = outcome.metrics.get("mean_R1")
+        finally:
+            mlflow.end_run(parent_status)
+        cell.error = cell.error or f"{time.perf_counter() - started:.0f} s"
+        on_update(cell, cells)
+    return result
