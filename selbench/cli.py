@@ -307,31 +307,68 @@ def cache_rm(entry_ids) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("leaderboards"),
     show_default=True,
-    help="Directory for the markdown and CSV files.",
+    help="Directory for the markdown, CSV, HTML and PNG files.",
 )
+@click.option("--name", default=None, help="File name stem (default: the experiment name).")
 @click.option(
     "--metric",
     "metrics",
     multiple=True,
     default=("mean_R1", "zeroshot_acc1"),
     show_default=True,
-    help="Metric column(s) to aggregate, repeatable.",
+    help="Metric column(s) to aggregate, repeatable; the first one is plotted.",
 )
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only runs whose param or selbench tag KEY equals VALUE, repeatable: e.g. "
+    "--where git_commit=abc123, --where plugin_package=selbench==0.1.0, --where pool=synthweb.",
+)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Draw the PNG plots.")
 @friendly_errors
-def leaderboard(experiment, out, metrics) -> None:
-    """Aggregate finished runs: method x budget -> mean ± std over seeds."""
+def leaderboard(experiment, out, name, metrics, where, plots) -> None:
+    """Aggregate finished runs: method x budget -> mean and 95% CI over seeds, the paired
+    difference from random, and selection cost; writes markdown, CSV, HTML and plots."""
     _quiet_libraries()
     from selbench import leaderboard as lb
 
-    board = lb.summarise(lb.load_runs(experiment), tuple(metrics))
+    filters = _parse_assignments(where, "--where")
+    runs = lb.load_runs(experiment, filters)
+    board = lb.summarise(runs, tuple(metrics))
     if board.table.empty:
         raise SelbenchError(
-            f"no finished runs in MLflow experiment {experiment!r}; "
-            f"start one with `selbench run --method random --budget 0.25`"
+            f"no finished runs in MLflow experiment {experiment!r}"
+            + (f" matching {filters}" if filters else "")
+            + "; start one with `selbench run --method random --budget 0.25`"
         )
-    console.print(lb.rich_table(board, f"selbench leaderboard: {experiment}"))
-    md_path, csv_path = lb.write(board, out, experiment)
-    console.print(f"Wrote {md_path} and {csv_path}")
+    stem = name or experiment
+    figures = {}
+    if plots:
+        from selbench import plots as pl
+
+        figures = pl.all_plots(board, runs, out, stem)
+    console.print(lb.rich_table(board, f"selbench leaderboard: {stem}"))
+    paths = lb.write(board, out, stem, figures)
+    _log_leaderboard(experiment, stem, [*paths, *figures.values()])
+    console.print(f"Wrote {', '.join(str(p) for p in [*paths, *figures.values()])}")
+
+
+def _log_leaderboard(experiment: str, stem: str, files: list[Path]) -> None:
+    """Keep the leaderboard's files in MLflow too, in a run tagged as a leaderboard."""
+    import mlflow
+
+    from selbench import tracking
+
+    experiment_id = tracking.setup(experiment)
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"leaderboard-{stem}",
+        tags={"selbench.leaderboard": "true"},
+    ):
+        for path in files:
+            mlflow.log_artifact(str(path))
 
 
 def _list(kind: type, option: str):

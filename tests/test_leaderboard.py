@@ -1,7 +1,13 @@
+import math
+
 import pandas as pd
 import pytest
 
 from selbench import leaderboard as lb
+from selbench import plots
+
+T_975_DF2 = 4.302652729749464  # Student's t, 97.5th percentile, 2 degrees of freedom
+T_975_DF1 = 12.706204736174707
 
 
 def fake_runs():
@@ -10,11 +16,13 @@ def fake_runs():
         ("random", "0.25"): [0.10, 0.20, 0.30],
         ("random", "1.0"): [0.5, 0.7],
         ("clip(k=3)", "0.25"): [0.4],
+        ("tldr", "0.25"): [0.15, 0.35, 0.30],
     }
     for (method, budget), metric in values.items():
         for seed, value in enumerate(metric):
             rows.append(
                 {
+                    "run_id": f"{method}-{budget}-{seed}",
                     "params.pool": "synthweb",
                     "params.pool_fingerprint": "abc",
                     "params.scale": "tiny",
@@ -22,42 +30,87 @@ def fake_runs():
                     "params.method_label": method,
                     "params.budget": budget,
                     "params.seed": str(seed),
+                    "params.git_commit": "c1" if method != "tldr" else "c2",
                     "metrics.mean_R1": value,
                     "metrics.zeroshot_acc1": 2 * value,
+                    "metrics.selection_seconds": 10.0 * (seed + 1),
+                    "metrics.training_seconds": 100.0,
+                    **{f"metrics.diag/kept/{p}": 0.25 for p in plots.PATHOLOGIES},
                 }
             )
+    rows.append({"run_id": "sweep-parent"})  # a sweep's parent run has no params
     return pd.DataFrame(rows)
 
 
 def test_summary_matches_a_recomputation_from_raw_metrics():
     board = lb.summarise(fake_runs())
     table = board.table.set_index(["method", "budget"])
-    assert table.loc[("random", 0.25), "mean_R1_mean"] == pytest.approx(0.2)
-    assert table.loc[("random", 0.25), "mean_R1_std"] == pytest.approx(0.1)
+    random = table.loc[("random", 0.25)]
+    assert random["mean_R1_mean"] == pytest.approx(0.2)
+    assert random["mean_R1_std"] == pytest.approx(0.1)
+    assert random["mean_R1_ci95"] == pytest.approx(T_975_DF2 * 0.1 / math.sqrt(3))
     assert table.loc[("random", 1.0), "zeroshot_acc1_mean"] == pytest.approx(1.2)
-    assert pd.isna(table.loc[("clip(k=3)", 0.25), "mean_R1_std"])  # one seed: no spread
-    assert table.loc[("random", 0.25), "seeds"] == 3
+    assert table.loc[("random", 1.0), "mean_R1_ci95"] == pytest.approx(
+        T_975_DF1 * pd.Series([0.5, 0.7]).std() / math.sqrt(2)
+    )
+    assert pd.isna(table.loc[("clip(k=3)", 0.25), "mean_R1_ci95"])  # one seed: no interval
+    assert random["seeds"] == 3
+    # paired with random at the same budget and seed: differences 0.05, 0.15, 0.0
+    tldr = table.loc[("tldr", 0.25)]
+    diffs = pd.Series([0.05, 0.15, 0.0])
+    assert tldr["mean_R1_vs_random_mean"] == pytest.approx(diffs.mean())
+    assert tldr["mean_R1_vs_random_ci95"] == pytest.approx(T_975_DF2 * diffs.std() / math.sqrt(3))
+    assert tldr["mean_R1_vs_random_pairs"] == 3
+    assert table.loc[("clip(k=3)", 0.25), "mean_R1_vs_random_mean"] == pytest.approx(0.3)
+    assert pd.isna(random["mean_R1_vs_random_mean"])
+    # cost: selection seconds 10, 20, 30 -> 20; training 100 -> share 0.2
+    assert tldr["selection_seconds_mean"] == pytest.approx(20.0)
+    assert tldr["selection_share"] == pytest.approx(0.2)
+    assert table.loc[("random", 1.0), "reference"] and not tldr["reference"]
 
 
 def test_rows_sorted_by_budget_then_best_first():
     board = lb.summarise(fake_runs())
     assert board.table[["method", "budget"]].values.tolist() == [
         ["clip(k=3)", 0.25],
+        ["tldr", 0.25],
         ["random", 0.25],
         ["random", 1.0],
     ]
 
 
-def test_markdown_and_csv_are_written(tmp_path):
-    board = lb.summarise(fake_runs())
-    md, csv = lb.write(board, tmp_path, "synthweb")
+def test_lineage_filter_keeps_matching_runs_only():
+    runs = lb.filter_runs(fake_runs(), {"git_commit": "c2"})
+    assert set(runs["params.method_label"]) == {"tldr"}
+    assert lb.filter_runs(fake_runs(), {"no_such_key": "x"}).empty
+
+
+def test_markdown_csv_html_and_plots_are_written(tmp_path):
+    runs = fake_runs()
+    board = lb.summarise(runs)
+    selected = {rid: {f"u{i}" for i in range(4)} for rid in runs["run_id"]}
+    figures = plots.all_plots(board, runs, tmp_path, "synthweb", load_uids=selected.__getitem__)
+    assert {p.name for p in figures.values()} == {
+        "synthweb_budget.png",
+        "synthweb_compute.png",
+        "synthweb_pathologies.png",
+        "synthweb_overlap_0.25.png",
+    }
+    md, csv, html = lb.write(board, tmp_path, "synthweb", figures)
     text = md.read_text()
-    assert "| clip(k=3) | 0.25 | 1 | 0.400 | 0.800 |" in text  # one seed: value alone
-    assert (
-        "| synthweb | tiny | fixed-compute | random | 0.25 | 3 | 0.200 ± 0.100 | 0.400 ± 0.200 |"
-        in text
-    )
-    assert len(pd.read_csv(csv)) == 3
+    assert "| clip(k=3) | 0.25 | 1 | 0.400 | +0.300 |" in text  # one seed: values alone
+    half = T_975_DF2 * 0.1 / math.sqrt(3)
+    assert f"| random | 0.25 | 3 | 0.200 ± {half:.3f} | — |" in text
+    assert "full pool (random 1.0)" in text
+    assert "![mean_R1 vs. budget](synthweb_budget.png)" in text
+    assert len(pd.read_csv(csv)) == 4
+    page = html.read_text()
+    assert page.count("data:image/png;base64,") == 4 and "full pool" in page
+
+
+def test_jaccard_by_hand():
+    assert plots.jaccard({"a", "b"}, {"b", "c"}) == pytest.approx(1 / 3)
+    assert plots.jaccard(set(), set()) == 1.0
 
 
 def test_no_runs_gives_an_empty_board():

@@ -1,0 +1,156 @@
+"""Leaderboard plots (PNG, matplotlib's Agg backend): metric vs. budget with 95% CI
+bands, quality vs. total compute, pathologies kept (SynthWeb), and the overlap between
+methods' selections (mean Jaccard index over shared seeds)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from selbench.leaderboard import Leaderboard  # noqa: E402
+
+PATHOLOGIES = (
+    "clean",
+    "misaligned",
+    "partially_wrong",
+    "near_duplicate",
+    "boilerplate",
+    "low_information",
+)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metric_vs_budget(board: Leaderboard, metric: str, path: Path) -> Path | None:
+    table = board.table
+    if table.empty or f"{metric}_mean" not in table:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, rows in table[~table["reference"]].groupby("method"):
+        rows = rows.sort_values("budget")
+        mean, half = rows[f"{metric}_mean"], rows[f"{metric}_ci95"].fillna(0.0)
+        (line,) = ax.plot(rows["budget"], mean, marker="o", label=method)
+        ax.fill_between(
+            rows["budget"], mean - half, mean + half, alpha=0.18, color=line.get_color()
+        )
+    for _, ref in table[table["reference"]].iterrows():
+        ax.axhline(ref[f"{metric}_mean"], color="black", linestyle="--", linewidth=1)
+        ax.annotate("full pool", (table["budget"].min(), ref[f"{metric}_mean"]), fontsize=8)
+    ax.set_xlabel("budget (fraction of the pool)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs. budget (mean, 95% CI over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def quality_vs_compute(board: Leaderboard, metric: str, path: Path) -> Path | None:
+    table = board.table
+    if table.empty or "training_seconds_mean" not in table:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, rows in table.groupby("method"):
+        total = rows["selection_seconds_mean"].fillna(0) + rows["training_seconds_mean"]
+        ax.scatter(total, rows[f"{metric}_mean"], label=method, s=22)
+        for (_, row), x in zip(rows.iterrows(), total, strict=True):
+            ax.annotate(f"{row['budget']:g}", (x, row[f"{metric}_mean"]), fontsize=6)
+    ax.set_xlabel("selection + training seconds (mean per run)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs. total compute (labels: budget)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def pathologies_kept(runs: pd.DataFrame, path: Path) -> Path | None:
+    columns = [f"metrics.diag/kept/{p}" for p in PATHOLOGIES]
+    if runs.empty or not all(c in runs.columns for c in columns):
+        return None
+    runs = runs.dropna(subset=columns + ["params.method_label", "params.budget"])
+    if runs.empty:
+        return None
+    runs = runs.assign(row=runs["params.method_label"] + " @ " + runs["params.budget"].astype(str))
+    grid = runs.groupby("row")[columns].mean()
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(grid) + 1.6))
+    image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(PATHOLOGIES)), PATHOLOGIES, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(grid)), grid.index, fontsize=7)
+    for (i, j), value in np.ndenumerate(grid.to_numpy()):
+        ax.text(j, i, f"{100 * value:.0f}%", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(image, ax=ax, label="share of the pool's samples kept")
+    ax.set_title("Pathologies kept (SynthWeb ground truth; blind selection keeps ~budget)")
+    return _save(fig, path)
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def selection_overlap(
+    frame: pd.DataFrame, load_uids: Callable[[str], set[str]], budget: float, path: Path
+) -> Path | None:
+    """Mean Jaccard index between every two methods' selections at ``budget``, over the
+    seeds both have."""
+    rows = frame[frame["budget"] == budget]
+    methods = sorted(rows["method_label"].unique())
+    if len(methods) < 2:
+        return None
+    uids = {(r.method_label, r.seed): load_uids(r.run_id) for r in rows.itertuples()}
+    matrix = np.full((len(methods), len(methods)), np.nan)
+    for i, a in enumerate(methods):
+        for j, b in enumerate(methods):
+            seeds = {s for m, s in uids if m == a} & {s for m, s in uids if m == b}
+            if seeds:
+                matrix[i, j] = np.mean([jaccard(uids[(a, s)], uids[(b, s)]) for s in seeds])
+    fig, ax = plt.subplots(figsize=(0.55 * len(methods) + 3, 0.5 * len(methods) + 2))
+    image = ax.imshow(matrix, cmap="magma", vmin=0, vmax=1)
+    ax.set_xticks(range(len(methods)), methods, rotation=40, ha="right", fontsize=7)
+    ax.set_yticks(range(len(methods)), methods, fontsize=7)
+    for (i, j), value in np.ndenumerate(matrix):
+        if not np.isnan(value):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="gray")
+    fig.colorbar(image, ax=ax, label="Jaccard index")
+    ax.set_title(f"Selection overlap at budget {budget:g} (mean over shared seeds)")
+    return _save(fig, path)
+
+
+def mlflow_uids(run_id: str) -> set[str]:
+    """The selected uids of a run, from its ``selection.parquet`` artifact."""
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selection.parquet")
+    return set(pd.read_parquet(path, columns=["uid"])["uid"])
+
+
+def all_plots(
+    board: Leaderboard,
+    runs: pd.DataFrame,
+    out_dir: Path,
+    name: str,
+    load_uids: Callable[[str], set[str]] = mlflow_uids,
+) -> dict[str, Path]:
+    """Every plot the data allows, as ``{caption: path}`` (files ``<name>_*.png``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric = board.metrics[0] if board.metrics else "mean_R1"
+    made: dict[str, Path | None] = {
+        f"{metric} vs. budget": metric_vs_budget(board, metric, out_dir / f"{name}_budget.png"),
+        f"{metric} vs. compute": quality_vs_compute(board, metric, out_dir / f"{name}_compute.png"),
+        "pathologies kept": pathologies_kept(runs, out_dir / f"{name}_pathologies.png"),
+    }
+    frame = board.runs
+    if not frame.empty:
+        for budget in sorted(b for b in frame["budget"].unique() if b < 1.0):
+            made[f"selection overlap at {budget:g}"] = selection_overlap(
+                frame, load_uids, budget, out_dir / f"{name}_overlap_{budget:g}.png"
+            )
+    return {caption: path for caption, path in made.items() if path is not None}
