@@ -37,7 +37,8 @@ def metric_vs_budget(board: Leaderboard, metric: str, path: Path) -> Path | None
     table = board.table
     if table.empty or f"{metric}_mean" not in table:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for method, rows in table[~table["reference"]].groupby("method"):
         rows = rows.sort_values("budget")
         mean, half = rows[f"{metric}_mean"], rows[f"{metric}_ci95"].fillna(0.0)
@@ -48,10 +49,11 @@ def metric_vs_budget(board: Leaderboard, metric: str, path: Path) -> Path | None
     for _, ref in table[table["reference"]].iterrows():
         ax.axhline(ref[f"{metric}_mean"], color="black", linestyle="--", linewidth=1)
         ax.annotate("full pool", (table["budget"].min(), ref[f"{metric}_mean"]), fontsize=8)
+    ax.set_xlim(0, 1.02)
     ax.set_xlabel("budget (fraction of the pool)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs. budget (mean, 95% CI over seeds)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
 
 
@@ -59,7 +61,8 @@ def quality_vs_compute(board: Leaderboard, metric: str, path: Path) -> Path | No
     table = board.table
     if table.empty or "training_seconds_mean" not in table:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for method, rows in table.groupby("method"):
         total = rows["selection_seconds_mean"].fillna(0) + rows["training_seconds_mean"]
         ax.scatter(total, rows[f"{metric}_mean"], label=method, s=22)
@@ -68,7 +71,7 @@ def quality_vs_compute(board: Leaderboard, metric: str, path: Path) -> Path | No
     ax.set_xlabel("selection + training seconds (mean per run)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs. total compute (labels: budget)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
 
 
