@@ -444,8 +444,10 @@ def sweep(methods, budgets, seeds, pool, scale, protocol, full_pool, experiment,
         detail = ""
         if cell.mean_r1 is not None and cell.status in ("done", "skipped"):
             detail = f" R@1 {cell.mean_r1:.4f}"
-        if cell.status in ("done", "failed"):
-            detail += f" ({cell.error})"
+        if cell.seconds is not None:
+            detail += f" ({cell.seconds:.0f} s)"
+        if cell.error:
+            detail += f": {cell.error}"
         err_console.print(
             f"[{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed, "
             f"{left} to go] {cell.label}: [bold]{cell.status}[/]{detail}",

@@ -36,6 +36,7 @@ class Cell:
     status: str = "pending"  # pending | skipped | running | done | failed
     run_id: str = ""
     error: str = ""
+    seconds: float | None = None
     mean_r1: float | None = None
 
     @property
@@ -184,6 +185,6 @@ def run_sweep(
             cell.mean_r1 = outcome.metrics.get("mean_R1")
         finally:
             mlflow.end_run(parent_status)
-        cell.error = cell.error or f"{time.perf_counter() - started:.0f} s"
+        cell.seconds = time.perf_counter() - started
         on_update(cell, cells)
     return result

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from selbench import Selection, SelectionContext, Strategy, hookimpl
 from selbench.errors import ConfigError
 from selbench.neighbours import kmeans, scaled_cluster_count
-from selbench.train import build_model, build_training_data
+from selbench_plugins.clip_score import clip_scores, top_k
 
 from .captioner import (
     CaptionerConfig,
@@ -212,9 +212,6 @@ class TldrReleaseParams(TldrParams):
     clusters: int = Field(
         default=1000, ge=1, description="k-means clusters (release codebook_cluster.py: 1000)"
     )
-    min_cluster_size: int = Field(
-        default=39, ge=1, description="clusters reduced to at most candidates // this"
-    )
     whiten: bool = Field(
         default=True, description="PCA whitening to 256 dims + L2 norm (release fast_cluster.py)"
     )
@@ -259,13 +256,9 @@ class Tldr(Strategy):
         proxy = ctx.proxy(p.proxy)  # trained on first use, then cached per pool
         timings["proxy"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _, preprocess, tokenizer = build_model(proxy.architecture, seed=0)
-        images = build_training_data(
-            ctx.progress.track(pool.iter_images(), "TL;DR: loading pool", total=n),
-            dict(zip(uids, captions, strict=True)),
-            preprocess,
-            tokenizer,
-        ).images
+        tokenizer = proxy.tokenizer
+        loading = ctx.progress.track(pool.iter_images(), "TL;DR: loading pool", total=n)
+        images = torch.stack([proxy.preprocess(image) for _, image in loading])
         vocab = CaptionVocab.from_captions(captions, tokenizer)
         timings["loading"] = time.perf_counter() - t0
 
@@ -403,11 +396,7 @@ class Tldr(Strategy):
                 "-p match_keep, or set -p match_filter=false"
             )
         emb = ctx.embeddings(p.match_embedder)
-        score = np.einsum(
-            "ij,ij->i", np.asarray(emb.image, np.float32), np.asarray(emb.text, np.float32)
-        )
-        order = np.lexsort((np.arange(n), -score))
-        return np.sort(order[:keep])
+        return top_k(clip_scores(emb.image, emb.text), keep)
 
     def _refine(self, ctx, model, vocab, images, selected, context_length):
         p = self.params
@@ -433,7 +422,7 @@ class Tldr(Strategy):
                 )
                 if not text.strip():
                     continue
-                with_generated += text != original and len(text) > len(original)
+                with_generated += len(text) > len(original)
                 rewrites[uids[i]] = text
         return rewrites, with_generated / max(1, len(selected))
 

@@ -81,9 +81,9 @@ def pick_within_cluster(
     if rule == "stride":
         positions = np.floor(np.arange(quota) * (len(members) / quota)).astype(np.int64)
         return members[positions]
-    values = {"hard": hardness, "far": distance}.get(rule)
     if rule not in WITHIN_CLUSTER_RULES:
         raise ValueError(f"unknown within-cluster rule {rule!r}")
+    values = hardness if rule == "hard" else distance
     if values is None:
         raise ValueError(f"within-cluster rule {rule!r} needs per-sample values")
     order = np.lexsort((members, -values[members]))
