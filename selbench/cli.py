@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -332,25 +334,39 @@ def leaderboard(experiment, out, name, metrics, where, plots) -> None:
     """Aggregate finished runs: method x budget -> mean and 95% CI over seeds, the paired
     difference from random, and selection cost; writes markdown, CSV, HTML and plots."""
     _quiet_libraries()
+    filters = _parse_assignments(where, "--where")
+    _write_leaderboard(experiment, out, name or experiment, tuple(metrics), filters, plots)
+
+
+def _write_leaderboard(
+    experiment: str,
+    out: Path,
+    stem: str,
+    metrics: tuple[str, ...],
+    filters: dict[str, str],
+    plots: bool,
+    intro: list[str] | None = None,
+    run_ids: set[str] | None = None,
+) -> None:
     from selbench import leaderboard as lb
 
-    filters = _parse_assignments(where, "--where")
     runs = lb.load_runs(experiment, filters)
-    board = lb.summarise(runs, tuple(metrics))
+    if run_ids is not None:  # exactly one sweep's cells
+        runs = runs[runs["run_id"].isin(run_ids)]
+    board = lb.summarise(runs, metrics)
     if board.table.empty:
         raise SelbenchError(
             f"no finished runs in MLflow experiment {experiment!r}"
             + (f" matching {filters}" if filters else "")
             + "; start one with `selbench run --method random --budget 0.25`"
         )
-    stem = name or experiment
     figures = {}
     if plots:
         from selbench import plots as pl
 
         figures = pl.all_plots(board, runs, out, stem)
     console.print(lb.rich_table(board, f"selbench leaderboard: {stem}"))
-    paths = lb.write(board, out, stem, figures)
+    paths = lb.write(board, out, stem, figures, [*(intro or []), *lb.provenance(runs)])
     _log_leaderboard(experiment, stem, [*paths, *figures.values()])
     console.print(f"Wrote {', '.join(str(p) for p in [*paths, *figures.values()])}")
 
@@ -389,7 +405,8 @@ def _list(kind: type, option: str):
     "--methods",
     required=True,
     callback=_list(str, "--methods"),
-    help="Comma-separated strategy names, e.g. tldr,clip_score,random.",
+    help="Comma-separated strategy names, e.g. tldr,clip_score,random; `all` runs every "
+    "registered strategy.",
 )
 @click.option(
     "--budgets",
@@ -421,8 +438,25 @@ def _list(kind: type, option: str):
 )
 @click.option("--experiment", default="selbench", show_default=True, help="MLflow experiment.")
 @click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@click.option(
+    "--leaderboard",
+    "board_name",
+    default=None,
+    metavar="NAME",
+    help="When every cell has finished, write the leaderboard of this sweep's setting "
+    "(pool, scale, protocol) as NAME.md/.csv/.html and plots under --out.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("leaderboards"),
+    show_default=True,
+    help="Directory for --leaderboard's files.",
+)
 @friendly_errors
-def sweep(methods, budgets, seeds, pool, scale, protocol, full_pool, experiment, device) -> None:
+def sweep(
+    methods, budgets, seeds, pool, scale, protocol, full_pool, experiment, device, board_name, out
+) -> None:
     """Run methods x budgets x seeds as nested MLflow runs under one sweep run.
 
     Resumable: a cell (identified by the hash of its resolved config) that already has a
@@ -434,6 +468,12 @@ def sweep(methods, budgets, seeds, pool, scale, protocol, full_pool, experiment,
     from selbench import sweep as sw
     from selbench.progress import RichProgress
 
+    requested = list(methods)
+    if methods == ["all"]:
+        from selbench.registry import get_registry
+
+        methods = sorted(get_registry().names())
+    started = time.perf_counter()
     cells = sw.plan(methods, budgets, seeds, pool, scale, protocol, experiment, full_pool, device)
 
     def update(cell, cells) -> None:
@@ -474,6 +514,35 @@ def sweep(methods, budgets, seeds, pool, scale, protocol, full_pool, experiment,
             if cell.status == "failed":
                 err_console.print(f"[red]failed:[/] {cell.label}: {cell.error}", highlight=False)
         sys.exit(1)
+    if board_name:
+        minutes = (time.perf_counter() - started) / 60
+        command = shlex.join(
+            [
+                "selbench", "sweep", "--methods", ",".join(requested),
+                "--budgets", ",".join(f"{b:g}" for b in budgets),
+                "--seeds", ",".join(map(str, seeds)), "--pool", pool, "--scale", scale,
+                "--protocol", protocol, "--full-pool" if full_pool else "--no-full-pool",
+                "--experiment", experiment, "--leaderboard", board_name, "--out", str(out),
+            ]
+        )  # fmt: skip
+        intro = [
+            f"Produced by `{command}` ({len(cells)} cells: {', '.join(methods)} at budgets "
+            f"{', '.join(f'{b:g}' for b in budgets)} with seeds {', '.join(map(str, seeds))}"
+            + (", and the full pool" if full_pool else "")
+            + f"). The last invocation took {minutes:.1f} min of wall time; "
+            f"{result.count('done')} cells ran in it and {result.count('skipped')} were "
+            "already finished."
+        ]
+        _write_leaderboard(
+            experiment,
+            out,
+            board_name,
+            ("mean_R1", "zeroshot_acc1"),
+            {},
+            True,
+            intro,
+            run_ids={cell.run_id for cell in result.cells},
+        )
 
 
 @main.group()

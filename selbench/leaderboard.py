@@ -193,9 +193,74 @@ FOOTNOTE = (
 )
 
 
-def to_markdown(board: Leaderboard, title: str, plots: dict[str, Path] | None = None) -> str:
+def _unique(runs: pd.DataFrame, column: str) -> list[str]:
+    if column not in runs.columns:
+        return []
+    return sorted({str(v) for v in runs[column].dropna() if str(v) != ""})
+
+
+def provenance(runs: pd.DataFrame) -> list[str]:
+    """What a table was computed from, read off its MLflow runs (``search_runs`` frame):
+    how many runs and seeds, pool (name, size, fingerprint), scale, protocol and samples
+    seen, code versions and git commits, and the summed compute."""
+    if runs.empty or "params.pool" not in runs.columns:
+        return []
+    runs = runs.dropna(subset=["params.pool"])  # a sweep's parent run has no params
+    seeds = sorted({int(float(s)) for s in runs.get("params.seed", pd.Series(dtype=str))})
+    lines = [f"Runs: {len(runs)} finished MLflow runs; seeds {', '.join(map(str, seeds))}."]
+    keys = [c for c in ("params.pool", "params.pool_fingerprint") if c in runs.columns]
+    for _, row in runs.drop_duplicates(keys).iterrows():
+        size = row.get("params.pool_size", "?")
+        fingerprint = str(row.get("params.pool_fingerprint", "?"))[:12]
+        lines.append(
+            f"Pool: `{row['params.pool']}`, {size} image-text pairs (fingerprint `{fingerprint}`)."
+        )
+    seen = sorted({int(v) for v in runs.get("metrics.samples_seen", pd.Series()).dropna()})
+    lines.append(
+        f"Scale: {', '.join(f'`{v}`' for v in _unique(runs, 'params.scale'))}; protocol: "
+        f"{', '.join(f'`{v}`' for v in _unique(runs, 'params.protocol'))}; samples seen per "
+        f"training run: {', '.join(map(str, seen))}."
+    )
+    versions = _unique(runs, "params.version.selbench")
+    commits = _unique(runs, "tags.selbench.git_commit")
+    if versions or commits:
+        lines.append(
+            "Code: "
+            + "; ".join(
+                part
+                for part in (
+                    f"selbench {', '.join(versions)}" if versions else "",
+                    f"git commit {', '.join(c[:10] for c in commits)}" if commits else "",
+                )
+                if part
+            )
+            + "."
+        )
+    cost = [
+        c
+        for c in ("metrics.selection_seconds", "metrics.training_seconds", "metrics.eval_seconds")
+        if c in runs.columns
+    ]
+    if cost:
+        total = float(runs[cost].sum().sum())
+        lines.append(
+            f"Compute: {total / 60:.1f} min of selection, training and evaluation summed over "
+            f"the runs (device: {', '.join(_unique(runs, 'params.device')) or '?'})."
+        )
+    return lines
+
+
+def to_markdown(
+    board: Leaderboard,
+    title: str,
+    plots: dict[str, Path] | None = None,
+    intro: list[str] | None = None,
+) -> str:
     header = headers(board.metrics)
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"# {title}", ""]
+    for paragraph in intro or []:
+        lines += [paragraph, ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in board.table.iterrows():
         lines.append("| " + " | ".join(_cells(row, board.metrics)) + " |")
     lines += ["", FOOTNOTE]
@@ -204,9 +269,15 @@ def to_markdown(board: Leaderboard, title: str, plots: dict[str, Path] | None = 
     return "\n".join(lines) + "\n"
 
 
-def to_html(board: Leaderboard, title: str, plots: dict[str, Path] | None = None) -> str:
+def to_html(
+    board: Leaderboard,
+    title: str,
+    plots: dict[str, Path] | None = None,
+    intro: list[str] | None = None,
+) -> str:
     """One self-contained page: the table and every plot inlined as base64 PNG."""
     header = headers(board.metrics)
+    preamble = "\n".join(f"<p>{html.escape(p).replace('`', '')}</p>" for p in intro or [])
     rows = "\n".join(
         "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r, board.metrics)) + "</tr>"
         for _, r in board.table.iterrows()
@@ -223,6 +294,7 @@ def to_html(board: Leaderboard, title: str, plots: dict[str, Path] | None = None
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
 img{{max-width:900px}}figure{{margin:1.5em 0}}</style></head>
 <body><h1>{html.escape(title)}</h1>
+{preamble}
 <table><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr>
 {rows}</table>
 <p>{html.escape(FOOTNOTE)}</p>
@@ -232,14 +304,19 @@ img{{max-width:900px}}figure{{margin:1.5em 0}}</style></head>
 
 
 def write(
-    board: Leaderboard, out_dir: Path, name: str, plots: dict[str, Path] | None = None
+    board: Leaderboard,
+    out_dir: Path,
+    name: str,
+    plots: dict[str, Path] | None = None,
+    intro: list[str] | None = None,
 ) -> tuple[Path, Path, Path]:
-    """Write ``<name>.md``, ``<name>.csv`` and ``<name>.html`` under ``out_dir``."""
+    """Write ``<name>.md``, ``<name>.csv`` and ``<name>.html`` under ``out_dir``;
+    ``intro`` paragraphs (markdown) go above the table, before the runs' provenance."""
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"selbench leaderboard: {name}"
     md_path, csv_path = out_dir / f"{name}.md", out_dir / f"{name}.csv"
     html_path = out_dir / f"{name}.html"
-    md_path.write_text(to_markdown(board, title, plots))
+    md_path.write_text(to_markdown(board, title, plots, intro))
     board.table.to_csv(csv_path, index=False)
-    html_path.write_text(to_html(board, title, plots))
+    html_path.write_text(to_html(board, title, plots, intro))
     return md_path, csv_path, html_path

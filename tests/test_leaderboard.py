@@ -115,3 +115,24 @@ def test_jaccard_by_hand():
 
 def test_no_runs_gives_an_empty_board():
     assert lb.summarise(pd.DataFrame()).table.empty
+
+
+def test_page_states_what_it_was_computed_from(tmp_path):
+    runs = fake_runs()
+    runs["params.pool_size"] = "8000"
+    runs["params.version.selbench"] = "0.1.0"
+    runs["tags.selbench.git_commit"] = "0123456789abcdef"
+    runs["params.device"] = "cpu"
+    runs["metrics.samples_seen"] = 40192.0
+    runs["metrics.eval_seconds"] = 2.0
+    lines = lb.provenance(runs)
+    text = "\n".join(lines)
+    assert "Runs: 9 finished MLflow runs; seeds 0, 1, 2." in text
+    assert "Pool: `synthweb`, 8000 image-text pairs (fingerprint `abc`)." in text
+    assert "samples seen per training run: 40192" in text
+    assert "git commit 0123456789" in text
+    # 9 runs x (training 100 s + eval 2 s), selection 60 + 30 + 10 + 60 s
+    assert f"Compute: {(9 * 102 + 160) / 60:.1f} min" in text
+    md, _, html = lb.write(lb.summarise(runs), tmp_path, "x", intro=["Produced by `cmd`.", *lines])
+    assert md.read_text().index("Produced by `cmd`.") < md.read_text().index("| pool |")
+    assert "Runs: 9 finished MLflow runs" in html.read_text()

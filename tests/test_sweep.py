@@ -9,11 +9,14 @@ import sys
 import time
 
 import mlflow
+import pandas as pd
 import pytest
+from click.testing import CliRunner
 from e2e_helpers import make_tiny_pool, make_tiny_scale
 
 from selbench import sweep as sw
 from selbench import tracking
+from selbench.cli import main
 from selbench.errors import ConfigError, UnknownMethodError
 
 EXPERIMENT = "sweep-test"
@@ -107,6 +110,24 @@ def test_killed_sweep_resumes_only_the_missing_cells(tmp_path):
     finally:
         sw.execute = original
     assert again.count("skipped") == 8 and again.parent_run_id == result.parent_run_id
+
+    # --leaderboard writes the table of exactly this sweep's runs, saying how it was made
+    other = sw.plan(["random"], [0.25], [5], pool=str(pool), scale=str(scale),
+                    experiment=EXPERIMENT, full_pool=False)  # fmt: skip
+    sw.run_sweep(other, EXPERIMENT)  # a run outside the grid, in the same experiment
+    out = tmp_path / "boards"
+    sw.execute = fail
+    try:
+        cli = CliRunner().invoke(main, [*command[3:], "--leaderboard", "grid", "--out", str(out)])
+    finally:
+        sw.execute = original
+    assert cli.exit_code == 0, cli.output
+    page = (out / "grid.md").read_text()
+    assert "Runs: 8 finished MLflow runs; seeds 0, 1." in page
+    assert "Produced by `selbench sweep --methods random,clip_score --budgets 0.25,0.5" in page
+    assert "8 cells" in page and "0 cells ran in it and 8 were already finished" in page
+    assert len(pd.read_csv(out / "grid.csv")) == 4  # 2 methods x 2 budgets
+    assert (out / "grid_budget.png").exists() and (out / "grid.html").exists()
 
 
 @pytest.mark.slow
