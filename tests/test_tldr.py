@@ -18,6 +18,7 @@ from selbench_plugins.tldr.captioner import (
     build_captioner,
     extract_codes,
     init_codebook,
+    train_captioner,
 )
 from selbench_plugins.tldr.selection import (
     largest_remainder_quotas,
@@ -167,6 +168,26 @@ def test_code_index_vectors_have_one_code_per_token(quantize_cls, tokens):
         z = torch.nn.functional.normalize(model.to_code(model.image_tokens(images)), dim=-1)
         nearest = torch.cdist(z, codebook.unsqueeze(0).expand(5, -1, -1)).argmin(-1)
     assert (nearest.numpy() == codes).all()
+
+
+@pytest.mark.parametrize("threshold, expect_revived", [(0.0, False), (1.0, True)])
+def test_dead_code_replacement_reseeds_unused_codes_only_when_enabled(threshold, expect_revived):
+    # Every token starts nearest code 0 (the origin; the others sit 10 units away): a
+    # collapsed codebook. With the threshold on, one training step re-seeds the unused
+    # codes with tokens of the batch, so the tokens spread over several codes.
+    config = small_config(dead_code_threshold=threshold, batch_size=16)
+    model, context = build_captioner(config, 40, 128)
+    far = torch.zeros(32, 128)
+    far[1:, 0] = 10.0
+    init_codebook(model, far, seed=0)
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before, _ = extract_codes(model, images)
+    assert set(np.unique(before)) == {0}
+    tokens = torch.randint(3, 40, (16, context), generator=torch.Generator().manual_seed(1))
+    tokens[:, 0] = 1
+    train_captioner(model, images, tokens, config)
+    after, _ = extract_codes(model, images)
+    assert (len(np.unique(after)) > 1) == expect_revived
 
 
 def test_vocab_round_trip_and_greedy_decoding_equals_argmax():

@@ -183,6 +183,14 @@ class TldrParams(BaseModel):
         ge=0,
         description="weight of ||z_q - sg(z)||^2 (release quantize.py: beta = 0.25)",
     )
+    dead_code_threshold: float = Field(
+        default=0.0,
+        ge=0,
+        description="re-seed a codebook entry with a random image token of the batch when "
+        "its EMA usage per batch falls below this (vector-quantize-pytorch's dead-code "
+        "replacement; paper and release: none, 0); against codebook collapse, "
+        "docs/strategies/tldr.md",
+    )
     captioner_seed: int = Field(
         default=0,
         ge=0,
@@ -289,6 +297,7 @@ class Tldr(Strategy):
             codebook_weight=p.codebook_weight,
             visual_init="proxy",
             seed=p.captioner_seed,
+            dead_code_threshold=p.dead_code_threshold,
         )
         model, context_length = build_captioner(config, len(vocab), code_dim)
         tokens = vocab.encode(captions, context_length)

@@ -71,6 +71,7 @@ class CaptionerConfig(BaseModel):
     codebook_weight: float
     visual_init: Literal["proxy", "random"]
     seed: int
+    dead_code_threshold: float = 0.0
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
@@ -137,6 +138,7 @@ class CodebookCaptioner(nn.Module):
         decoder_layers: int,
         decoder_heads: int,
         quantize_cls: bool,
+        dead_code_threshold: float = 0.0,
     ) -> None:
         super().__init__()
         cfg = CLIPVisionCfg(**vision_cfg)
@@ -156,6 +158,10 @@ class CodebookCaptioner(nn.Module):
             ema_update=False,
             rotation_trick=False,  # plain straight-through estimator, as the paper
             commitment_weight=0.0,  # both VQ terms are computed in vq_losses()
+            # > 0: a code whose EMA usage per batch falls below this is re-seeded with a
+            # random token of the batch (the library's dead-code replacement; neither the
+            # paper nor the release does this). 0 disables it.
+            threshold_ema_dead_code=dead_code_threshold,
         )
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
@@ -309,6 +315,7 @@ def build_captioner(
         decoder_layers=config.decoder_layers,
         decoder_heads=heads,
         quantize_cls=config.quantize_cls,
+        dead_code_threshold=config.dead_code_threshold,
     )
     return model, context_length
 
