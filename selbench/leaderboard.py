@@ -175,11 +175,22 @@ def headers(metrics: tuple[str, ...]) -> list[str]:
 
 
 def rich_table(board: Leaderboard, title: str = "selbench leaderboard") -> Table:
+    """The terminal table. Setting columns (pool, scale, protocol) with one value in every
+    row move into the title, so the numbers fit a narrow terminal."""
+    header = headers(board.metrics)
+    constant = [
+        c for c in ("pool", "scale", "protocol") if board.table[c].astype(str).nunique() == 1
+    ]
+    if constant:
+        title += " (" + ", ".join(f"{c} {board.table[c].iloc[0]}" for c in constant) + ")"
+    keep = [i for i, column in enumerate(header) if column not in constant]
     table = Table(title=title)
-    for column in headers(board.metrics):
+    for i in keep:
+        column = header[i]
         table.add_column(column, justify="left" if column in COLUMNS[:4] else "right")
     for _, row in board.table.iterrows():
-        table.add_row(*_cells(row, board.metrics))
+        cells = _cells(row, board.metrics)
+        table.add_row(*(cells[i] for i in keep))
     return table
 
 

@@ -136,3 +136,15 @@ def test_page_states_what_it_was_computed_from(tmp_path):
     md, _, html = lb.write(lb.summarise(runs), tmp_path, "x", intro=["Produced by `cmd`.", *lines])
     assert md.read_text().index("Produced by `cmd`.") < md.read_text().index("| pool |")
     assert "Runs: 9 finished MLflow runs" in html.read_text()
+
+
+def test_terminal_table_moves_shared_settings_into_the_title():
+    from rich.console import Console
+
+    table = lb.rich_table(lb.summarise(fake_runs()), "board")
+    assert table.title == "board (pool synthweb, scale tiny, protocol fixed-compute)"
+    names = [c.header for c in table.columns]
+    assert names[:3] == ["method", "budget", "seeds"]
+    console = Console(width=200, record=True)
+    console.print(table)
+    assert "0.200 ± " in console.export_text()  # random at 0.25 keeps its CI
