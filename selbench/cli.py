@@ -443,8 +443,8 @@ def _list(kind: type, option: str):
     "board_name",
     default=None,
     metavar="NAME",
-    help="When every cell has finished, write the leaderboard of this sweep's setting "
-    "(pool, scale, protocol) as NAME.md/.csv/.html and plots under --out.",
+    help="When every cell has finished, write the leaderboard of this sweep's cells "
+    "(not other runs of the experiment) as NAME.md/.csv/.html and plots under --out.",
 )
 @click.option(
     "--out",
@@ -516,10 +516,11 @@ def sweep(
         sys.exit(1)
     if board_name:
         minutes = (time.perf_counter() - started) / 60
+        budget_list = [f"{b:g}" for b in budgets]
         command = shlex.join(
             [
                 "selbench", "sweep", "--methods", ",".join(requested),
-                "--budgets", ",".join(f"{b:g}" for b in budgets),
+                "--budgets", ",".join(budget_list),
                 "--seeds", ",".join(map(str, seeds)), "--pool", pool, "--scale", scale,
                 "--protocol", protocol, "--full-pool" if full_pool else "--no-full-pool",
                 "--experiment", experiment, "--leaderboard", board_name, "--out", str(out),
@@ -527,7 +528,7 @@ def sweep(
         )  # fmt: skip
         intro = [
             f"Produced by `{command}` ({len(cells)} cells: {', '.join(methods)} at budgets "
-            f"{', '.join(f'{b:g}' for b in budgets)} with seeds {', '.join(map(str, seeds))}"
+            f"{', '.join(budget_list)} with seeds {', '.join(map(str, seeds))}"
             + (", and the full pool" if full_pool else "")
             + f"). The last invocation took {minutes:.1f} min of wall time; "
             f"{result.count('done')} cells ran in it and {result.count('skipped')} were "

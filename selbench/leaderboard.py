@@ -234,19 +234,10 @@ def provenance(runs: pd.DataFrame) -> list[str]:
     )
     versions = _unique(runs, "params.version.selbench")
     commits = _unique(runs, "tags.selbench.git_commit")
-    if versions or commits:
-        lines.append(
-            "Code: "
-            + "; ".join(
-                part
-                for part in (
-                    f"selbench {', '.join(versions)}" if versions else "",
-                    f"git commit {', '.join(c[:10] for c in commits)}" if commits else "",
-                )
-                if part
-            )
-            + "."
-        )
+    code = [f"selbench {', '.join(versions)}"] if versions else []
+    code += [f"git commit {', '.join(c[:10] for c in commits)}"] if commits else []
+    if code:
+        lines.append(f"Code: {'; '.join(code)}.")
     cost = [
         c
         for c in ("metrics.selection_seconds", "metrics.training_seconds", "metrics.eval_seconds")
@@ -322,7 +313,7 @@ def write(
     intro: list[str] | None = None,
 ) -> tuple[Path, Path, Path]:
     """Write ``<name>.md``, ``<name>.csv`` and ``<name>.html`` under ``out_dir``;
-    ``intro`` paragraphs (markdown) go above the table, before the runs' provenance."""
+    ``intro`` paragraphs (markdown, e.g. :func:`provenance`) go above the table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"selbench leaderboard: {name}"
     md_path, csv_path = out_dir / f"{name}.md", out_dir / f"{name}.csv"
