@@ -180,3 +180,19 @@ def test_png_decoding_for_embedding_is_pixel_identical_to_pil(tiny_pool):
     ):
         assert ext == "png"
         assert np.array_equal(decode(data, ext), np.asarray(image)), uid
+
+
+def test_threaded_decoding_keeps_pool_order_and_captions(tiny_pool):
+    from selbench.embedders import pool_batches
+
+    pool = resolve_pool(str(tiny_pool)).pool.strategy_view()
+    _, preprocess, _ = build_model("selbench-tiny", seed=0)
+    # batch 100 over 3 threads: parts of 34, 34 and 32 images, and a short last batch
+    serial = list(pool_batches(pool, preprocess, start=5, batch_size=100, workers=1))
+    threaded = list(pool_batches(pool, preprocess, start=5, batch_size=100, workers=3))
+    assert len(serial) == len(threaded) > 1
+    assert sum(len(texts) for _, texts in threaded) == len(pool) - 5
+    for (a, ta), (b, tb) in zip(serial, threaded, strict=True):
+        assert torch.equal(a, b)
+        assert ta == tb
+    assert threaded[0][1][0] == pool.captions[5]
