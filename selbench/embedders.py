@@ -149,10 +149,19 @@ def decode(data: bytes, ext: str) -> Any:
     and about three times faster on small images, which is most of the reading cost of an
     embedding pass on CPU); other formats with PIL, like the trainer."""
     if ext == "png":
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-        if bgr is not None:
-            return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        buffer = np.frombuffer(data, dtype=np.uint8)
+        if _IMREAD_RGB is not None:  # OpenCV >= 4.10 decodes straight to RGB
+            rgb = cv2.imdecode(buffer, _IMREAD_RGB)
+            if rgb is not None:
+                return rgb
+        else:
+            bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+            if bgr is not None:
+                return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     return decode_image_bytes(data)
+
+
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 def _prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:

@@ -171,9 +171,13 @@ def test_kill_9_during_embedding_then_the_same_command_resumes(tmp_path, weights
         assert np.array_equal(a, b), name
 
 
-def test_png_decoding_for_embedding_is_pixel_identical_to_pil(tiny_pool):
+@pytest.mark.parametrize("rgb_flag", [True, False], ids=["imread-rgb", "bgr-then-convert"])
+def test_png_decoding_for_embedding_is_pixel_identical_to_pil(tiny_pool, rgb_flag, monkeypatch):
+    import selbench.embedders
     from selbench.embedders import decode
 
+    if not rgb_flag:  # the path for OpenCV builds without IMREAD_COLOR_RGB
+        monkeypatch.setattr(selbench.embedders, "_IMREAD_RGB", None)
     pool = resolve_pool(str(tiny_pool)).pool
     for (uid, data, ext), (_, image) in zip(
         pool.iter_image_bytes(), pool.iter_images(), strict=True
