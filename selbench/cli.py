@@ -347,6 +347,7 @@ def _write_leaderboard(
     plots: bool,
     intro: list[str] | None = None,
     run_ids: set[str] | None = None,
+    source: str = "`selbench leaderboard`",
 ) -> None:
     from selbench import leaderboard as lb
 
@@ -366,7 +367,7 @@ def _write_leaderboard(
 
         figures = pl.all_plots(board, runs, out, stem)
     console.print(lb.rich_table(board, f"selbench leaderboard: {stem}"))
-    paths = lb.write(board, out, stem, figures, [*(intro or []), *lb.provenance(runs)])
+    paths = lb.write(board, out, stem, figures, [*(intro or []), *lb.provenance(runs)], source)
     _log_leaderboard(experiment, stem, [*paths, *figures.values()])
     console.print(f"Wrote {', '.join(str(p) for p in [*paths, *figures.values()])}")
 
@@ -543,6 +544,7 @@ def sweep(
             True,
             intro,
             run_ids={cell.run_id for cell in result.cells},
+            source="`selbench sweep --leaderboard`",
         )
 
 
