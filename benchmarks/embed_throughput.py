@@ -73,13 +73,13 @@ def main() -> None:
         enc, e2e = [], []
         for i in range(args.repeats):
             if i % 2:  # alternate which side goes first
-                e2e.append(end_to_end(i))
-                enc.append(encoder_only())
+                t_e2e, t_enc = end_to_end(i), encoder_only()
             else:
-                enc.append(encoder_only())
-                e2e.append(end_to_end(i))
+                t_enc, t_e2e = encoder_only(), end_to_end(i)
+            enc.append(t_enc)
+            e2e.append(t_e2e)
     enc_rate, e2e_rate = n / statistics.median(enc), n / statistics.median(e2e)
-    paired = list(t_enc / t_e2e for t_enc, t_e2e in zip(enc, e2e, strict=True))
+    paired = [a / b for a, b in zip(enc, e2e, strict=True)]
     print(
         f"pool: {args.pool} ({n} samples), model: {args.model}, device: {args.device}, "
         f"threads: {torch.get_num_threads()}, batch: {ENCODE_BATCH}"
@@ -88,6 +88,7 @@ def main() -> None:
     print(f"end to end   : {e2e_rate:10.0f} samples/s  (read, decode, preprocess, encode, write)")
     print("paired ratios: " + " ".join(f"{r:.3f}" for r in paired))
     print(f"ratio end-to-end / encoder-only: {statistics.median(paired):.3f}")
+
 
 if __name__ == "__main__":
     main()

@@ -347,7 +347,7 @@ def _write_leaderboard(
     plots: bool,
     intro: list[str] | None = None,
     run_ids: set[str] | None = None,
-    source: str = "`selbench leaderboard`",
+    source: str | None = None,
 ) -> None:
     from selbench import leaderboard as lb
 
@@ -367,7 +367,8 @@ def _write_leaderboard(
 
         figures = pl.all_plots(board, runs, out, stem)
     console.print(lb.rich_table(board, f"selbench leaderboard: {stem}"))
-    paths = lb.write(board, out, stem, figures, [*(intro or []), *lb.provenance(runs)], source)
+    intro = [*(intro or []), *lb.provenance(runs)]
+    paths = lb.write(board, out, stem, figures, intro, source or lb.LEADERBOARD_SOURCE)
     _log_leaderboard(experiment, stem, [*paths, *figures.values()])
     console.print(f"Wrote {', '.join(str(p) for p in [*paths, *figures.values()])}")
 

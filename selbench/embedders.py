@@ -32,6 +32,7 @@ from selbench.pools.shards import decode_image_bytes
 from selbench.progress import NullProgress
 
 ENCODE_BATCH = 512
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # None before OpenCV 4.10
 
 
 class Embedder:
@@ -151,17 +152,13 @@ def decode(data: bytes, ext: str) -> Any:
     if ext == "png":
         buffer = np.frombuffer(data, dtype=np.uint8)
         if _IMREAD_RGB is not None:  # OpenCV >= 4.10 decodes straight to RGB
-            rgb = cv2.imdecode(buffer, _IMREAD_RGB)
-            if rgb is not None:
-                return rgb
+            image = cv2.imdecode(buffer, _IMREAD_RGB)
         else:
             bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-            if bgr is not None:
-                return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            image = None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        if image is not None:
+            return image
     return decode_image_bytes(data)
-
-
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 
 def _prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -207,7 +204,7 @@ def _decode_all(
     decodes. 16,000 32-px PNGs on 2 cores: 0.29 s on one thread, 0.22 s on two (the rest
     holds the GIL).
     """
-    if executor is None or parts < 2 or len(items) < 64:
+    if executor is None or len(items) < 64:
         return [decode(data, ext) for data, ext in items]
     step = -(-len(items) // parts)
     chunks = [items[i : i + step] for i in range(0, len(items), step)]

@@ -252,7 +252,10 @@ def provenance(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
-def footnote(source: str = "`selbench leaderboard`") -> str:
+LEADERBOARD_SOURCE = "`selbench leaderboard`"  # the command named in a page's footnote
+
+
+def footnote(source: str = LEADERBOARD_SOURCE) -> str:
     """The note under a table, naming the command that wrote it."""
     return FOOTNOTE.format(source=source)
 
@@ -262,7 +265,7 @@ def to_markdown(
     title: str,
     plots: dict[str, Path] | None = None,
     intro: list[str] | None = None,
-    source: str = "`selbench leaderboard`",
+    source: str = LEADERBOARD_SOURCE,
 ) -> str:
     header = headers(board.metrics)
     lines = [f"# {title}", ""]
@@ -282,7 +285,7 @@ def to_html(
     title: str,
     plots: dict[str, Path] | None = None,
     intro: list[str] | None = None,
-    source: str = "`selbench leaderboard`",
+    source: str = LEADERBOARD_SOURCE,
 ) -> str:
     """One self-contained page: the table and every plot inlined as base64 PNG."""
     header = headers(board.metrics)
@@ -318,7 +321,7 @@ def write(
     name: str,
     plots: dict[str, Path] | None = None,
     intro: list[str] | None = None,
-    source: str = "`selbench leaderboard`",
+    source: str = LEADERBOARD_SOURCE,
 ) -> tuple[Path, Path, Path]:
     """Write ``<name>.md``, ``<name>.csv`` and ``<name>.html`` under ``out_dir``;
     ``intro`` paragraphs (markdown, e.g. :func:`provenance`) go above the table, and the
