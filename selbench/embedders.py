@@ -121,17 +121,24 @@ def preprocess_batch(images: Sequence[Any], preprocess: Any) -> torch.Tensor:
     Resize/CenterCrop are no-ops and ToTensor+Normalize are one multiply and one add
     over the whole batch, equal to the per-image pipeline within 1e-6 (tested). Otherwise
     each image goes through ``preprocess``.
+
+    The multiply and add run on the images' own (H, W, 3) layout, flattened, against
+    per-channel factors tiled to one image's length: broadcasting a (1, 3, 1, 1) factor
+    over the channels-last batch instead was 2.5x slower (innermost axis of 3, not
+    vectorised). The batch comes back as an (N, 3, H, W) view of that channels-last
+    memory, as before, which is the layout the encoder is fastest on here.
     """
     params = _normalize_params(preprocess)
     if params is not None:
         size, mean, std = params
         arrays = [_as_rgb_array(im, size) for im in images]
         if arrays and all(a is not None for a in arrays):
-            batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-            std_t = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
-            scale = (1.0 / (255.0 * std_t)).float()
-            shift = (-torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1) / std_t).float()
-            return batch.mul_(scale).add_(shift)
+            batch = torch.from_numpy(np.stack(arrays)).float()  # (N, H, W, 3)
+            std_t = torch.tensor(std, dtype=torch.float64)
+            scale = (1.0 / (255.0 * std_t)).float().repeat(size * size)
+            shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).float().repeat(size * size)
+            batch.view(len(arrays), -1).mul_(scale).add_(shift)
+            return batch.permute(0, 3, 1, 2)
     pil = [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in images]
     return torch.stack([preprocess(im) for im in pil])
 

@@ -67,3 +67,17 @@ def test_truncated_shard_is_an_error_naming_the_shard(shard_pool_dir):
     shard.write_bytes(shard.read_bytes()[:700])
     with pytest.raises(PoolError, match="00001.tar"):
         assert len(ShardPool(shard_pool_dir).uids) == 3
+
+
+def test_shard_cut_or_removed_after_indexing_is_an_error_when_read(shard_pool_dir):
+    pool = ShardPool(shard_pool_dir)
+    complete = [data for _, data, _ in pool.iter_image_bytes()]
+    assert [len(data) for data in complete] == pool.index["size"].tolist()
+    shard = shard_pool_dir / "00001.tar"
+    cut = int(pool.index["offset"].iloc[-1]) + 1  # inside the last sample's image
+    shard.write_bytes(shard.read_bytes()[:cut])
+    with pytest.raises(PoolError, match="00001.tar changed since it was indexed"):
+        list(pool.iter_image_bytes())
+    shard.unlink()
+    with pytest.raises(PoolError, match="cannot be read"):
+        list(pool.iter_image_bytes())
