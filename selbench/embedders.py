@@ -169,30 +169,55 @@ def decode(data: bytes, ext: str) -> Any:
 
 
 def _prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run ``iterator`` in a thread, ``depth`` items ahead, so decoding overlaps encoding."""
+    """Run ``iterator`` in a thread, ``depth`` items ahead, so decoding overlaps encoding.
+
+    Items come out in order; an exception in ``iterator`` is re-raised here after the
+    items before it. When the consumer stops early (an error downstream, or ``close()``),
+    the thread stops after the item in hand, closes ``iterator`` (releasing its files and
+    decoding threads) and ends: nothing is left blocked on a full queue.
+    """
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
+    stop = threading.Event()
     failure: list[BaseException] = []
 
     def fill() -> None:
         try:
             for item in iterator:
                 buffer.put(item)
+                if stop.is_set():
+                    break
         except BaseException as exc:  # re-raised in the consumer
             failure.append(exc)
         finally:
+            close = getattr(iterator, "close", None)
+            if callable(close):
+                close()
             buffer.put(done)
 
-    thread = threading.Thread(target=fill, daemon=True)
+    thread = threading.Thread(target=fill, name="prefetch", daemon=True)
     thread.start()
-    while True:
-        item = buffer.get()
-        if item is done:
-            break
-        yield item
-    thread.join()
+    try:
+        while (item := buffer.get()) is not done:
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put() on the full queue until the thread ends
+            try:
+                buffer.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
     if failure:
         raise failure[0]
+
+
+def overlap_decoding(device: str) -> bool:
+    """Whether an embedding pass decodes the next batch while the current one encodes:
+    only when the encoder runs on an accelerator, which leaves the CPU free. On a CPU-only
+    host the encoder already uses every core, and overlapping made the pass slower than
+    alternating (docs/embeddings.md)."""
+    return torch.device(device).type != "cpu"
 
 
 def decode_workers() -> int:
@@ -334,10 +359,7 @@ class EmbeddingService:
 
         def produce(start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             batches = pool_batches(self.pool, embedder.preprocess, start, workers=decode_workers())
-            if torch.device(self.device).type != "cpu":
-                # The encoder runs on the accelerator: decode the next batch on the CPU
-                # meanwhile. On a CPU-only host the encoder already uses every core, and
-                # overlapping made the pass slower than alternating (docs/embeddings.md).
+            if overlap_decoding(self.device):
                 batches = _prefetch(batches)
             for images, texts in batches:
                 yield embedder.encode(images, texts)

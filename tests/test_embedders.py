@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ from e2e_helpers import make_tiny_pool
 from PIL import Image
 
 from selbench.cache import EmbeddingCache
-from selbench.embedders import EmbeddingService, preprocess_batch
+from selbench.embedders import EmbeddingService, _prefetch, preprocess_batch
 from selbench.errors import ConfigError
 from selbench.pools import resolve_pool
 from selbench.registry import get_registry
@@ -200,3 +201,62 @@ def test_threaded_decoding_keeps_pool_order_and_captions(tiny_pool):
         assert torch.equal(a, b)
         assert ta == tb
     assert threaded[0][1][0] == pool.captions[5]
+
+
+def test_prefetch_keeps_order_and_reraises_the_source_error_after_its_items():
+    def source():
+        yield from range(5)
+        raise ValueError("shard 3 is unreadable")
+
+    got = []
+    with pytest.raises(ValueError, match="shard 3 is unreadable"):
+        for item in _prefetch(source(), depth=2):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+
+
+def test_prefetch_stopped_early_closes_its_source_and_leaves_no_thread_behind():
+    # The accelerator path: an error downstream (say a NaN batch) abandons the pass while
+    # the reading thread is blocked on a full queue; it must not stay blocked holding the
+    # pool's files and decoding threads.
+    closed = threading.Event()
+
+    def source():
+        try:
+            yield from range(1000)
+        finally:
+            closed.set()
+
+    batches = _prefetch(source(), depth=2)
+    assert [next(batches), next(batches)] == [0, 1]
+    time.sleep(0.05)  # let the thread fill the queue and block
+    batches.close()
+    assert closed.is_set()
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]
+
+
+def test_overlapped_decoding_of_accelerator_hosts_gives_the_same_entry(
+    tiny_pool, weights, tmp_path, monkeypatch
+):
+    # No accelerator here: force the accelerator schedule (prefetch thread) on the CPU.
+    spec = f"open_clip:selbench-tiny:{weights}"
+    pool = resolve_pool(str(tiny_pool)).pool.strategy_view()
+    make = get_registry().make_embedder
+
+    def embed(name: str):
+        cache = EmbeddingCache(tmp_path / name)
+        return EmbeddingService(pool, "cpu", make, cache=cache, chunk_size=64).embeddings(spec)
+
+    import selbench.embedders as embedders
+
+    batches = embedders.pool_batches  # batches of 50: several in flight at once
+    monkeypatch.setattr(embedders, "pool_batches", lambda *a, **k: batches(*a, **k, batch_size=50))
+    alternating = embed("alternating")
+    monkeypatch.setattr(embedders, "overlap_decoding", lambda device: True)
+    prefetched = []
+    prefetch = embedders._prefetch
+    monkeypatch.setattr(embedders, "_prefetch", lambda it: prefetched.append(1) or prefetch(it))
+    overlapped = embed("overlapped")
+    assert prefetched  # the accelerator schedule really ran
+    assert np.array_equal(np.asarray(overlapped.image), np.asarray(alternating.image))
+    assert np.array_equal(np.asarray(overlapped.text), np.asarray(alternating.text))
