@@ -236,14 +236,15 @@ def _decode_all(
     decodes. 16,000 32-px PNGs on 2 cores: 0.29 s on one thread, 0.22 s on two (the rest
     holds the GIL).
     """
+
+    def decode_part(part: Sequence[tuple[bytes, str]]) -> list:
+        return [decode(data, ext) for data, ext in part]
+
     if executor is None or len(items) < 64:
-        return [decode(data, ext) for data, ext in items]
+        return decode_part(items)
     step = -(-len(items) // parts)
     chunks = [items[i : i + step] for i in range(0, len(items), step)]
-    decoded: list = []
-    for part in executor.map(lambda chunk: [decode(d, e) for d, e in chunk], chunks):
-        decoded.extend(part)
-    return decoded
+    return [image for part in executor.map(decode_part, chunks) for image in part]
 
 
 def pool_batches(
