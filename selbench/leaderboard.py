@@ -53,7 +53,33 @@ def load_runs(
         filter_string="attributes.status = 'FINISHED'",
         output_format="pandas",
     )
-    return filter_runs(runs, where or {})
+    return split_mixed_parameters(filter_runs(runs, where or {}))
+
+
+def split_mixed_parameters(runs: pd.DataFrame) -> pd.DataFrame:
+    """Give runs that share a method label but not their parameters separate labels.
+
+    A run's label names only the parameters that differ from the defaults *of its own
+    version*, so when a default changes (``tldr-release``'s ``match_embedder`` did),
+    runs from before and after carry the same label and would be averaged as one method.
+    Every run logs all its parameters (``param.*``); where they differ within a label,
+    the differing ones are appended, ``tldr-release[match_embedder=proxy]``. A parameter
+    a run did not log (added later) shows as ``unset``.
+    """
+    label_column = "params.method_label"
+    columns = [c for c in runs.columns if c.startswith("params.param.")]
+    if runs.empty or label_column not in runs.columns or not columns:
+        return runs
+    runs = runs.copy()
+    for label, group in runs.groupby(label_column):
+        values = group[columns].astype(object).where(group[columns].notna(), "unset")
+        values = values.loc[:, values.nunique() > 1]
+        if values.empty:
+            continue
+        for index, row in values.iterrows():
+            tag = ",".join(f"{c.removeprefix('params.param.')}={row[c]}" for c in values)
+            runs.loc[index, label_column] = f"{label}[{tag}]"
+    return runs
 
 
 def filter_runs(runs: pd.DataFrame, where: dict[str, str]) -> pd.DataFrame:

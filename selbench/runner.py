@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -127,12 +128,24 @@ def _log_target(services: EmbeddingService) -> None:
     )
 
 
+def usage_key(spec: str) -> str:
+    """The MLflow key of an embedder spec, one per spec: ``proxy`` -> ``proxy``,
+    ``proxy:scorer`` -> ``proxy_scorer``; a spec with a path or other characters MLflow
+    keys cannot hold -> its name and a hash of the whole spec (``open_clip_1a2b3c4d``)."""
+    name, _, args = spec.partition(":")
+    if not args:
+        return name
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,40}", args):
+        return f"{name}_{args}"
+    return f"{name}_{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+
 def _log_embedding_usage(services: EmbeddingService, progress: Any) -> None:
     """Record which cache entries the strategy used, hit or computed, and the seconds."""
     import mlflow
 
     for spec, usage in services.usage.items():
-        key = spec.split(":", 1)[0]
+        key = usage_key(spec)
         mlflow.log_params(
             {
                 f"embeddings.{key}.spec": spec,
@@ -150,6 +163,8 @@ def _log_embedding_usage(services: EmbeddingService, progress: Any) -> None:
             metrics[f"embeddings/{key}/proxy_train_seconds"] = usage["embedder_train_seconds"]
         mlflow.log_metrics(metrics)
         verdict = "cache hit" if usage["hit"] else "computed and cached"
+        if usage.get("embedder_trained"):
+            verdict += f" (its proxy trained first, {usage['embedder_train_seconds']:.0f} s)"
         progress.note(
             f"Embeddings ({spec}): {verdict}, entry {usage['entry_id']}, "
             f"{usage['total_seconds']:.2f} s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from selbench.embedders import EmbeddingService, _prefetch, preprocess_batch
 from selbench.errors import ConfigError
 from selbench.pools import resolve_pool
 from selbench.registry import get_registry
+from selbench.runner import usage_key
 from selbench.train import build_model
 
 
@@ -260,3 +262,19 @@ def test_overlapped_decoding_of_accelerator_hosts_gives_the_same_entry(
     assert prefetched  # the accelerator schedule really ran
     assert np.array_equal(np.asarray(overlapped.image), np.asarray(alternating.image))
     assert np.array_equal(np.asarray(overlapped.text), np.asarray(alternating.text))
+
+
+def test_each_embedder_spec_gets_its_own_mlflow_key():
+    # A run that asks for two proxies (tldr-release: the proxy and the scorer) or two
+    # weight files logs both; one shared key would make MLflow refuse the second value.
+    specs = [
+        "proxy",
+        "proxy:scorer",
+        "proxy:proxy",
+        "open_clip:ViT-B-32:/models/a.pt",
+        "open_clip:ViT-B-32:/models/b.pt",
+    ]
+    keys = [usage_key(s) for s in specs]
+    assert len(set(keys)) == len(keys)
+    assert keys[:2] == ["proxy", "proxy_scorer"]
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", k) for k in keys)

@@ -148,3 +148,30 @@ def test_terminal_table_moves_shared_settings_into_the_title():
     console = Console(width=200, record=True)
     console.print(table)
     assert "0.200 ± " in console.export_text()  # random at 0.25 keeps its CI
+
+
+def test_runs_of_one_label_with_different_parameters_get_separate_rows():
+    # A default changed between runs: both carry the label "tldr-release", but their
+    # logged parameters differ, so averaging them as one method would be wrong.
+    runs = fake_runs()
+    extra = []
+    for seed, (embedder, value) in enumerate([("proxy", 0.06), ("proxy:scorer", 0.12)] * 2):
+        extra.append(
+            {
+                **runs.iloc[0].to_dict(),
+                "run_id": f"rel-{seed}",
+                "params.method_label": "tldr-release",
+                "params.seed": str(seed // 2),
+                "params.param.match_embedder": embedder,
+                "params.param.clusters": "1000",
+                "metrics.mean_R1": value,
+            }
+        )
+    runs = lb.split_mixed_parameters(pd.concat([runs, pd.DataFrame(extra)], ignore_index=True))
+    table = lb.summarise(runs).table.set_index(["method", "budget"])
+    old = table.loc[("tldr-release[match_embedder=proxy]", 0.25)]
+    new = table.loc[("tldr-release[match_embedder=proxy:scorer]", 0.25)]
+    assert (old["mean_R1_mean"], new["mean_R1_mean"]) == (pytest.approx(0.06), pytest.approx(0.12))
+    assert old["seeds"] == new["seeds"] == 2
+    # labels whose runs agree (or that have no parameters) are left alone
+    assert {"random", "tldr", "clip(k=3)"} <= {m for m, _ in table.index}

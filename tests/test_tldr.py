@@ -29,6 +29,7 @@ from selbench_plugins.tldr.selection import (
     whiten,
 )
 
+from selbench.configs import load_scale
 from selbench.errors import ConfigError
 from selbench.strategy import SelectionContext, validate_selection
 from selbench.testing import RecordingServices, check_strategy, make_memory_pool
@@ -274,8 +275,15 @@ def test_without_refinement_captions_are_untouched(tmp_path):
 def test_release_filter_only_keeps_the_better_matching_half(tmp_path):
     pool = make_memory_pool(100, seed=5)
     ctx = context(pool, 25, 0, tmp_path)
+    asked: list[str] = []
+    fake_embeddings = ctx.services.embeddings
+    ctx.services.embeddings = lambda spec="proxy": asked.append(spec) or fake_embeddings(spec)
     selection = TldrRelease(FAST).select(ctx)
-    emb = ctx.services.embeddings("proxy")
+    # The matching score comes from the longer-trained scorer proxy, a recipe that exists.
+    assert asked == ["proxy:scorer"]
+    scorer, proxy = load_scale("scorer"), load_scale("proxy")
+    assert scorer.model == proxy.model and scorer.epochs > proxy.epochs
+    emb = fake_embeddings("proxy:scorer")
     score = (emb.image.astype(np.float32) * emb.text.astype(np.float32)).sum(1)
     top_half = {pool.uids[i] for i in np.argsort(-score, kind="stable")[:50]}
     assert set(selection.uids) <= top_half

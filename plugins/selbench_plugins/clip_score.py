@@ -31,9 +31,11 @@ class ClipScoreParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedder: str = Field(
-        default="proxy",
+        default="proxy:scorer",
         description="embedder spec; DataComp used OpenAI CLIP ViT-L/14 "
-        "(open_clip:ViT-L-14:/path/to/weights.pt), the offline default is the pool proxy",
+        "(open_clip:ViT-L-14:/path/to/weights.pt); the offline default is the pool proxy "
+        "trained 10 epochs (configs/scales/scorer.yaml), the same scorer tldr-release "
+        "filters with; `proxy` is the 2-epoch one",
     )
     mode: Literal["top_k", "threshold"] = Field(
         default="top_k",

@@ -230,6 +230,13 @@ class TldrReleaseParams(TldrParams):
     match_filter: bool = Field(
         default=True, description="only the top half by image-text matching score (release)"
     )
+    match_embedder: str = Field(
+        default="proxy:scorer",
+        description="embedder whose image-text cosine is the matching score (release: a "
+        "pretrained BLIP ITM head; offline: the pool proxy trained 10 epochs, "
+        "configs/scales/scorer.yaml, since the 2-epoch proxy lets 5x more misaligned "
+        "pairs through; docs/strategies/tldr.md)",
+    )
     beams: int = Field(default=3, ge=1, description="beam search, 3 beams (BLIP's default)")
 
 
