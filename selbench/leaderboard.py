@@ -73,7 +73,7 @@ def split_mixed_parameters(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     for label, group in runs.groupby(label_column):
         values = group[columns].astype(object).where(group[columns].notna(), "unset")
-        values = values.loc[:, values.nunique() > 1]
+        values = values.loc[:, values.nunique() > 1].sort_index(axis=1)
         if values.empty:
             continue
         for index, row in values.iterrows():
