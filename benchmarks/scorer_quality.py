@@ -19,24 +19,21 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from _synthweb import embed_with_ground_truth
+from selbench_plugins.clip_score import clip_scores, top_k
 from sklearn.metrics import roc_auc_score
-
-from selbench.embedders import EmbeddingService
-from selbench.pools import resolve_pool
-from selbench.progress import RichProgress
-from selbench.registry import get_registry
 
 RIGHT = ("clean", "near_duplicate")  # the caption describes the image
 
 
 def survival(scores: np.ndarray, pathology: np.ndarray, fraction: float) -> tuple[float, dict]:
-    """(noisy share of the top ``fraction`` by score, per pathology: share of it kept).
-    Ties go to the earlier pool position, as in ``clip_score``."""
-    keep = np.lexsort((np.arange(len(scores)), -scores))[: int(round(fraction * len(scores)))]
-    kept = pathology[keep]
+    """(noisy share of the top ``fraction`` by score, per pathology: share of it kept),
+    ranked by ``clip_score``'s own ``top_k``."""
+    kept = pathology[top_k(scores, int(round(fraction * len(scores))))]
     noisy = float(np.mean(~np.isin(kept, RIGHT)))
-    return noisy, {p: float(np.mean(kept == p) * len(kept) / np.sum(pathology == p))
-                   for p in np.unique(pathology)}
+    return noisy, {
+        p: float(np.sum(kept == p) / np.sum(pathology == p)) for p in np.unique(pathology)
+    }
 
 
 def main() -> None:
@@ -46,19 +43,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    pool = resolve_pool(args.pool).pool
-    if not pool.has_ground_truth():
-        parser.error(f"pool {args.pool!r} has no SynthWeb ground truth to score against")
-    view = pool.strategy_view()
-    truth = pool.ground_truth()
+    view, truth, found = embed_with_ground_truth(parser, args.pool, args.embedders, args.device)
     pathology = np.asarray([truth[uid]["pathology"] for uid in view.uids])
     right = np.isin(pathology, RIGHT)
-    with RichProgress() as progress:
-        service = EmbeddingService(view, args.device, get_registry().make_embedder, progress)
-        found = {spec: service.embeddings(spec) for spec in args.embedders}
     print(f"pool: {args.pool} ({len(view)} pairs, {np.mean(~right):.0%} noisy)")
     for spec, emb in found.items():
-        scores = np.einsum("ij,ij->i", emb.image.astype(np.float32), emb.text.astype(np.float32))
+        scores = clip_scores(emb.image, emb.text)
         print(f"\n{spec}: AUC right vs noisy {roc_auc_score(right, scores):.3f}")
         for fraction in (0.5, 0.25):
             noisy, kept = survival(scores, pathology, fraction)

@@ -18,12 +18,8 @@ import argparse
 from collections import Counter
 
 import numpy as np
+from _synthweb import embed_with_ground_truth
 from sklearn.linear_model import LogisticRegression
-
-from selbench.embedders import EmbeddingService
-from selbench.pools import resolve_pool
-from selbench.progress import RichProgress
-from selbench.registry import get_registry
 
 
 def probe(features: np.ndarray, labels: list[str], train_fraction: float = 0.8) -> tuple:
@@ -42,14 +38,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    pool = resolve_pool(args.pool).pool
-    if not pool.has_ground_truth():
-        parser.error(f"pool {args.pool!r} has no SynthWeb ground truth to probe against")
-    view = pool.strategy_view()
-    with RichProgress() as progress:
-        service = EmbeddingService(view, args.device, get_registry().make_embedder, progress)
-        embeddings = service.embeddings(args.embedder)
-    truth = pool.ground_truth()
+    view, truth, found = embed_with_ground_truth(parser, args.pool, [args.embedder], args.device)
+    embeddings = found[args.embedder]
     rows, shapes, colours = [], [], []
     for i, uid in enumerate(view.uids):
         objects = truth[uid]["scene"]["objects"]
