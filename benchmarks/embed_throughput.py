@@ -7,9 +7,13 @@ embedder's ``encode`` call the cache makes (tokenise the captions, ``encode_imag
 same batch size. So the ratio is what the cache's reading, decoding, preprocessing and
 writing cost on top of the model. Both are repeated, interleaved; each repeat gives one
 ratio from two passes run back to back, so a slow spell of a shared machine hits both
-sides of it. The last line is the median of those paired ratios (goal >= 0.9). The line
-before the ratios gives the seconds a pass spends outside ``encode`` -- the overhead
-itself, steadier than the ratio, which also moves with the encoder's speed.
+sides of it. One end-to-end warm-up pass comes first, like the encoder's: it starts the
+decoding helper processes, which then serve every later pass of the process, as they
+serve every embedding pass of a `selbench run` (SELBENCH_DECODE_HELPERS=0 measures the
+in-process decoding instead). The last line is the median of those paired ratios
+(goal >= 0.9). The line before the ratios gives the seconds a pass spends outside
+``encode`` -- the overhead itself, steadier than the ratio, which also moves with the
+encoder's speed.
 
     python benchmarks/embed_throughput.py                 # default SynthWeb, tiny model
     python benchmarks/embed_throughput.py --pool DIR --repeats 5
@@ -26,7 +30,14 @@ from pathlib import Path
 import torch
 
 from selbench.cache import EmbeddingCache
-from selbench.embedders import ENCODE_BATCH, EmbeddingService, pool_batches
+from selbench.decoding import helpers_enabled
+from selbench.embedders import (
+    ENCODE_BATCH,
+    EmbeddingService,
+    decode_helper_count,
+    decode_workers,
+    pool_batches,
+)
 from selbench.pools import resolve_pool
 from selbench.registry import get_registry
 from selbench.train import build_model
@@ -88,8 +99,10 @@ def main() -> None:
             outside.append(elapsed - sum(in_encoder))
             return elapsed
 
-        encoder_only()  # warm-up
         enc, e2e, outside = [], [], []
+        encoder_only()  # warm-up; the end-to-end warm-up also starts the decoding helpers,
+        end_to_end(-1)  # which live as long as the process, as in a `selbench run`
+        outside.clear()
         for i in range(args.repeats):
             if i % 2:  # alternate which side goes first
                 t_e2e, t_enc = end_to_end(i), encoder_only()
@@ -99,9 +112,15 @@ def main() -> None:
             e2e.append(t_e2e)
     enc_rate, e2e_rate = n / statistics.median(enc), n / statistics.median(e2e)
     paired = [a / b for a, b in zip(enc, e2e, strict=True)]
+    helpers = decode_helper_count(args.device)
+    decoding = (
+        f"{helpers} helper process{'es' if helpers > 1 else ''}"
+        if helpers_enabled()
+        else f"{decode_workers()} thread(s) in-process"
+    )
     print(
         f"pool: {args.pool} ({n} samples), model: {args.model}, device: {args.device}, "
-        f"threads: {torch.get_num_threads()}, batch: {ENCODE_BATCH}"
+        f"threads: {torch.get_num_threads()}, batch: {ENCODE_BATCH}, decoding: {decoding}"
     )
     print(f"encoder only : {enc_rate:10.0f} samples/s  (median of {args.repeats})")
     print(f"end to end   : {e2e_rate:10.0f} samples/s  (read, decode, preprocess, encode, write)")

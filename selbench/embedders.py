@@ -13,6 +13,7 @@ preprocessing, so a cache entry is reused only for exactly the same embedding fu
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 import time
@@ -21,18 +22,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 
 from selbench.cache import EmbeddingCache
-from selbench.errors import ConfigError
-from selbench.pools.shards import decode_image_bytes
+from selbench.decoding import (
+    DecodeError,
+    acquire_helpers,
+    decode,
+    helpers_enabled,
+    release_helpers,
+)
+from selbench.errors import ConfigError, PoolError
 from selbench.progress import NullProgress
 
 ENCODE_BATCH = 512
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # None before OpenCV 4.10
 
 
 class Embedder:
@@ -79,8 +84,11 @@ class Embedder:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Float32 embeddings (not yet normalised) of preprocessed images and captions."""
         self.model.eval()
+        # Tokenise first: it is single-threaded, and an embedding pass's decoding helper
+        # works on the next batch meanwhile, on the core the tokenizer leaves idle.
+        tokens = self.tokenizer(list(captions))
         image = self.model.encode_image(images.to(self.device))
-        text = self.model.encode_text(self.tokenizer(list(captions)).to(self.device))
+        text = self.model.encode_text(tokens.to(self.device))
         return image.float().cpu().numpy(), text.float().cpu().numpy()
 
 
@@ -152,22 +160,6 @@ def _as_rgb_array(image: Any, size: int) -> np.ndarray | None:
     return None
 
 
-def decode(data: bytes, ext: str) -> Any:
-    """Decode for embedding: PNG with OpenCV (lossless, so pixel-identical to PIL, tested,
-    and about three times faster on small images, which is most of the reading cost of an
-    embedding pass on CPU); other formats with PIL, like the trainer."""
-    if ext == "png":
-        buffer = np.frombuffer(data, dtype=np.uint8)
-        if _IMREAD_RGB is not None:  # OpenCV >= 4.10 decodes straight to RGB
-            image = cv2.imdecode(buffer, _IMREAD_RGB)
-        else:
-            bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
-            image = None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        if image is not None:
-            return image
-    return decode_image_bytes(data)
-
-
 def _prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     """Run ``iterator`` in a thread, ``depth`` items ahead, so decoding overlaps encoding.
 
@@ -221,30 +213,75 @@ def overlap_decoding(device: str) -> bool:
 
 
 def decode_workers() -> int:
-    """Decoding threads for an embedding pass: one per intra-op thread torch uses on this
-    host (capped at 8), so decoding a batch uses the cores the encoder uses."""
+    """Decoding threads for an in-process embedding pass: one per intra-op thread torch
+    uses on this host (capped at 8), so decoding a batch uses the cores the encoder uses."""
     return max(1, min(8, torch.get_num_threads()))
 
 
+def decode_helper_count(device: str) -> int:
+    """Helper processes that decode for an embedding pass on ``device``.
+
+    CPU: one. It decodes batch ``i + 1`` while the encoder tokenises batch ``i``, the
+    single-threaded stretch of each batch; a second helper would run into the encoder's
+    matrix products, which already use every core. Accelerator: one per core but the
+    one that drives the device, capped at 8, since the CPU has nothing else to do.
+    """
+    if torch.device(device).type == "cpu":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def _decode_all(
-    items: Sequence[tuple[bytes, str]], executor: ThreadPoolExecutor | None, parts: int
+    items: Sequence[tuple[bytes, str]],
+    uids: Sequence[str],
+    executor: ThreadPoolExecutor | None,
+    parts: int,
 ) -> list:
     """Decode ``(bytes, ext)`` items in order, split into contiguous parts over
-    ``executor``'s threads.
+    ``executor``'s threads; a failure names the sample's uid.
 
-    Threads suffice (no process pool): OpenCV's ``imdecode`` releases the GIL while it
-    decodes. 16,000 32-px PNGs on 2 cores: 0.29 s on one thread, 0.22 s on two (the rest
-    holds the GIL).
+    Threads suffice here: OpenCV's ``imdecode`` releases the GIL while it decodes.
+    16,000 32-px PNGs on 2 cores: 0.29 s on one thread, 0.22 s on two (the rest holds
+    the GIL).
     """
 
-    def decode_part(part: Sequence[tuple[bytes, str]]) -> list:
-        return [decode(data, ext) for data, ext in part]
+    def decode_part(first: int, part: Sequence[tuple[bytes, str]]) -> list:
+        out = []
+        for i, (data, ext) in enumerate(part):
+            try:
+                out.append(decode(data, ext))
+            except Exception as exc:
+                raise _undecodable(uids[first + i], f"{type(exc).__name__}: {exc}") from exc
+        return out
 
     if executor is None or len(items) < 64:
-        return decode_part(items)
+        return decode_part(0, items)
     step = -(-len(items) // parts)
-    chunks = [items[i : i + step] for i in range(0, len(items), step)]
-    return [image for part in executor.map(decode_part, chunks) for image in part]
+    starts = list(range(0, len(items), step))
+    chunks = [items[i : i + step] for i in starts]
+    return [image for part in executor.map(decode_part, starts, chunks) for image in part]
+
+
+def _undecodable(uid: str, reason: str) -> PoolError:
+    return PoolError(f"sample {uid!r}: its image cannot be decoded ({reason})")
+
+
+def _raw_batches(
+    pool: Any, start: int, batch_size: int
+) -> Iterator[tuple[int, list[str], list[tuple[bytes, str]]]]:
+    """``(position, uids, [(image bytes, ext)])`` per batch, in pool order from ``start``."""
+    uids: list[str] = []
+    raw: list[tuple[bytes, str]] = []
+    position = start
+    for uid, data, ext in pool.iter_image_bytes(start=start):
+        uids.append(uid)
+        raw.append((data, ext))
+        if len(raw) == batch_size:
+            yield position, uids, raw
+            position += len(raw)
+            uids, raw = [], []
+    if raw:
+        yield position, uids, raw
 
 
 def pool_batches(
@@ -253,29 +290,70 @@ def pool_batches(
     start: int = 0,
     batch_size: int = ENCODE_BATCH,
     workers: int = 1,
+    helpers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Preprocessed image batches and their captions, in pool order from ``start``.
 
-    Each batch's images are decoded on ``workers`` threads (results in pool order).
+    With ``helpers`` > 0 (and helpers enabled on this host), images are decoded in that
+    many helper processes (:mod:`selbench.decoding`): each batch is handed over before
+    the one before it is yielded, so it decodes while the consumer encodes. Otherwise
+    each batch's images are decoded on ``workers`` threads of this process when it is
+    asked for. Both give the same tensors (tested).
     """
+    shared = acquire_helpers(helpers) if helpers > 0 and helpers_enabled() else None
+    if shared is None:
+        yield from _batches_in_process(pool, preprocess, start, batch_size, workers)
+        return
+    captions = pool.captions
+    batches = _raw_batches(pool, start, batch_size)
+    broken = True  # until the helpers are known to be in step again
+    try:
+        current = next(batches, None)
+        if current is not None:
+            _submit(shared, current[2])
+        while current is not None:
+            position, uids, raw = current
+            following = next(batches, None)
+            try:
+                images = shared.collect()
+            except DecodeError as exc:
+                if exc.position is None:  # the helper itself failed
+                    raise PoolError(f"decoding the pool's images: {exc}") from None
+                broken = False
+                raise _undecodable(uids[exc.position], str(exc)) from None
+            batch = preprocess_batch(images, preprocess)  # copies out of the shared file
+            del images
+            if following is not None:
+                _submit(shared, following[2])
+            yield batch, list(captions[position : position + len(raw)])
+            current = following
+        broken = False
+    finally:
+        if broken:  # stopped early: collect the batch in flight, if the helpers still answer
+            try:
+                shared.drain()
+                broken = not shared.alive()
+            except BaseException:
+                broken = True
+        release_helpers(shared, broken=broken)
+
+
+def _submit(shared: Any, raw: list[tuple[bytes, str]]) -> None:
+    try:
+        shared.submit(raw)
+    except DecodeError as exc:  # a helper exited before taking the batch
+        raise PoolError(f"decoding the pool's images: {exc}") from None
+
+
+def _batches_in_process(
+    pool: Any, preprocess: Any, start: int, batch_size: int, workers: int
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
     captions = pool.captions
     executor = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 1 else None
-
-    def batch(raw: list[tuple[bytes, str]], position: int) -> tuple[torch.Tensor, list[str]]:
-        images = preprocess_batch(_decode_all(raw, executor, workers), preprocess)
-        return images, list(captions[position : position + len(raw)])
-
     try:
-        raw: list[tuple[bytes, str]] = []
-        position = start
-        for _, data, ext in pool.iter_image_bytes(start=start):
-            raw.append((data, ext))
-            if len(raw) == batch_size:
-                yield batch(raw, position)
-                position += len(raw)
-                raw = []
-        if raw:
-            yield batch(raw, position)
+        for position, uids, raw in _raw_batches(pool, start, batch_size):
+            images = preprocess_batch(_decode_all(raw, uids, executor, workers), preprocess)
+            yield images, list(captions[position : position + len(raw)])
     finally:
         if executor is not None:
             executor.shutdown(wait=True)
@@ -359,9 +437,15 @@ class EmbeddingService:
         bar = self.progress.counter(f"Embedding pool ({spec})")
 
         def produce(start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            batches = pool_batches(self.pool, embedder.preprocess, start, workers=decode_workers())
-            if overlap_decoding(self.device):
-                batches = _prefetch(batches)
+            if helpers_enabled():
+                helpers = decode_helper_count(self.device)
+                batches = pool_batches(self.pool, embedder.preprocess, start, helpers=helpers)
+            else:
+                batches = pool_batches(
+                    self.pool, embedder.preprocess, start, workers=decode_workers()
+                )
+                if overlap_decoding(self.device):
+                    batches = _prefetch(batches)
             for images, texts in batches:
                 yield embedder.encode(images, texts)
 

@@ -176,11 +176,11 @@ def test_kill_9_during_embedding_then_the_same_command_resumes(tmp_path, weights
 
 @pytest.mark.parametrize("rgb_flag", [True, False], ids=["imread-rgb", "bgr-then-convert"])
 def test_png_decoding_for_embedding_is_pixel_identical_to_pil(tiny_pool, rgb_flag, monkeypatch):
-    import selbench.embedders
-    from selbench.embedders import decode
+    import selbench.decoding
+    from selbench.decoding import decode
 
     if not rgb_flag:  # the path for OpenCV builds without IMREAD_COLOR_RGB
-        monkeypatch.setattr(selbench.embedders, "_IMREAD_RGB", None)
+        monkeypatch.setattr(selbench.decoding, "_IMREAD_RGB", None)
     pool = resolve_pool(str(tiny_pool)).pool
     for (uid, data, ext), (_, image) in zip(
         pool.iter_image_bytes(), pool.iter_images(), strict=True
@@ -240,7 +240,9 @@ def test_prefetch_stopped_early_closes_its_source_and_leaves_no_thread_behind():
 def test_overlapped_decoding_of_accelerator_hosts_gives_the_same_entry(
     tiny_pool, weights, tmp_path, monkeypatch
 ):
-    # No accelerator here: force the accelerator schedule (prefetch thread) on the CPU.
+    # No accelerator here: force the in-process accelerator schedule (prefetch thread)
+    # on the CPU; it is what hosts without decoding helpers use.
+    monkeypatch.setenv("SELBENCH_DECODE_HELPERS", "0")
     spec = f"open_clip:selbench-tiny:{weights}"
     pool = resolve_pool(str(tiny_pool)).pool.strategy_view()
     make = get_registry().make_embedder

@@ -18,7 +18,6 @@ header, which was half the cost of an embedding pass on CPU.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import mmap
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from selbench.decoding import decode_image_bytes
 from selbench.errors import PoolError
 from selbench.fileutil import atomic_write_text, file_sha256
 from selbench.paths import index_home
@@ -38,13 +38,6 @@ from selbench.paths import index_home
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 GROUND_TRUTH_KEY = "synthweb"
 INDEX_FORMAT = 2
-
-
-def decode_image_bytes(data: bytes) -> Image.Image:
-    """Decode an encoded image (any format PIL reads) to RGB."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
 
 
 def _check_complete_tar(shard: Path) -> None:
