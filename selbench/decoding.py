@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,7 +111,7 @@ class _Region:
         """The mapping, at least ``size`` bytes long: the file is grown first when
         ``grow`` (the writer's side), else the file's current size is mapped."""
         current = os.fstat(self.fd).st_size
-        if grow and current < size:
+        if grow and current < max(size, 1):  # never map an empty file
             current = max(size, 2 * current, 1 << 20)
             os.ftruncate(self.fd, current)
         if self.map is None or self.size != current:
@@ -318,6 +319,10 @@ def acquire_helpers(count: int) -> DecodeHelpers | None:
         if helpers is None:
             helpers = _shared[count] = DecodeHelpers(count)
         return helpers
+    except OSError as exc:  # no interpreter to start (an embedded or frozen Python, say)
+        warnings.warn(f"decoding in-process: helper processes cannot start ({exc})", stacklevel=2)
+        _shared_lock.release()
+        return None
     except BaseException:
         _shared_lock.release()
         raise

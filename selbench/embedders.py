@@ -318,7 +318,7 @@ def pool_batches(
                 images = shared.collect()
             except DecodeError as exc:
                 if exc.position is None:  # the helper itself failed
-                    raise PoolError(f"decoding the pool's images: {exc}") from None
+                    raise PoolError(_helper_failed(exc)) from None
                 broken = False
                 raise _undecodable(uids[exc.position], str(exc)) from None
             batch = preprocess_batch(images, preprocess)  # copies out of the shared file
@@ -342,7 +342,14 @@ def _submit(shared: Any, raw: list[tuple[bytes, str]]) -> None:
     try:
         shared.submit(raw)
     except DecodeError as exc:  # a helper exited before taking the batch
-        raise PoolError(f"decoding the pool's images: {exc}") from None
+        raise PoolError(_helper_failed(exc)) from None
+
+
+def _helper_failed(exc: DecodeError) -> str:
+    return (
+        f"decoding the pool's images: {exc} (the next pass starts a new one; "
+        "SELBENCH_DECODE_HELPERS=0 decodes in this process instead)"
+    )
 
 
 def _batches_in_process(

@@ -179,3 +179,15 @@ def test_helpers_can_be_switched_off(pool, preprocess, monkeypatch):
     assert not decoding.helpers_enabled()
     list(pool_batches(pool, preprocess, 0, batch_size=3, helpers=1))
     assert not decoding._shared
+
+
+def test_a_host_that_cannot_start_helpers_decodes_in_process(pool, preprocess, monkeypatch):
+    def no_interpreter(count):
+        raise FileNotFoundError("no python here")
+
+    monkeypatch.setattr(decoding, "DecodeHelpers", no_interpreter)
+    with pytest.warns(UserWarning, match="decoding in-process"):
+        batches = list(pool_batches(pool, preprocess, 0, batch_size=3, helpers=1))
+    assert sum(len(c) for _, c in batches) == len(pool)
+    with pytest.warns(UserWarning, match="decoding in-process"):  # the lock was released
+        assert list(pool_batches(pool, preprocess, 0, batch_size=3, helpers=1))
