@@ -14,7 +14,7 @@ pass. These helpers are plain ``python -m selbench.decoding`` children (fork + e
 fork-safety question), started once per process and reused. Each one decodes only when
 handed a batch, and the batch is handed over just before the encoder tokenises, the one
 stretch of a CPU pass that leaves a core idle. Bytes in and pixels out go through files
-both processes map (unlinked temporary files, on ``/dev/shm`` where it exists), so a
+both processes map (unlinked temporary files, on ``/dev/shm`` when it has room), so a
 batch crosses with one copy in and none out; the pipes carry only a few bytes of
 bookkeeping per batch.
 
@@ -121,6 +121,17 @@ class _Region:
         return self.map
 
 
+def _shared_folder() -> str | None:
+    """Where the shared files live: ``/dev/shm`` (memory) when it has 1 GiB free, else
+    the temporary directory. A container's ``/dev/shm`` is often 64 MiB, and writing past
+    a full one through a mapping kills the writer with SIGBUS."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if stats.f_bavail * stats.f_frsize >= 1 << 30 else None
+
+
 def _serve(stdin: Any, stdout: Any, in_fd: int, out_fd: int) -> None:
     """The helper's loop: decode each batch handed over until stdin closes."""
     source, target = _Region(in_fd), _Region(out_fd)
@@ -159,17 +170,20 @@ class _Helper:
     """One helper process and its two shared files (bytes in, pixels out)."""
 
     def __init__(self) -> None:
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self._files = [tempfile.TemporaryFile(dir=folder) for _ in range(2)]
+        self._files = [tempfile.TemporaryFile(dir=_shared_folder()) for _ in range(2)]
         in_fd, out_fd = (f.fileno() for f in self._files)
         self.source, self.target = _Region(in_fd), _Region(out_fd)
+        # The helper imports the same selbench as this process, installed or not.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "selbench.decoding", str(in_fd), str(out_fd)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             pass_fds=(in_fd, out_fd),
+            env=env,
         )
-        self.pending = 0  # items handed over and not yet collected
         self.ready = False
 
     def alive(self) -> bool:
@@ -204,12 +218,10 @@ class _Helper:
             self.process.stdin.flush()
         except (BrokenPipeError, OSError):
             raise DecodeError(self._exit_message()) from None
-        self.pending = len(items)
 
     def collect(self) -> list[np.ndarray]:
         """The decoded images of the last batch handed over: views of the shared file,
         valid until the next :meth:`submit`."""
-        self.pending = 0
         try:
             self._wait_ready()
             status, count, size = _REPLY.unpack(_read_exact(self.process.stdout, _REPLY.size))

@@ -191,3 +191,16 @@ def test_a_host_that_cannot_start_helpers_decodes_in_process(pool, preprocess, m
     assert sum(len(c) for _, c in batches) == len(pool)
     with pytest.warns(UserWarning, match="decoding in-process"):  # the lock was released
         assert list(pool_batches(pool, preprocess, 0, batch_size=3, helpers=1))
+
+
+def test_shared_files_avoid_a_small_dev_shm(monkeypatch):
+    # A container's /dev/shm is often 64 MiB; a mapped write past a full one is a SIGBUS.
+    class Stats:
+        f_frsize = 4096
+        f_bavail = (64 << 20) // 4096
+
+    monkeypatch.setattr(decoding.os, "statvfs", lambda path: Stats())
+    assert decoding._shared_folder() is None
+    Stats.f_bavail = (8 << 30) // 4096
+    assert decoding._shared_folder() == "/dev/shm"
+
