@@ -203,4 +203,3 @@ def test_shared_files_avoid_a_small_dev_shm(monkeypatch):
     assert decoding._shared_folder() is None
     Stats.f_bavail = (8 << 30) // 4096
     assert decoding._shared_folder() == "/dev/shm"
-
