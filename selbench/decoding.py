@@ -272,7 +272,7 @@ class DecodeHelpers:
     def submit(self, items: Sequence[tuple[bytes, str]]) -> None:
         if self._parts:
             raise RuntimeError("collect() the previous batch before submitting another")
-        step = -(-len(items) // len(self.helpers))
+        step = max(1, -(-len(items) // len(self.helpers)))  # an empty batch: no parts
         for start, helper in zip(range(0, len(items), step), self.helpers, strict=False):
             helper.submit(items[start : start + step])
             self._parts.append((helper, start))

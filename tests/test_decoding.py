@@ -83,6 +83,8 @@ def test_a_corrupt_image_is_reported_by_position_and_the_helpers_stay_usable():
         assert "UnidentifiedImageError" in str(err.value)
         helpers.submit([(good, "png")] * 4)
         assert len(helpers.collect()) == 4
+        helpers.submit([])
+        assert helpers.collect() == []
     finally:
         helpers.close()
 
