@@ -444,13 +444,15 @@ class EmbeddingService:
         bar = self.progress.counter(f"Embedding pool ({spec})")
 
         def produce(start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            # ``workers`` also serves a pass that finds the helpers busy or unable to start.
+            workers = decode_workers()
             if helpers_enabled():
                 helpers = decode_helper_count(self.device)
-                batches = pool_batches(self.pool, embedder.preprocess, start, helpers=helpers)
-            else:
                 batches = pool_batches(
-                    self.pool, embedder.preprocess, start, workers=decode_workers()
+                    self.pool, embedder.preprocess, start, workers=workers, helpers=helpers
                 )
+            else:
+                batches = pool_batches(self.pool, embedder.preprocess, start, workers=workers)
                 if overlap_decoding(self.device):
                     batches = _prefetch(batches)
             for images, texts in batches:
