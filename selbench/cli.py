@@ -139,12 +139,22 @@ def main() -> None:
     help="Training processes on this node (open_clip engine; one per GPU).",
 )
 @click.option(
+    "--launcher",
+    type=click.Choice(["torchrun", "srun"]),
+    default="torchrun",
+    show_default=True,
+    help="How the open_clip engine starts its workers: torchrun on this node "
+    "(--nproc-per-node of them), or srun over every task of the current SLURM allocation "
+    "(multi-node; docs/scale-out.md).",
+)
+@click.option(
     "--resume",
     "resume_id",
     default=None,
     metavar="RUN_ID",
     help="Continue run RUN_ID from its first unfinished stage (after a crash, a preemption "
-    "or a kill); it keeps its own settings, so give no --method/--budget/--pool.",
+    "or a kill); it keeps its own settings, so give no --method/--budget/--pool; "
+    "--device, --nproc-per-node and --launcher may change (train on another node).",
 )
 @click.option(
     "--stage",
@@ -169,6 +179,7 @@ def run(
     target,
     engine,
     nproc_per_node,
+    launcher,
     resume_id,
     stages,
 ) -> None:
@@ -198,7 +209,16 @@ def run(
         raise click.UsageError("give --method and --budget (or --resume RUN_ID)")
     with RichProgress(err_console) as progress:
         if resume_id:
-            outcome = resume(resume_id, list(stages) or None, progress, experiment)
+            execution = {
+                name: value
+                for name, value in (
+                    ("device", device),
+                    ("nproc_per_node", nproc_per_node),
+                    ("launcher", launcher),
+                )
+                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+            }
+            outcome = resume(resume_id, list(stages) or None, progress, experiment, execution)
         else:
             request = RunRequest(
                 method=method,
@@ -213,6 +233,7 @@ def run(
                 target=str(target) if target else None,
                 engine=engine,
                 nproc_per_node=nproc_per_node,
+                launcher=launcher,
             )
             outcome = execute(request, progress=progress, stages=list(stages) or None)
     if outcome.next_stage is not None:

@@ -79,6 +79,7 @@ class RunRequest:
     target: str | None = None  # target data for target-aware methods; default: the pool's
     engine: str | None = None  # training engine; default: the scale's
     nproc_per_node: int = 1  # training processes (open_clip engine, under torchrun)
+    launcher: str = "torchrun"  # open_clip engine: torchrun on this node, or srun (SLURM)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunRequest:
@@ -208,10 +209,10 @@ def _prepare(request: RunRequest, progress: Any) -> dict[str, Any]:
         raise ConfigError(f"unknown training engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if request.nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be at least 1, got {request.nproc_per_node}")
-    if request.nproc_per_node > 1 and engine != "open_clip":
+    if (request.nproc_per_node > 1 or request.launcher != "torchrun") and engine != "open_clip":
         raise ConfigError(
-            f"the {engine} engine trains in one process; --nproc-per-node "
-            f"{request.nproc_per_node} needs --engine open_clip"
+            f"the {engine} engine trains in one process; --nproc-per-node and "
+            "--launcher need --engine open_clip"
         )
     check_budget(request.budget)  # before any work
     resolved = resolve_pool(request.pool, progress=progress.counter("Generating SynthWeb"))
@@ -292,13 +293,23 @@ def execute(
         raise
 
 
+# How a run executes, not what it measures: a resumed run may change these (train on
+# another node, with more GPUs) without becoming a different benchmark cell.
+EXECUTION_SETTINGS = ("device", "nproc_per_node", "launcher")
+
+
 def resume(
     run_id: str,
     stages: list[str] | None = None,
     progress: Any = None,
     experiment: str | None = None,
+    execution: dict[str, Any] | None = None,
 ) -> RunOutcome:
-    """Continue run ``run_id`` from its first unfinished stage (or run ``stages``)."""
+    """Continue run ``run_id`` from its first unfinished stage (or run ``stages``).
+
+    ``execution`` overrides the run's execution settings (:data:`EXECUTION_SETTINGS`)
+    for this invocation, e.g. ``{"nproc_per_node": 8, "launcher": "srun"}``.
+    """
     progress = progress or NullProgress()
     recorder = tracking.Recorder(experiment or tracking.DEFAULT_EXPERIMENT)
     found = recorder.get_run(run_id)
@@ -311,6 +322,15 @@ def resume(
             "SELBENCH_RUN_HOME to where it lives"
         )
     request = RunRequest.from_dict(rundir.read_request())
+    overrides = {k: v for k, v in (execution or {}).items() if v is not None}
+    unknown = set(overrides) - set(EXECUTION_SETTINGS)
+    if unknown:
+        raise ConfigError(
+            f"a resumed run keeps its settings; only {', '.join(EXECUTION_SETTINGS)} may "
+            f"change, not {', '.join(sorted(unknown))}"
+        )
+    for key, value in overrides.items():
+        setattr(request, key, value)
     if found.info.experiment_id != recorder.experiment_id:
         recorder = tracking.Recorder(_experiment_name(found.info.experiment_id))
     todo = _stages_to_run(rundir, stages, run_id)
@@ -332,6 +352,8 @@ def resume(
     run = _Run(request, **prepared, rundir=rundir, recorder=recorder, progress=progress)
     try:
         recorder.tags({"selbench.host": host()})
+        if overrides:
+            recorder.tags({"selbench.resumed_with": json.dumps(overrides, sort_keys=True)})
         return _run_stages(run, todo, lock)
     except BaseException as exc:
         recorder.fail(exc)
@@ -633,6 +655,7 @@ def _stage_train(run: _Run) -> dict[str, Any]:
             nproc_per_node=request.nproc_per_node,
             progress=run.progress,
             on_log=lambda step, values: run.recorder.metrics(values, step=step),
+            launch=request.launcher,
         )
     else:
         set_seeds(request.seed)

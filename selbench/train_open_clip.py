@@ -127,10 +127,10 @@ def build_command(
     seed: int,
     out_dir: Path,
     device: str,
-    nproc_per_node: int,
+    processes: int,
 ) -> tuple[list[str], dict[str, int]]:
     """open_clip_train.main's arguments for this training, and its plan (:func:`plan`)."""
-    numbers = plan(scale, samples_seen, nproc_per_node)
+    numbers = plan(scale, samples_seen, processes)
     accelerator = "cuda" if device.startswith("cuda") else "cpu"
     args = [
         "--train-data", subset.shard_pattern(),
@@ -177,13 +177,39 @@ def build_command(
     return args, numbers
 
 
-def launcher(nproc_per_node: int, entry_module: str = "selbench.open_clip_worker") -> list[str]:
-    """torchrun on this node; the worker reads open_clip_train's arguments from the env."""
+LAUNCHERS = ("torchrun", "srun")
+
+
+def launcher(kind: str, nproc_per_node: int) -> list[str]:
+    """The command that starts the workers; each reads open_clip_train's arguments from
+    the environment (``selbench.open_clip_worker``).
+
+    ``torchrun``: this node, ``nproc_per_node`` workers. ``srun``: every task of the
+    current SLURM allocation (``--ntasks-per-node`` = GPUs per node, across all its
+    nodes); open_clip_train reads its rank and world size from SLURM's variables, as in
+    open_clip's own SLURM example, and ``MASTER_ADDR``/``MASTER_PORT`` must be exported
+    (``docs/scale-out.md``).
+    """
+    worker = [sys.executable, "-m", "selbench.open_clip_worker"]
+    if kind == "srun":
+        return ["srun", "--kill-on-bad-exit=1", *worker]
+    if kind != "torchrun":
+        raise SelbenchError(f"unknown launcher {kind!r}; choose one of {', '.join(LAUNCHERS)}")
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--standalone", "--nproc-per-node", str(nproc_per_node),
-        "-m", entry_module,
+        "-m", "selbench.open_clip_worker",
     ]  # fmt: skip
+
+
+def world_size(kind: str, nproc_per_node: int) -> int:
+    """Training processes in all: ``nproc_per_node`` (torchrun) or the allocation's tasks."""
+    if kind != "srun":
+        return nproc_per_node
+    tasks = os.environ.get("SLURM_NTASKS")
+    if not tasks:
+        raise SelbenchError("--launcher srun runs inside a SLURM allocation (SLURM_NTASKS unset)")
+    return int(tasks)
 
 
 def checkpoint_path(out_dir: Path) -> Path:
@@ -200,6 +226,7 @@ def train_open_clip(
     nproc_per_node: int = 1,
     progress: Any = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
+    launch: str = "torchrun",
 ) -> TrainResult:
     """Train with open_clip_train on ``subset``'s shards; resume from ``out_dir`` if a
     previous attempt left a checkpoint there. ``on_log(step, metrics)`` receives the
@@ -207,12 +234,11 @@ def train_open_clip(
     progress = progress or NullProgress()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args, numbers = build_command(
-        subset, scale, samples_seen, seed, out_dir, device, nproc_per_node
-    )
+    processes = world_size(launch, nproc_per_node)
+    args, numbers = build_command(subset, scale, samples_seen, seed, out_dir, device, processes)
     plain = ["python", "-m", "open_clip_train.main", *args]
     (out_dir / "command.txt").write_text(shlex.join(plain) + "\n")
-    command = launcher(nproc_per_node)
+    command = launcher(launch, nproc_per_node)
     total = numbers["steps"] * scale.batch_size
     bar = progress.counter("Training (open_clip_train)")
     bar(0, total)
