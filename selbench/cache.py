@@ -566,6 +566,15 @@ class EmbeddingCache:
         collective step even when its own part fails (it reports the error and then raises
         it), so no rank is left waiting on one that gave up.
         """
+        for rank, other in enumerate(ranks.all_gather(spec)):
+            differ = sorted(k for k in spec if other.get(k) != spec[k])
+            if differ:
+                raise SelbenchError(
+                    f"embedding ranks disagree on {', '.join(differ)}: rank {ranks.rank} has "
+                    f"{ {k: spec[k] for k in differ} }, rank {rank} has "
+                    f"{ {k: other.get(k) for k in differ} } (same pool, embedder and options "
+                    "on every rank?)"
+                )
         entry_id = spec["entry_id"]
         pool_fingerprint, embedder_id = spec["pool_fingerprint"], spec["embedder_id"]
         leader = ranks.rank == 0
