@@ -16,7 +16,9 @@ controls the warning). The "Sampling a subset" message is printed only in verbos
 
 from __future__ import annotations
 
+import functools
 import logging
+from importlib import metadata
 
 import faiss
 import numpy as np
@@ -25,6 +27,37 @@ log = logging.getLogger(__name__)
 
 # faiss GPU flat search handles k (and nprobe) up to this; larger k runs on CPU.
 GPU_MAX_K = 2048
+# PyPI distributions that install the ``faiss`` module (they overwrite each other's files).
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11")
+
+
+def installed_faiss_distributions() -> list[str]:
+    """The distributions of :data:`FAISS_DISTRIBUTIONS` installed here, with versions."""
+    found = []
+    for name in FAISS_DISTRIBUTIONS:
+        try:
+            found.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+@functools.cache
+def _warn_mixed_install() -> None:
+    """Warn once when two faiss builds share the ``faiss`` module: whichever pip wrote
+    last is the one imported, and removing either breaks the other."""
+    found = installed_faiss_distributions()
+    if len(found) > 1:
+        gpu = next((name.split("==")[0] for name in found if "gpu" in name), "faiss-gpu")
+        log.warning(
+            "%s are all installed and share the faiss module, so which one runs is down to "
+            "install order (faiss sees %d GPU(s)). Keep one: pip uninstall -y %s && "
+            "pip install %s (docs/scale-out-embedding.md)",
+            " and ".join(found),
+            faiss_gpu_count(),
+            " ".join(name.split("==")[0] for name in found),
+            gpu,
+        )
 
 
 def faiss_gpu_count() -> int:
@@ -44,6 +77,7 @@ def faiss_gpu_count() -> int:
 
 def use_faiss_gpu(use_gpu: bool | None) -> bool:
     """Whether to run on GPU: ``None`` means "if faiss has one"; True without one warns."""
+    _warn_mixed_install()
     available = faiss_gpu_count() > 0
     if use_gpu is None:
         return available

@@ -36,6 +36,32 @@ def test_gpu_count_without_the_attribute(monkeypatch):
     assert faiss_gpu_count() == 0
 
 
+def test_two_faiss_builds_in_one_environment_are_reported_once(monkeypatch, caplog):
+    """faiss-cpu and faiss-gpu write the same module files; the user is told how to keep one."""
+    monkeypatch.setattr(
+        nb, "installed_faiss_distributions", lambda: ["faiss-cpu==1.15.1", "faiss-gpu==1.15.1"]
+    )
+    nb._warn_mixed_install.cache_clear()
+    x, _ = blobs()
+    with caplog.at_level(logging.WARNING, logger="selbench.neighbours"):
+        kmeans(x, 4, seed=0)
+        knn(x[:5], x, 3)
+    nb._warn_mixed_install.cache_clear()
+    warnings = [
+        r.getMessage() for r in caplog.records if "share the faiss module" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert "pip uninstall -y faiss-cpu faiss-gpu && pip install faiss-gpu" in warnings[0]
+
+
+def test_one_faiss_build_is_not_reported(caplog):
+    nb._warn_mixed_install.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="selbench.neighbours"):
+        kmeans(blobs()[0], 4, seed=0)
+    assert len(nb.installed_faiss_distributions()) == 1
+    assert "share the faiss module" not in caplog.text
+
+
 def test_gpu_requested_without_gpu_runs_on_cpu(monkeypatch, caplog):
     monkeypatch.setattr(nb, "faiss_gpu_count", lambda: 0)
     x, _ = blobs()
