@@ -16,12 +16,15 @@ controls the warning). The "Sampling a subset" message is printed only in verbos
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from importlib import metadata
 
 import faiss
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +184,34 @@ def scaled_cluster_count(requested: int, n_points: int, min_points_per_cluster: 
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` as float32 unit vectors (all-zero rows stay zero)."""
+    """Rows of ``x`` as float32 unit vectors (all-zero rows stay zero).
+
+    Always a new array. When ``x`` is not already float32 (the cache's float16, say) its
+    float32 copy is divided in place, so the result is the only full-size array made:
+    the same values as dividing into a new array, at half the peak memory.
+    """
+    source = x
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(np.float32).tiny)
+    norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    if x is source or np.shares_memory(x, source):
+        return x / norms
+    x /= norms
+    return x
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the enclosed numpy matrix products on one BLAS thread.
+
+    For loops of many small products (one per cluster): waking BLAS threads for each
+    costs more than the product, and after faiss's k-means its OpenMP threads still spin
+    on the cores that numpy's BLAS threads then wait for. SemDeDup's per-cluster
+    similarities on 50k points took 8 s with the default threads and 0.23 s with one
+    (2 cores, benchmarks/cluster_scale.py). One thread also makes those products
+    independent of the host's core count.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def kmeans_scaled(
