@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # faiss GPU flat search handles k (and nprobe) up to this; larger k runs on CPU.
 GPU_MAX_K = 2048
+# Rows per block where a whole-array temporary would cost memory the size of the data.
+ROWS_AT_ONCE = 65536
 # PyPI distributions that install the ``faiss`` module (they overwrite each other's files).
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11")
 
@@ -95,8 +97,9 @@ def as_float32_matrix(x: np.ndarray, name: str = "x") -> np.ndarray:
     array = np.ascontiguousarray(x, dtype=np.float32)
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty 2-d array, got shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or inf values")
+    for lo in range(0, len(array), ROWS_AT_ONCE):  # a mask of the whole array is n*d bytes
+        if not np.isfinite(array[lo : lo + ROWS_AT_ONCE]).all():
+            raise ValueError(f"{name} contains NaN or inf values")
     return array
 
 
@@ -192,7 +195,12 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     """
     source = x
     x = np.asarray(x, dtype=np.float32)
-    norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+    norms = np.empty((len(x), 1), dtype=np.float32)
+    for lo in range(0, len(x), ROWS_AT_ONCE):  # norm() squares into a temp: in blocks
+        norms[lo : lo + ROWS_AT_ONCE] = np.linalg.norm(
+            x[lo : lo + ROWS_AT_ONCE], axis=1, keepdims=True
+        )
+    np.maximum(norms, np.finfo(np.float32).tiny, out=norms)
     if x is source or np.shares_memory(x, source):
         return x / norms
     x /= norms
