@@ -116,13 +116,15 @@ def run_raw(x: np.ndarray, s: dict) -> None:
 
 
 def run_prototypes(x: np.ndarray, s: dict) -> None:
-    from selbench_plugins.prototypes import prototype_distances, select_by_score
+    from selbench_plugins.prototypes import select_by_score
 
     from selbench.neighbours import kmeans, unit_rows
 
     image = unit_rows(np.asarray(x))
-    centroids, assignment = kmeans(image, s["k"], seed=s["seed"], niter=s["niter"], spherical=True)
-    scores = prototype_distances(image, centroids, assignment)
+    _, _, similarity = kmeans(
+        image, s["k"], seed=s["seed"], niter=s["niter"], spherical=True, return_scores=True
+    )
+    scores = (1.0 - similarity).astype(np.float32)
     select_by_score(scores, int(BUDGET * len(x)), "hard")
 
 

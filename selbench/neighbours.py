@@ -115,12 +115,16 @@ def kmeans(
     niter: int = 20,
     spherical: bool = False,
     use_gpu: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_scores: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Cluster the rows of ``x`` into ``k`` clusters with faiss k-means.
 
     Returns ``(centroids, assignment)``: float32 ``(k, d)`` and int64 ``(n,)``, the
     nearest centroid of every row (by the trained index: L2, or inner product when
-    ``spherical``, whose centroids are L2-normalised). ``x`` may be any float array or
+    ``spherical``, whose centroids are L2-normalised). With ``return_scores``, also the
+    float32 ``(n,)`` search score of that centroid, which the assignment computed anyway:
+    the inner product with it when ``spherical`` (the cosine similarity, for unit rows),
+    else the squared L2 distance to it. ``x`` may be any float array or
     memory map; it is converted to contiguous float32. ``k`` larger than ``n`` is clipped
     to ``n`` with a warning. ``use_gpu=None`` uses a GPU when faiss has one. ``seed`` is
     taken modulo 2**31.
@@ -143,9 +147,12 @@ def kmeans(
         min_points_per_centroid=1,  # only silences faiss's "too few points" stderr warning
     )
     clustering.train(data)
-    _, assignment = clustering.index.search(data, 1)
+    scores, assignment = clustering.index.search(data, 1)
     centroids = np.ascontiguousarray(clustering.centroids, dtype=np.float32)
-    return centroids, assignment.reshape(-1).astype(np.int64, copy=False)
+    assignment = assignment.reshape(-1).astype(np.int64, copy=False)
+    if return_scores:
+        return centroids, assignment, scores.reshape(-1)
+    return centroids, assignment
 
 
 def knn(
@@ -229,9 +236,10 @@ def kmeans_scaled(
     seed: int,
     niter: int,
     who: str,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_scores: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Spherical k-means with :func:`scaled_cluster_count` clusters; logs (naming ``who``)
-    when a small pool reduced the requested count."""
+    when a small pool reduced the requested count. ``return_scores`` as in :func:`kmeans`."""
     k = scaled_cluster_count(requested, len(x), min_points_per_cluster)
     if k < requested:
         log.info(
@@ -242,4 +250,4 @@ def kmeans_scaled(
             requested,
             min_points_per_cluster,
         )
-    return kmeans(x, k, seed=seed, niter=niter, spherical=True)
+    return kmeans(x, k, seed=seed, niter=niter, spherical=True, return_scores=return_scores)

@@ -145,3 +145,18 @@ def test_distances_in_blocks_equal_the_whole_pool_at_once(monkeypatch):
     rows = x.astype(np.float32) / np.linalg.norm(x.astype(np.float32), axis=1, keepdims=True)
     protos = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
     assert np.allclose(whole, 1 - (rows * protos[assignment]).sum(axis=1), atol=1e-6)
+
+
+def test_logged_scores_are_the_papers_cosine_distance_to_the_prototype(tmp_path):
+    """select reuses faiss's search scores; they equal prototype_distances (Sec. 5)."""
+    from selbench.neighbours import kmeans_scaled, unit_rows
+
+    image = unit_vectors(400, 16, seed=4)
+    checked, uids = run(image, 100, tmp_path, seed=3)
+    unit = unit_rows(image)
+    centroids, assignment = kmeans_scaled(
+        unit, 100, prototypes.MIN_POINTS_PER_CLUSTER, 3, 20, "test"
+    )
+    expected = prototype_distances(unit, centroids, assignment)
+    logged = np.array([checked.scores[u] for u in uids])
+    np.testing.assert_allclose(logged, expected, atol=1e-5)
