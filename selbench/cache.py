@@ -113,6 +113,27 @@ class CacheResult:
     resumed_from: int
 
 
+@dataclass
+class Ranks:
+    """This process's place among ``world_size`` processes computing one entry together.
+
+    ``all_gather(value)`` must return every rank's ``value`` in rank order (a collective
+    call: every rank calls it the same number of times), e.g. torch.distributed's
+    ``all_gather_object``; :mod:`selbench.embed_ranks` builds one under torchrun. Rank
+    ``r`` computes the missing chunks of its contiguous share (:func:`rank_chunks`).
+    """
+
+    rank: int
+    world_size: int
+    all_gather: Callable[[Any], list[Any]]
+
+    def __post_init__(self) -> None:
+        if not (_is_int(self.world_size) and _is_int(self.rank, 0) and self.rank < self.world_size):
+            raise SelbenchError(
+                f"rank {self.rank!r} is not in range for a world of {self.world_size!r} ranks"
+            )
+
+
 class _ProduceError(SelbenchError):
     """``produce`` broke its contract (shape, count, non-finite values): partial data is dropped."""
 
@@ -161,6 +182,32 @@ def _chunk_index(name: str) -> int | None:
     """The index in a chunk file name, or None for other names."""
     match = re.fullmatch(r"chunk-(\d+)\.npz", name)
     return int(match.group(1)) if match else None
+
+
+def rank_chunks(rank: int, world_size: int, total: int) -> range:
+    """The contiguous, balanced share of ``total`` chunks that ``rank`` of ``world_size``
+    computes (empty when there are more ranks than chunks)."""
+    return range(total * rank // world_size, total * (rank + 1) // world_size)
+
+
+def _temp_chunk_index(name: str) -> int | None:
+    """The chunk index in a temp file name written by :func:`_write_chunk`, else None."""
+    match = re.match(r"\.chunk-(\d+)\.npz\.", name)
+    return int(match.group(1)) if match else None
+
+
+def _missing_runs(indices: range, present: set[int]) -> list[range]:
+    """The runs of consecutive chunk indices in ``indices`` that are not ``present``."""
+    runs: list[range] = []
+    first = None
+    for index in [*indices, None]:
+        missing = index is not None and index not in present
+        if missing and first is None:
+            first = index
+        elif not missing and first is not None:
+            runs.append(range(first, index if index is not None else indices.stop))
+            first = None
+    return runs
 
 
 def _token() -> str:
@@ -451,6 +498,7 @@ class EmbeddingCache:
         chunk_size: int = 4096,
         meta: dict | None = None,
         progress: Callable[[int, int], None] | None = None,
+        ranks: Ranks | None = None,
     ) -> CacheResult:
         """Load the entry for (pool, embedder), computing (or resuming) it if needed.
 
@@ -465,6 +513,12 @@ class EmbeddingCache:
 
         Raises SelbenchError if ``produce`` yields malformed batches, too few or too many
         rows, or non-finite values (its partial data is then discarded).
+
+        With ``ranks`` (one call per rank, all with the same arguments), the ranks share the
+        work: rank 0 takes the entry's lock and checks for a hit, each rank computes the
+        missing chunks of its share (:func:`rank_chunks`), and once every rank reports its
+        share done, rank 0 assembles the entry and the others load it. ``progress`` then
+        counts this rank's share, and ``resumed_from`` is the ranks' total.
         """
         started = time.perf_counter()
         entry_id = self.entry_id(pool_fingerprint, embedder_id)
@@ -481,6 +535,8 @@ class EmbeddingCache:
             "n_samples": n_samples,
             "chunk_size": chunk_size,
         }
+        if ranks is not None and ranks.world_size > 1:
+            return self._get_or_compute_ranks(spec, produce, extra, progress, ranks, started)
         with self._lock(entry_id):
             for stale in self.root.glob(f"{TMP_PREFIX}{entry_id}-*"):
                 _remove(stale)  # left by a killed assembly
@@ -493,6 +549,110 @@ class EmbeddingCache:
             resumed_from, dim = self._compute(spec, produce, progress)
             entry = self._assemble(spec, dim, extra)
         return CacheResult(entry, False, time.perf_counter() - started, resumed_from)
+
+    def _get_or_compute_ranks(
+        self,
+        spec: dict,
+        produce: Produce,
+        extra: dict,
+        progress: Callable[[int, int], None] | None,
+        ranks: Ranks,
+        started: float,
+    ) -> CacheResult:
+        """:meth:`get_or_compute` for one of several ranks (see there).
+
+        Rank 0 holds the entry's lock from the hit check to the assembly, so a process
+        outside the group waits as it would for a single computer. Every rank reaches every
+        collective step even when its own part fails (it reports the error and then raises
+        it), so no rank is left waiting on one that gave up.
+        """
+        for rank, other in enumerate(ranks.all_gather(spec)):
+            differ = sorted(k for k in spec if other.get(k) != spec[k])
+            if differ:
+                raise SelbenchError(
+                    f"embedding ranks disagree on {', '.join(differ)}: rank {ranks.rank} has "
+                    f"{ {k: spec[k] for k in differ} }, rank {rank} has "
+                    f"{ {k: other.get(k) for k in differ} } (same pool, embedder and options "
+                    "on every rank?)"
+                )
+        entry_id = spec["entry_id"]
+        pool_fingerprint, embedder_id = spec["pool_fingerprint"], spec["embedder_id"]
+        leader = ranks.rank == 0
+        lock = self._lock(entry_id)
+        if leader:
+            lock.acquire()
+        try:
+
+            def check() -> str:
+                for stale in self.root.glob(f"{TMP_PREFIX}{entry_id}-*"):
+                    _remove(stale)  # left by a killed assembly
+                entry, problem = self._validate(
+                    entry_id, pool_fingerprint, embedder_id, spec["n_samples"]
+                )
+                if problem is not None:
+                    self._discard(entry_id, problem)
+                elif entry is not None:
+                    _remove(self._partial_dir(entry_id))
+                    return "hit"
+                self._partial_dim(self._partial_dir(entry_id), spec)  # drops a foreign one
+                return "compute"
+
+            if self._step(ranks, check if leader else None, "checking the entry") == "hit":
+                entry = self._load_assembled(spec)
+                return CacheResult(entry, True, time.perf_counter() - started, 0)
+            shares = self._step(
+                ranks,
+                lambda: self._compute_share(spec, produce, progress, ranks),
+                "computing its share of the chunks",
+                every_rank=True,
+            )
+            dim = next(d for _, d in shares if d is not None)
+
+            def assemble() -> None:
+                self._assemble(spec, dim, extra)
+
+            self._step(ranks, assemble if leader else None, "assembling the entry")
+            entry = self._load_assembled(spec)
+        finally:
+            if leader:
+                lock.release()
+        resumed_from = sum(resumed for resumed, _ in shares)
+        return CacheResult(entry, False, time.perf_counter() - started, resumed_from)
+
+    @staticmethod
+    def _step(
+        ranks: Ranks, work: Callable[[], Any] | None, what: str, every_rank: bool = False
+    ) -> Any:
+        """Run ``work`` on this rank (if given) and share the outcome: rank 0's result,
+        or every rank's (``every_rank``). A failure on any rank raises on every rank:
+        the original exception where it happened, a SelbenchError naming it elsewhere."""
+        result: Any = None
+        failure: BaseException | None = None
+        if work is not None:
+            try:
+                result = work()
+            except Exception as exc:  # reported to the other ranks, then re-raised
+                failure = exc
+        message = None if failure is None else f"{type(failure).__name__}: {failure}"
+        outcomes = ranks.all_gather((result, message))
+        if failure is not None:
+            raise failure
+        for rank, (_, other) in enumerate(outcomes):
+            if other is not None:
+                raise SelbenchError(f"embedding rank {rank} failed while {what}: {other}")
+        return [value for value, _ in outcomes] if every_rank else outcomes[0][0]
+
+    def _load_assembled(self, spec: dict) -> CacheEntry:
+        """The entry rank 0 reported complete, validated."""
+        entry, problem = self._validate(
+            spec["entry_id"], spec["pool_fingerprint"], spec["embedder_id"], spec["n_samples"]
+        )
+        if entry is None:
+            raise SelbenchError(
+                f"cache entry {spec['entry_id']} was reported complete by rank 0 but is "
+                f"{problem or 'missing'} here (is {self.root} on a filesystem every rank shares?)"
+            )
+        return entry
 
     def ls(self) -> list[dict]:
         """All entries, sorted by id.
@@ -577,14 +737,13 @@ class EmbeddingCache:
         }
 
     # -- computing -------------------------------------------------------------------
-    def _usable_chunks(self, partial: Path, spec: dict) -> tuple[int, int | None]:
-        """How many leading chunks of ``partial`` can be reused, and their dim.
+    def _partial_dim(self, partial: Path, spec: dict) -> int | None:
+        """The dim recorded by an interrupted computation of this request, or None.
 
-        Partial data written for another request (``partial.json`` differs) is discarded;
-        temp files and chunks after the first missing or damaged one are removed.
+        Partial data written for another request (``partial.json`` differs) is discarded.
         """
         if not partial.is_dir():
-            return 0, None
+            return None
         info = _read_json(partial / PARTIAL_INFO)
         dim = info.get("dim") if info else None
         if info is None or any(info.get(k) != v for k, v in spec.items()) or not _is_int(dim):
@@ -594,70 +753,139 @@ class EmbeddingCache:
                 info,
             )
             _remove(partial)
-            return 0, None
+            return None
+        return dim
+
+    def _present_chunks(self, partial: Path, spec: dict, dim: int, indices: range) -> set[int]:
+        """The intact chunks among ``indices``; damaged ones, and temp files of chunks in
+        ``indices`` (left by a killed writer), are removed. Files of other chunks are left
+        alone: other ranks may be writing them."""
         n, chunk = spec["n_samples"], spec["chunk_size"]
-        done = 0
-        while done < n_chunks(n, chunk) and _read_chunk(
-            partial / chunk_name(done), chunk_rows(done, n, chunk), dim
-        ):
-            done += 1
-        for path in partial.iterdir():
-            index = _chunk_index(path.name)
-            if path.name.startswith(".") or (index is not None and index >= done):
-                path.unlink(missing_ok=True)
-        return done, dim
+        present = set()
+        for index in indices:
+            path = partial / chunk_name(index)
+            if path.exists():
+                if _read_chunk(path, chunk_rows(index, n, chunk), dim) is not None:
+                    present.add(index)
+                else:
+                    path.unlink(missing_ok=True)
+        if partial.is_dir():
+            for path in partial.iterdir():
+                if _temp_chunk_index(path.name) in indices:
+                    path.unlink(missing_ok=True)
+        return present
 
     def _compute(
         self, spec: dict, produce: Produce, progress: Callable[[int, int], None] | None
     ) -> tuple[int, int]:
-        """Write all chunks to the partial dir; return (samples resumed, dim)."""
+        """Write all missing chunks to the partial dir; return (samples resumed, dim)."""
         partial = self._partial_dir(spec["entry_id"])
-        done, dim = self._usable_chunks(partial, spec)
-        if done == 0:
-            _remove(partial)
+        total = n_chunks(spec["n_samples"], spec["chunk_size"])
+        dim = self._partial_dim(partial, spec)
+        present = self._present_chunks(partial, spec, dim, range(total)) if dim else set()
+        if not present:
+            _remove(partial)  # also drops stray files of an attempt that wrote no chunk
             dim = None
-        start = min(done * spec["chunk_size"], spec["n_samples"])
-        if start:
-            log.info("resuming embeddings %s from sample %d", spec["entry_id"], start)
+        for path in partial.iterdir() if partial.is_dir() else ():
+            if path.name.startswith(".") and path.is_file():
+                path.unlink(missing_ok=True)  # temp files of a killed writer
         try:
             try:
-                dim = self._write_chunks(spec, partial, produce, start, dim, progress)
+                return self._fill(spec, partial, produce, range(total), present, dim, progress)
             except _DimChanged as exc:
                 log.warning(
                     "discarding partial embeddings in %s: %s; restarting from 0", partial, exc
                 )
                 _remove(partial)
-                start = 0
-                dim = self._write_chunks(spec, partial, produce, 0, None, progress)
+                return self._fill(spec, partial, produce, range(total), set(), None, progress)
         except _ProduceError:
             _remove(partial)
             raise
-        return start, dim
+
+    def _compute_share(
+        self,
+        spec: dict,
+        produce: Produce,
+        progress: Callable[[int, int], None] | None,
+        ranks: Ranks,
+    ) -> tuple[int, int | None]:
+        """Write the missing chunks of this rank's share; return (samples resumed, dim)."""
+        partial = self._partial_dir(spec["entry_id"])
+        total = n_chunks(spec["n_samples"], spec["chunk_size"])
+        share = rank_chunks(ranks.rank, ranks.world_size, total)
+        info = _read_json(partial / PARTIAL_INFO) or {}  # rank 0 checked it is this request's
+        dim = info.get("dim") if _is_int(info.get("dim")) else None
+        present = self._present_chunks(partial, spec, dim, share) if dim else set()
+        try:
+            return self._fill(spec, partial, produce, share, present, dim, progress)
+        except _DimChanged as exc:
+            raise SelbenchError(
+                f"embedder {spec['embedder_id']!r}: {exc} in {partial}; the embedder changed "
+                f"under the same id. Remove the partial data (`selbench cache rm "
+                f"{spec['entry_id']}`) and embed again"
+            ) from None
+        except _ProduceError:
+            for index in share:  # this rank's chunks came from a misbehaving embedder
+                (partial / chunk_name(index)).unlink(missing_ok=True)
+            raise
+
+    def _fill(
+        self,
+        spec: dict,
+        partial: Path,
+        produce: Produce,
+        indices: range,
+        present: set[int],
+        dim: int | None,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[int, int | None]:
+        """Compute the chunks of ``indices`` not in ``present``, one ``produce`` call per
+        run of consecutive missing chunks; return (samples resumed, dim)."""
+        n, chunk = spec["n_samples"], spec["chunk_size"]
+        rows_in = sum(chunk_rows(i, n, chunk) for i in indices)
+        resumed = sum(chunk_rows(i, n, chunk) for i in present)
+        done = [resumed]
+
+        def advance(rows: int) -> None:
+            done[0] += rows
+            if progress is not None:
+                progress(done[0], rows_in)
+
+        if progress is not None:
+            progress(resumed, rows_in)
+        runs = _missing_runs(indices, present)
+        if resumed and runs:
+            log.info(
+                "resuming embeddings %s: %d of %d samples done", spec["entry_id"], resumed, rows_in
+            )
+        for run in runs:
+            dim = self._write_chunks(spec, partial, produce, run, dim, advance)
+        return resumed, dim
 
     def _write_chunks(
         self,
         spec: dict,
         partial: Path,
         produce: Produce,
-        start: int,
+        run: range,
         dim: int | None,
-        progress: Callable[[int, int], None] | None,
+        advance: Callable[[int], None],
     ) -> int:
-        """Consume ``produce(start)`` and write the remaining chunks; return the dim."""
+        """Consume ``produce(first sample of run)`` and write the chunks of ``run``; return
+        the dim. A run that ends before the pool does stops reading once it has its rows;
+        one that ends with the pool reads ``produce`` to the end (too many rows is an error).
+        """
         n, chunk, embedder_id = spec["n_samples"], spec["chunk_size"], spec["embedder_id"]
-        index = start // chunk
-        if progress is not None:
-            progress(start, n)
-        if start >= n:
-            assert dim is not None
-            return dim
+        index = run.start
+        start = run.start * chunk
+        end = min(run.stop * chunk, n)
         produced = start
         buffer: list[tuple[np.ndarray, np.ndarray]] = []
         buffered = 0
         batches = produce(start)
         try:
             for batch in batches:
-                if produced == start and start > 0 and dim is not None:
+                if produced == start and dim is not None:
                     got = _batch_dim(batch)
                     if got is not None and got != dim:
                         raise _DimChanged(f"embedder now yields dim {got}, chunks have {dim}")
@@ -669,10 +897,13 @@ class EmbeddingCache:
                         f"embedder {embedder_id!r} produced more than n_samples={n} samples "
                         f"(batch of {rows} rows after {produced})"
                     )
+                if produced + rows > end:  # the run ends inside this batch
+                    rows = end - produced
+                    image, text = image[:rows], text[:rows]
                 produced += rows
                 buffer.append((image, text))
                 buffered += rows
-                while index < n_chunks(n, chunk) and buffered >= chunk_rows(index, n, chunk):
+                while index < run.stop and buffered >= chunk_rows(index, n, chunk):
                     rows_needed = chunk_rows(index, n, chunk)
                     chunk_image, chunk_text, buffer = _take_rows(buffer, rows_needed)
                     buffered -= rows_needed
@@ -684,13 +915,14 @@ class EmbeddingCache:
                         normalise_rows(chunk_text),
                     )
                     index += 1
-                    if progress is not None:
-                        progress(min(index * chunk, n), n)
+                    advance(rows_needed)
+                if produced == end and end < n:
+                    break  # the rest of the pool belongs to other runs or ranks
         finally:
             close = getattr(batches, "close", None)
             if callable(close):
                 close()
-        if produced < n:
+        if produced < end:
             raise _ProduceError(
                 f"embedder {embedder_id!r} stopped after sample {produced}: expected "
                 f"n_samples={n} (produce({start}) yielded {produced - start} samples)"

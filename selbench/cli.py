@@ -317,10 +317,37 @@ def methods() -> None:
     show_default=True,
     help="Rows per chunk; an interrupted run resumes from the last complete chunk.",
 )
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Split the pass over N processes on this host, launched with torchrun "
+    "(gloo on CPU; NCCL and one GPU each on GPU). Rerun the same command to resume a killed "
+    "pass. On several nodes, start `torchrun ... -m selbench.cli embed` yourself instead.",
+)
 @friendly_errors
-def embed(pool, embedder, device, chunk_size) -> None:
+def embed(pool, embedder, device, chunk_size, nproc_per_node) -> None:
     """Fill the embedding cache for POOL with EMBEDDER ahead of runs."""
     _quiet_libraries()
+    from selbench import embed_ranks
+
+    if nproc_per_node is not None:
+        if embed_ranks.under_torchrun():
+            raise SelbenchError(
+                "--nproc-per-node launches torchrun, but this is already a torchrun rank; "
+                "leave the option out under torchrun"
+            )
+        args = ["embed", "--pool", pool, "--embedder", embedder, "--chunk-size", str(chunk_size)]
+        if device is not None:
+            args += ["--device", device]
+        sys.exit(embed_ranks.launch(nproc_per_node, args))
+    if embed_ranks.under_torchrun():
+        _embed_as_rank(pool, embedder, device, chunk_size)
+        return
+    _embed(pool, embedder, device, chunk_size)
+
+
+def _embed(pool, embedder, device, chunk_size) -> None:
     from selbench.embedders import EmbeddingService
     from selbench.pools import resolve_pool
     from selbench.progress import RichProgress
@@ -337,9 +364,56 @@ def embed(pool, embedder, device, chunk_size) -> None:
             chunk_size=chunk_size,
         )
         found = service.embeddings(embedder)
-    usage = service.usage[embedder]
+    _print_embedded(found, service.usage[embedder])
+
+
+def _embed_as_rank(pool, embedder, device, chunk_size) -> None:
+    """``selbench embed`` as one torchrun rank: rank 0 generates the pool and prepares the
+    embedder first (the others then find both on disk), then the ranks split the chunks."""
+    import contextlib
+
+    from selbench import embed_ranks
+    from selbench.embedders import EmbeddingService
+    from selbench.pools import resolve_pool
+    from selbench.progress import NullProgress, RichProgress
+    from selbench.registry import get_registry
+
+    device = embed_ranks.rank_device(device)
+    ranks = embed_ranks.join_torchrun(device)
+    try:
+        leader = ranks.rank == 0
+        with RichProgress(err_console) if leader else contextlib.nullcontext() as shown:
+            progress = shown if leader else NullProgress()
+            resolved = embed_ranks.rank_zero_first(
+                ranks,
+                lambda: resolve_pool(pool, progress=progress.counter("Generating SynthWeb")),
+                "resolving the pool",
+            )
+            service = EmbeddingService(
+                resolved.pool.strategy_view(),
+                device,
+                get_registry().make_embedder,
+                progress,
+                chunk_size=chunk_size,
+                ranks=ranks,
+            )
+            embed_ranks.rank_zero_first(
+                ranks, lambda: service.embedder(embedder), "preparing the embedder"
+            )
+            found = service.embeddings(embedder)
+    finally:
+        embed_ranks.leave_torchrun()
+    if leader:
+        _print_embedded(found, service.usage[embedder], ranks.world_size)
+
+
+def _print_embedded(found, usage: dict, world_size: int = 1) -> None:
     verdict = "cache hit" if usage["hit"] else "computed"
-    if usage["resumed_from"]:
+    if world_size > 1:
+        verdict += f" by {world_size} ranks"
+    if usage["resumed_from"] and world_size > 1:
+        verdict += f" (resumed: {usage['resumed_from']} samples were done already)"
+    elif usage["resumed_from"]:
         verdict += f" (resumed from sample {usage['resumed_from']})"
     console.print(
         f"{verdict}: entry {found.entry_id} ({found.image.shape[0]} x {found.image.shape[1]}, "

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selbench.cache import EmbeddingCache
+from selbench.cache import EmbeddingCache, Ranks
 from selbench.decoding import (
     DecodeError,
     acquire_helpers,
@@ -218,17 +218,28 @@ def decode_workers() -> int:
     return max(1, min(8, torch.get_num_threads()))
 
 
+def local_ranks() -> int:
+    """Processes embedding side by side on this host: torchrun's ``LOCAL_WORLD_SIZE``, else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def decode_helper_count(device: str) -> int:
     """Helper processes that decode for an embedding pass on ``device``.
 
     CPU: one. It decodes batch ``i + 1`` while the encoder tokenises batch ``i``, the
     single-threaded stretch of each batch; a second helper would run into the encoder's
     matrix products, which already use every core. Accelerator: one per core but the
-    one that drives the device, capped at 8, since the CPU has nothing else to do.
+    one that drives the device, capped at 8, since the CPU has nothing else to do. Under
+    torchrun the host's cores are shared by its ranks (:func:`local_ranks`), so each rank
+    counts only its share of them.
     """
     if torch.device(device).type == "cpu":
         return 1
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    cores = (os.cpu_count() or 2) // local_ranks()
+    return max(1, min(8, cores - 1))
 
 
 def _decode_all(
@@ -392,6 +403,7 @@ class EmbeddingService:
     load_target: Callable[[], Any] | None = None  # returns a selbench.target.TargetSet
     cache: EmbeddingCache = field(default_factory=EmbeddingCache)
     chunk_size: int = 4096  # rows per resumable cache chunk
+    ranks: Ranks | None = None  # set under torchrun: the ranks share each embedding pass
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)
     _embedders: dict[str, Embedder] = field(default_factory=dict)
     _embeddings: dict[str, Embeddings] = field(default_factory=dict)
@@ -466,6 +478,7 @@ class EmbeddingService:
             chunk_size=self.chunk_size,
             meta={"embedder_spec": spec, "pool_name": getattr(self.pool, "name", "")},
             progress=bar,
+            ranks=self.ranks,
         )
         entry = result.entry
         found = Embeddings(

@@ -16,15 +16,53 @@ controls the warning). The "Sampling a subset" message is printed only in verbos
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections.abc import Iterator
+from importlib import metadata
 
 import faiss
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
 # faiss GPU flat search handles k (and nprobe) up to this; larger k runs on CPU.
 GPU_MAX_K = 2048
+# Rows per block where a whole-array temporary would cost memory the size of the data.
+ROWS_AT_ONCE = 65536
+# PyPI distributions that install the ``faiss`` module (they overwrite each other's files).
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11")
+
+
+def installed_faiss_distributions() -> list[str]:
+    """The distributions of :data:`FAISS_DISTRIBUTIONS` installed here, with versions."""
+    found = []
+    for name in FAISS_DISTRIBUTIONS:
+        try:
+            found.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+@functools.cache
+def _warn_mixed_install() -> None:
+    """Warn once when two faiss builds share the ``faiss`` module: whichever pip wrote
+    last is the one imported, and removing either breaks the other."""
+    found = installed_faiss_distributions()
+    if len(found) > 1:
+        gpu = next((name.split("==")[0] for name in found if "gpu" in name), "faiss-gpu")
+        log.warning(
+            "%s are all installed and share the faiss module, so which one runs is down to "
+            "install order (faiss sees %d GPU(s)). Keep one: pip uninstall -y %s && "
+            "pip install %s (docs/scale-out-embedding.md)",
+            " and ".join(found),
+            faiss_gpu_count(),
+            " ".join(name.split("==")[0] for name in found),
+            gpu,
+        )
 
 
 def faiss_gpu_count() -> int:
@@ -44,6 +82,7 @@ def faiss_gpu_count() -> int:
 
 def use_faiss_gpu(use_gpu: bool | None) -> bool:
     """Whether to run on GPU: ``None`` means "if faiss has one"; True without one warns."""
+    _warn_mixed_install()
     available = faiss_gpu_count() > 0
     if use_gpu is None:
         return available
@@ -58,8 +97,9 @@ def as_float32_matrix(x: np.ndarray, name: str = "x") -> np.ndarray:
     array = np.ascontiguousarray(x, dtype=np.float32)
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty 2-d array, got shape {array.shape}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"{name} contains NaN or inf values")
+    for lo in range(0, len(array), ROWS_AT_ONCE):  # a mask of the whole array is n*d bytes
+        if not np.isfinite(array[lo : lo + ROWS_AT_ONCE]).all():
+            raise ValueError(f"{name} contains NaN or inf values")
     return array
 
 
@@ -75,12 +115,16 @@ def kmeans(
     niter: int = 20,
     spherical: bool = False,
     use_gpu: bool | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_scores: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Cluster the rows of ``x`` into ``k`` clusters with faiss k-means.
 
     Returns ``(centroids, assignment)``: float32 ``(k, d)`` and int64 ``(n,)``, the
     nearest centroid of every row (by the trained index: L2, or inner product when
-    ``spherical``, whose centroids are L2-normalised). ``x`` may be any float array or
+    ``spherical``, whose centroids are L2-normalised). With ``return_scores``, also the
+    float32 ``(n,)`` search score of that centroid, which the assignment computed anyway:
+    the inner product with it when ``spherical`` (the cosine similarity, for unit rows),
+    else the squared L2 distance to it. ``x`` may be any float array or
     memory map; it is converted to contiguous float32. ``k`` larger than ``n`` is clipped
     to ``n`` with a warning. ``use_gpu=None`` uses a GPU when faiss has one. ``seed`` is
     taken modulo 2**31.
@@ -103,9 +147,12 @@ def kmeans(
         min_points_per_centroid=1,  # only silences faiss's "too few points" stderr warning
     )
     clustering.train(data)
-    _, assignment = clustering.index.search(data, 1)
+    scores, assignment = clustering.index.search(data, 1)
     centroids = np.ascontiguousarray(clustering.centroids, dtype=np.float32)
-    return centroids, assignment.reshape(-1).astype(np.int64, copy=False)
+    assignment = assignment.reshape(-1).astype(np.int64, copy=False)
+    if return_scores:
+        return centroids, assignment, scores.reshape(-1)
+    return centroids, assignment
 
 
 def knn(
@@ -147,10 +194,39 @@ def scaled_cluster_count(requested: int, n_points: int, min_points_per_cluster: 
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` as float32 unit vectors (all-zero rows stay zero)."""
+    """Rows of ``x`` as float32 unit vectors (all-zero rows stay zero).
+
+    Always a new array. When ``x`` is not already float32 (the cache's float16, say) its
+    float32 copy is divided in place, so the result is the only full-size array made:
+    the same values as dividing into a new array, at half the peak memory.
+    """
+    source = x
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(np.float32).tiny)
+    norms = np.empty((len(x), 1), dtype=np.float32)
+    for lo in range(0, len(x), ROWS_AT_ONCE):  # norm() squares into a temp: in blocks
+        norms[lo : lo + ROWS_AT_ONCE] = np.linalg.norm(
+            x[lo : lo + ROWS_AT_ONCE], axis=1, keepdims=True
+        )
+    np.maximum(norms, np.finfo(np.float32).tiny, out=norms)
+    if x is source or np.shares_memory(x, source):
+        return x / norms
+    x /= norms
+    return x
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the enclosed numpy matrix products on one BLAS thread.
+
+    For loops of many small products (one per cluster): waking BLAS threads for each
+    costs more than the product, and after faiss's k-means its OpenMP threads still spin
+    on the cores that numpy's BLAS threads then wait for. SemDeDup's per-cluster
+    similarities on 50k points took 8 s with the default threads and 0.23 s with one
+    (2 cores, benchmarks/cluster_scale.py). One thread also makes those products
+    independent of the host's core count.
+    """
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def kmeans_scaled(
@@ -160,9 +236,10 @@ def kmeans_scaled(
     seed: int,
     niter: int,
     who: str,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_scores: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Spherical k-means with :func:`scaled_cluster_count` clusters; logs (naming ``who``)
-    when a small pool reduced the requested count."""
+    when a small pool reduced the requested count. ``return_scores`` as in :func:`kmeans`."""
     k = scaled_cluster_count(requested, len(x), min_points_per_cluster)
     if k < requested:
         log.info(
@@ -173,4 +250,4 @@ def kmeans_scaled(
             requested,
             min_points_per_cluster,
         )
-    return kmeans(x, k, seed=seed, niter=niter, spherical=True)
+    return kmeans(x, k, seed=seed, niter=niter, spherical=True, return_scores=return_scores)

@@ -539,3 +539,167 @@ def test_ls_info_rm(cache):
     with pytest.raises(ConfigError):
         cache.rm(first.entry.entry_id)
     assert compute(cache)[0].hit is False
+
+
+# -- several ranks -----------------------------------------------------------------------
+class ThreadRanks:
+    """Ranks played by threads of this process, exchanging values through a barrier."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.barrier = threading.Barrier(world_size, timeout=30)
+        self.slots: list = [None] * world_size
+
+    def ranks(self, rank: int) -> cache_mod.Ranks:
+        def all_gather(value):
+            self.slots[rank] = value
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()
+            return out
+
+        return cache_mod.Ranks(rank, self.world_size, all_gather)
+
+    def run(self, root: Path, produce_for, **kwargs) -> list:
+        """Call get_or_compute on every rank; the results or exceptions, in rank order."""
+        outcomes: list = [None] * self.world_size
+
+        def work(rank):
+            try:
+                outcomes[rank] = EmbeddingCache(root).get_or_compute(
+                    POOL, EMBEDDER, N, produce_for(rank), ranks=self.ranks(rank), **kwargs
+                )
+            except BaseException as exc:
+                outcomes[rank] = exc
+
+        threads = [threading.Thread(target=work, args=(r,)) for r in range(self.world_size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        return outcomes
+
+
+def test_rank_chunks_split_every_chunk_once():
+    for total in (1, 2, 7, 10):
+        for world in (1, 2, 3, 4, 16):
+            shares = [cache_mod.rank_chunks(r, world, total) for r in range(world)]
+            assert [i for share in shares for i in share] == list(range(total))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 5])
+def test_ranks_write_the_same_entry_as_one_process(world_size, tmp_path, reference):
+    image, text = make_data()
+    calls: dict[int, list] = {r: [] for r in range(world_size)}
+    results = ThreadRanks(world_size).run(
+        tmp_path / "emb",
+        lambda r: producer(image, text, batch=5, calls=calls[r]),
+        chunk_size=8,
+    )
+    single = EmbeddingCache(tmp_path / "one").get_or_compute(
+        POOL, EMBEDDER, N, producer(image, text), chunk_size=8
+    )
+    for result in results:
+        assert isinstance(result, cache_mod.CacheResult) and not result.hit
+        assert_same(result.entry, single.entry)
+    path = results[0].entry.path
+    for name in ("image.npy", "text.npy"):
+        assert (path / name).read_bytes() == (single.entry.path / name).read_bytes()
+    # each rank produced only its own share (40 rows in 5 chunks of 8), from its first sample
+    for rank in range(world_size):
+        share = cache_mod.rank_chunks(rank, world_size, 5)
+        if len(share):
+            assert calls[rank][0][0] == share.start * 8
+            assert rows_produced(calls[rank]) >= len(share) * 8
+    assert not list((tmp_path / "emb").glob("*.partial"))
+    again = ThreadRanks(world_size).run(tmp_path / "emb", lambda r: producer(image, text))
+    assert all(r.hit for r in again)
+
+
+def test_a_failed_rank_fails_every_rank_and_the_rerun_resumes(tmp_path, reference):
+    image, text = make_data()
+
+    def produce_for(rank):
+        def produce(start):
+            for lo in range(start, N, 4):
+                if rank == 1 and lo >= 28:
+                    raise RuntimeError("rank 1 lost its GPU")
+                yield image[lo : lo + 4], text[lo : lo + 4]
+
+        return produce
+
+    outcomes = ThreadRanks(2).run(tmp_path / "emb", produce_for, chunk_size=8)
+    assert isinstance(outcomes[1], RuntimeError)
+    assert isinstance(outcomes[0], SelbenchError) and "rank 1" in str(outcomes[0])
+    cache = EmbeddingCache(tmp_path / "emb")
+    assert cache.load(POOL, EMBEDDER) is None
+    assert cache.ls()[0]["status"] == "partial"
+    # rank 0's share (chunks 0-1) and rank 1's first chunk (2) survive; chunk 3, 4 missing
+    calls: dict[int, list] = {0: [], 1: []}
+    results = ThreadRanks(2).run(
+        tmp_path / "emb", lambda r: producer(image, text, calls=calls[r]), chunk_size=8
+    )
+    assert calls[0] == [] and calls[1][0][0] == 24
+    assert [r.resumed_from for r in results] == [24, 24]  # the ranks' total, on each
+    assert_same(results[0].entry, reference)
+
+
+def test_one_process_fills_the_gaps_a_rank_left(cache, reference):
+    """Chunks written by ranks need not be a prefix: a single process computes only the
+    missing ones, one produce call per run of missing chunks."""
+    image, text = make_data()
+    ThreadRanks(3).run(cache.root, lambda r: producer(image, text), chunk_size=8)
+    entry = cache.load(POOL, EMBEDDER)
+    partial = cache.root / f"{entry.entry_id}.partial"
+    partial.mkdir()
+    spec = {
+        "format": CACHE_FORMAT,
+        "entry_id": entry.entry_id,
+        "pool_fingerprint": POOL,
+        "embedder_id": EMBEDDER,
+        "n_samples": N,
+        "chunk_size": 8,
+        "dim": DIM,
+    }
+    (partial / "partial.json").write_text(json.dumps(spec))
+    for index in (0, 2, 4):  # chunks 1 and 3 missing
+        rows = slice(index * 8, index * 8 + 8)
+        cache_mod._write_chunk(
+            partial / cache_mod.chunk_name(index), entry.image[rows], entry.text[rows]
+        )
+    shutil.rmtree(entry.path)
+    calls: list = []
+    result = cache.get_or_compute(
+        POOL, EMBEDDER, N, producer(image, text, batch=3, calls=calls), chunk_size=8
+    )
+    assert sorted({start for start, _ in calls}) == [8, 24]
+    assert result.resumed_from == 24
+    assert_same(result.entry, reference)
+
+
+def test_ranks_that_disagree_on_the_request_stop(tmp_path):
+    image, text = make_data()
+    group = ThreadRanks(2)
+    outcomes: list = [None, None]
+
+    def work(rank):
+        try:
+            EmbeddingCache(tmp_path / "emb").get_or_compute(
+                POOL,
+                EMBEDDER,
+                N,
+                producer(image, text),
+                chunk_size=8 + rank,
+                ranks=group.ranks(rank),
+            )
+        except BaseException as exc:
+            outcomes[rank] = exc
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for outcome in outcomes:
+        assert isinstance(outcome, SelbenchError) and "chunk_size" in str(outcome)

@@ -36,6 +36,32 @@ def test_gpu_count_without_the_attribute(monkeypatch):
     assert faiss_gpu_count() == 0
 
 
+def test_two_faiss_builds_in_one_environment_are_reported_once(monkeypatch, caplog):
+    """faiss-cpu and faiss-gpu write the same module files; the user is told how to keep one."""
+    monkeypatch.setattr(
+        nb, "installed_faiss_distributions", lambda: ["faiss-cpu==1.15.1", "faiss-gpu==1.15.1"]
+    )
+    nb._warn_mixed_install.cache_clear()
+    x, _ = blobs()
+    with caplog.at_level(logging.WARNING, logger="selbench.neighbours"):
+        kmeans(x, 4, seed=0)
+        knn(x[:5], x, 3)
+    nb._warn_mixed_install.cache_clear()
+    warnings = [
+        r.getMessage() for r in caplog.records if "share the faiss module" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    assert "pip uninstall -y faiss-cpu faiss-gpu && pip install faiss-gpu" in warnings[0]
+
+
+def test_one_faiss_build_is_not_reported(caplog):
+    nb._warn_mixed_install.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="selbench.neighbours"):
+        kmeans(blobs()[0], 4, seed=0)
+    assert len(nb.installed_faiss_distributions()) == 1
+    assert "share the faiss module" not in caplog.text
+
+
 def test_gpu_requested_without_gpu_runs_on_cpu(monkeypatch, caplog):
     monkeypatch.setattr(nb, "faiss_gpu_count", lambda: 0)
     x, _ = blobs()
@@ -166,3 +192,33 @@ def test_knn_gpu_path_is_taken_when_faiss_has_a_gpu(monkeypatch):
     knn(base, base, 2)
     knn(base, base, 2, use_gpu=False)
     assert moved == [1]
+
+
+def test_unit_rows_of_float16_equals_dividing_a_copy_and_leaves_the_input():
+    rng = np.random.default_rng(3)
+    half = (rng.standard_normal((50, 16)) * 4).astype(np.float16)
+    half[7] = 0
+    wide = half.astype(np.float32)
+    expected = wide / np.maximum(
+        np.linalg.norm(wide, axis=1, keepdims=True), np.finfo(np.float32).tiny
+    )
+    assert np.array_equal(nb.unit_rows(half), expected)
+    assert not nb.unit_rows(half)[7].any()
+    before = wide.copy()
+    out = nb.unit_rows(wide)  # float32 input: a new array, the input untouched
+    assert np.array_equal(out, expected) and np.array_equal(wide, before)
+    assert not np.shares_memory(out, wide)
+
+
+def test_one_blas_thread_limits_blas_only_inside():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {
+            p["filepath"]: p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"
+        }
+
+    outside = blas_threads()
+    with nb.one_blas_thread():
+        assert set(blas_threads().values()) <= {1}
+    assert blas_threads() == outside

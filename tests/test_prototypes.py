@@ -132,3 +132,31 @@ def test_end_to_end_on_tiny_synthweb(tmp_path):
     assert len(outcome.selection.uids) == 80  # round(0.25 * 320)
     assert len(set(outcome.selection.uids)) == 80
     assert outcome.metrics["subset_size"] == 80
+
+
+def test_distances_in_blocks_equal_the_whole_pool_at_once(monkeypatch):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1000, 12)).astype(np.float16)
+    centroids = rng.standard_normal((7, 12)).astype(np.float32)
+    assignment = rng.integers(0, 7, 1000)
+    whole = prototype_distances(x, centroids, assignment)
+    monkeypatch.setattr(prototypes, "ROWS_AT_ONCE", 64)
+    assert np.array_equal(prototype_distances(x, centroids, assignment), whole)
+    rows = x.astype(np.float32) / np.linalg.norm(x.astype(np.float32), axis=1, keepdims=True)
+    protos = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+    assert np.allclose(whole, 1 - (rows * protos[assignment]).sum(axis=1), atol=1e-6)
+
+
+def test_logged_scores_are_the_papers_cosine_distance_to_the_prototype(tmp_path):
+    """select reuses faiss's search scores; they equal prototype_distances (Sec. 5)."""
+    from selbench.neighbours import kmeans_scaled, unit_rows
+
+    image = unit_vectors(400, 16, seed=4)
+    checked, uids = run(image, 100, tmp_path, seed=3)
+    unit = unit_rows(image)
+    centroids, assignment = kmeans_scaled(
+        unit, 100, prototypes.MIN_POINTS_PER_CLUSTER, 3, 20, "test"
+    )
+    expected = prototype_distances(unit, centroids, assignment)
+    logged = np.array([checked.scores[u] for u in uids])
+    np.testing.assert_allclose(logged, expected, atol=1e-5)

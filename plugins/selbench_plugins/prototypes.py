@@ -21,6 +21,8 @@ from selbench.neighbours import kmeans_scaled, unit_rows
 
 # Small pools: at least this many points per prototype on average.
 MIN_POINTS_PER_CLUSTER = 20
+# Rows scored at once: the scoring needs two float32 copies of these rows, not of the pool.
+ROWS_AT_ONCE = 65536
 
 
 def prototype_distances(x: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
@@ -30,9 +32,14 @@ def prototype_distances(x: np.ndarray, centroids: np.ndarray, assignment: np.nda
     prototype metric of Sorscher et al. (NeurIPS 2022, Sec. 5), where ``a_i`` is the nearest
     prototype of ``x_i``. Rows and centroids need not be normalised.
     """
-    rows = unit_rows(x)
-    protos = unit_rows(centroids)[np.asarray(assignment, dtype=np.int64)]
-    return (1.0 - np.einsum("ij,ij->i", rows, protos)).astype(np.float32)
+    assignment = np.asarray(assignment, dtype=np.int64)
+    unit_protos = unit_rows(centroids)
+    distances = np.empty(len(x), dtype=np.float32)
+    for lo in range(0, len(x), ROWS_AT_ONCE):  # row by row math: blocks bound the memory only
+        rows = unit_rows(x[lo : lo + ROWS_AT_ONCE])
+        protos = unit_protos[assignment[lo : lo + ROWS_AT_ONCE]]
+        distances[lo : lo + len(rows)] = 1.0 - np.einsum("ij,ij->i", rows, protos)
+    return distances
 
 
 def select_by_score(scores: np.ndarray, k: int, keep: Literal["hard", "easy"]) -> np.ndarray:
@@ -91,15 +98,19 @@ class Prototypes(Strategy):
         found = ctx.embeddings(self.params.embedder)
         image = unit_rows(np.asarray(found.image))
         n = len(image)
-        centroids, assignment = kmeans_scaled(
+        # The assignment's search already computed each row's inner product with its
+        # (unit) centroid: for unit rows, the cosine similarity of prototype_distances.
+        # Reusing it saves three passes over the pool (benchmarks/cluster_scale.py).
+        _, _, similarity = kmeans_scaled(
             image,
             self.params.clusters,
             MIN_POINTS_PER_CLUSTER,
             ctx.seed,
             self.params.niter,
             "prototypes",
+            return_scores=True,
         )
-        scores = prototype_distances(image, centroids, assignment)
+        scores = (1.0 - similarity).astype(np.float32)
         chosen = select_by_score(scores, ctx.budget_count, self.params.keep)
         uids = list(ctx.pool.uids)
         return Selection(

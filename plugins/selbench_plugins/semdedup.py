@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.neighbours import kmeans_scaled, unit_rows
+from selbench.neighbours import kmeans_scaled, one_blas_thread, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,15 @@ def semdedup_scores(
     scores = np.full(len(unit), NO_EARLIER_POINT, dtype=np.float64)
     by_cluster = np.argsort(assignment, kind="stable")  # pool order inside each cluster
     bounds = np.searchsorted(assignment[by_cluster], np.arange(len(protos) + 1))
-    for c in range(len(protos)):
-        idx = by_cluster[bounds[c] : bounds[c + 1]]
-        if len(idx) < 2:
-            continue
-        members = unit[idx]
-        dist = 1.0 - members @ protos[c]
-        order = order_within_cluster(dist, keep, rng)
-        scores[idx] = _cluster_max_similarity(members, order)
+    with one_blas_thread():  # many small products: one thread each is faster
+        for c in range(len(protos)):
+            idx = by_cluster[bounds[c] : bounds[c + 1]]
+            if len(idx) < 2:
+                continue
+            members = unit[idx]
+            dist = 1.0 - members @ protos[c]
+            order = order_within_cluster(dist, keep, rng)
+            scores[idx] = _cluster_max_similarity(members, order)
     return scores
 
 

@@ -1,0 +1,125 @@
+"""Embedding passes shared by several processes under torchrun (``torch.distributed.run``).
+
+``selbench embed --nproc-per-node N`` re-launches itself as N torchrun ranks on this host
+(:func:`launch`); on a cluster, start ``torchrun ... -m selbench.cli embed ...`` on every
+node instead. Each rank joins the process group torchrun describes in its environment
+(:func:`join_torchrun`) and calls the embedding cache with a :class:`~selbench.cache.Ranks`:
+the ranks split the entry's chunks, and rank 0 assembles the entry once all are done
+(docs/scale-out-embedding.md).
+
+The process group: gloo on CPU; on GPU the default group is NCCL, one GPU per local rank,
+and the few small messages the ranks exchange (a hit, each share's outcome) go through a
+gloo group beside it, so they need no GPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from selbench.cache import Ranks
+from selbench.errors import ConfigError, SelbenchError
+
+# A rank that finishes its share waits in a collective for the slowest one, which after a
+# resume may have hours left; a rank that dies instead ends the job through torchrun.
+GROUP_TIMEOUT = timedelta(hours=24)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def under_torchrun() -> bool:
+    """Whether this process is a rank started by torchrun (its variables are all set)."""
+    return all(name in os.environ for name in _TORCHRUN_VARS)
+
+
+def torchrun_command(nproc_per_node: int, args: list[str]) -> list[str]:
+    """The command that runs ``selbench <args>`` as ``nproc_per_node`` ranks on this host."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc_per_node}",
+        "-m",
+        "selbench.cli",
+        *args,
+    ]
+
+
+def launch(nproc_per_node: int, args: list[str]) -> int:
+    """Run ``selbench <args>`` under torchrun with ``nproc_per_node`` ranks; its exit code.
+
+    On a CPU host the cores are split between the ranks (``OMP_NUM_THREADS``, unless set):
+    torchrun's own default is one thread per rank.
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    return subprocess.run(torchrun_command(nproc_per_node, args), env=env).returncode
+
+
+def rank_device(device: str | None) -> str:
+    """This rank's torch device: ``cuda:LOCAL_RANK`` when CUDA is there (or ``device`` is
+    ``cuda``), else ``device`` or cpu."""
+    import torch
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {local_rank} has no GPU: this host has "
+                f"{torch.cuda.device_count()}; use at most that many --nproc-per-node"
+            )
+        return f"cuda:{local_rank}"
+    return device
+
+
+def join_torchrun(device: str) -> Ranks:
+    """Join the process group torchrun set up; gloo on CPU, NCCL (+ gloo) on CUDA."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        gpu = device.startswith("cuda")
+        if gpu:
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=GROUP_TIMEOUT)
+    messages = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)
+    world_size = dist.get_world_size()
+
+    def all_gather(value: Any) -> list[Any]:
+        out: list[Any] = [None] * world_size
+        dist.all_gather_object(out, value, group=messages)
+        return out
+
+    return Ranks(dist.get_rank(), world_size, all_gather)
+
+
+def leave_torchrun() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_zero_first(ranks: Ranks, work: Callable[[], Any], what: str) -> Any:
+    """Run ``work`` on rank 0, then on the other ranks: for steps that write shared
+    files once (generating SynthWeb, training the proxy) and that the others then read."""
+    result = None
+    if ranks.rank == 0:
+        try:
+            result = work()
+        except Exception as exc:  # told to the others, which raise too, then re-raised
+            ranks.all_gather(f"{type(exc).__name__}: {exc}")
+            raise
+    failure = ranks.all_gather(None)[0]
+    if failure is not None:
+        raise SelbenchError(f"rank 0 failed while {what}: {failure}")
+    if ranks.rank != 0:
+        result = work()
+    return result
