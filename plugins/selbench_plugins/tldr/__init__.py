@@ -1,11 +1,11 @@
 """TL;DR (Wang, Lin, Zhang, Lei, Shou, "Too Large; Data Reduction for Vision-Language
 Pre-Training", ICCV 2023, arXiv 2305.20087), in two presets:
 
-- ``tldr``: the paper. Codebook of K = 3000 entries initialised with text embeddings of
-  the most frequent keywords/keyphrases (Sec. 3.1; Table 2c), patch tokens only (L = 196
-  on ViT-B/16, Sec. 3.2), k-means on the raw index vectors into N = 3000 clusters (Sec.
-  3.2; Table 2f), a uniform M% of every cluster (Table 2b), and every selected caption
-  refined as T = T_o + T_g (Sec. 3.2; Table 2a).
+- ``tldr``: the paper. Codebook of K = 3000 entries (Sec. 3.3) initialised with text
+  embeddings of the most frequent keywords/keyphrases (Sec. 3.1; Table 2c), patch tokens
+  only (L = 196 on ViT-B/16, Sec. 3.3), k-means on the raw index vectors into N = 3000
+  clusters (Sec. 3.2; Table 2f), a uniform M% of every cluster (Table 2b), and every
+  selected caption refined as T = T_o + T_g (Sec. 3.2; Table 2a).
 - ``tldr-release``: the authors' released code (github showlab/datacentric.vlp, commit
   a488102). 1024 codes initialised uniformly in [-1/K, 1/K]; all 197 raw (unprojected,
   unnormalised) ViT tokens quantised, the class token included; index vectors of the whole
