@@ -1,16 +1,18 @@
 """TL;DR (Wang, Lin, Zhang, Lei, Shou, "Too Large; Data Reduction for Vision-Language
 Pre-Training", ICCV 2023, arXiv 2305.20087), in two presets:
 
-- ``tldr``: the paper. Codebook of K = 3000 entries initialised with text embeddings of
-  the most frequent keywords/keyphrases (Sec. 3.1; Table 2c), patch tokens only (L = 196
-  on ViT-B/16, Sec. 3.2), k-means on the raw index vectors into N = 3000 clusters (Sec.
-  3.2; Table 2f), a uniform M% of every cluster (Table 2b), and every selected caption
-  refined as T = T_o + T_g (Sec. 3.2; Table 2a).
+- ``tldr``: the paper. Codebook of K = 3000 entries (Sec. 3.3) initialised with text
+  embeddings of the most frequent keywords/keyphrases (Sec. 3.1; Table 2c), patch tokens
+  only (L = 196 on ViT-B/16, Sec. 3.3), k-means on the raw index vectors into N = 3000
+  clusters (Sec. 3.2; Table 2f), a uniform M% of every cluster (Table 2b), and every
+  selected caption refined as T = T_o + T_g (Sec. 3.2; Table 2a).
 - ``tldr-release``: the authors' released code (github showlab/datacentric.vlp, commit
-  a488102). 1024 codes initialised uniformly in [-1/K, 1/K]; all tokens quantised, the
-  class token included; index vectors PCA-whitened to 256 dimensions and L2-normalised
-  before k-means into 1000 clusters; evenly spaced members of each cluster; only samples
-  in the top half by image-text matching score are eligible; beam search with 3 beams.
+  a488102). 1024 codes initialised uniformly in [-1/K, 1/K]; all 197 raw (unprojected,
+  unnormalised) ViT tokens quantised, the class token included; index vectors of the whole
+  pool PCA-whitened (256 dimensions asked) and L2-normalised before k-means into 1000
+  clusters trained on every point; evenly spaced members of each cluster, of which only
+  those in the top half by image-text matching score are kept; captions by beam search
+  (3 beams, 5 to 20 tokens, prompt "a picture of ").
 
 Both train the captioner with the caption loss plus ||sg(z_q) - z||^2 + 0.25 ||z_q -
 sg(z)||^2 (the release's loss, which the paper calls a symmetric commitment loss).
@@ -29,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selbench import Selection, SelectionContext, Strategy, hookimpl
 from selbench.errors import ConfigError
-from selbench.neighbours import kmeans, scaled_cluster_count
+from selbench.neighbours import scaled_cluster_count
 from selbench_plugins.clip_score import clip_scores, top_k
 
 from .captioner import (
@@ -45,9 +47,12 @@ from .captioner import (
 )
 from .selection import (
     centre_distances,
+    cluster_prototype_distances,
+    kmeans_all_points,
     largest_remainder_quotas,
     pick_within_cluster,
     refine_caption,
+    sample_then_filter,
     top_keywords,
     truncate_to_context,
     whiten,
@@ -62,7 +67,7 @@ class TldrParams(BaseModel):
     codebook_size: int = Field(
         default=3000,
         ge=2,
-        description="K codebook entries; paper Sec. 4.1: K = 3000 (release: 1024). With "
+        description="K codebook entries; paper Sec. 3.3: K = 3000 (release: 1024). With "
         "keyword init, at most the number of distinct keywords/keyphrases in the pool",
     )
     codebook_init: Literal["keywords", "uniform"] = Field(
@@ -73,8 +78,16 @@ class TldrParams(BaseModel):
     )
     quantize_cls: bool = Field(
         default=False,
-        description="quantise the class token too; paper: the L = 196 patch tokens; "
-        "release: all 197 tokens",
+        description="quantise the class token too; paper Sec. 3.3: the L = 196 patch "
+        "tokens; release: all 197 tokens (blip_pretrain_vq_compress.py:105)",
+    )
+    token_space: Literal["projected", "raw"] = Field(
+        default="projected",
+        description="projected: tokens pass a Linear layer (initialised from the proxy's "
+        "image projection) and are L2-normalised before the codebook, so keyword text "
+        "embeddings can seed it (selbench; the paper does not say); raw: the encoder's "
+        "LayerNormed tokens are quantised as they are (release "
+        "blip_pretrain_vq_compress.py:96-97, 105-108; needs codebook_init=uniform)",
     )
     clusters: int = Field(
         default=3000,
@@ -97,14 +110,30 @@ class TldrParams(BaseModel):
         default=256, ge=1, description="output dimension of the whitening (release: 256)"
     )
     kmeans_iterations: int = Field(
-        default=20, ge=1, description="k-means iterations (release fast_cluster.py: 20)"
+        default=20, ge=1, description="k-means iterations (release fast_cluster.py:77: 20)"
     )
-    within_cluster: Literal["uniform", "hard", "far", "stride"] = Field(
+    kmeans_max_points_per_centroid: int = Field(
+        default=10_000_000,
+        ge=1,
+        description="faiss k-means trains on at most this many points per cluster (a "
+        "seeded subsample above it); release fast_cluster.py:78 sets 10,000,000 so every "
+        "point is used; faiss's own default is 256",
+    )
+    within_cluster: Literal["uniform", "hard", "far", "caption_loss", "stride"] = Field(
         default="uniform",
         description="which members of a cluster fill its quota: uniform random (paper "
-        "default, Table 2b), hard (highest captioner caption loss, Table 2b 'hard-sample'), "
-        "far (largest distance from the centre, Table 2b), stride (evenly spaced in pool "
-        "order, the release's every-5th rule at an exact quota)",
+        "default, Table 2b); hard (largest cosine distance of the image embedding to the "
+        "cluster's prototype, the hardness of Sorscher et al. 2022 that the paper's "
+        "'hard samples' cite); far (largest distance from the k-means centre, Table 2b); "
+        "caption_loss (highest captioner caption loss, selbench's own variant, in neither "
+        "source); stride (evenly spaced in pool order, the release's every-Nth rule, "
+        "codebook_cluster.py:68, at an exact quota)",
+    )
+    prototype_embedder: str = Field(
+        default="proxy",
+        description="embedder whose image embeddings the hard rule measures prototype "
+        "distances in (Sorscher et al.: a self-supervised SwAV model; offline: the pool "
+        "proxy)",
     )
     match_filter: bool = Field(
         default=False,
@@ -116,7 +145,15 @@ class TldrParams(BaseModel):
         gt=0,
         le=1,
         description="fraction kept by the matching filter (release: half, "
-        "cc3m_training_success_half_itm.json)",
+        "cc3m_training_success_half_itm.json, codebook_cluster.py:81)",
+    )
+    match_filter_stage: Literal["after_sampling", "before_clustering"] = Field(
+        default="after_sampling",
+        description="after_sampling: cluster (and whiten) the whole pool, sample every "
+        "cluster, keep only the sampled members that pass the filter (release "
+        "codebook_cluster.py:45-49, 60-74, 79-93), sampling as much as the budget needs; "
+        "before_clustering: cluster and sample only the samples that pass (selbench's "
+        "earlier order)",
     )
     match_embedder: str = Field(
         default="proxy",
@@ -138,13 +175,27 @@ class TldrParams(BaseModel):
         default=1,
         ge=1,
         description="beam width for generation, 1 = greedy; paper: unspecified (greedy, "
-        "the cheapest); release: BLIP's beam search, 3 beams",
+        "the cheapest); release: 3 (BLIP's caption_coco.yaml:26, read by train_caption.py:69, 183)",
     )
-    min_tokens: int = Field(
+    max_length: int = Field(
         default=0,
         ge=0,
-        description="no end token before this many generated tokens (BLIP's caption "
-        "config uses 5; 0 lets a short caption be short)",
+        description="most tokens in a generated sequence, start token and prompt "
+        "included (Hugging Face generate's count); paper: unspecified, 0 = the "
+        "context length; release: 20 (BLIP's caption_coco.yaml:24, read by "
+        "train_caption.py:69, 183)",
+    )
+    min_length: int = Field(
+        default=0,
+        ge=0,
+        description="no end token while the sequence, start token and prompt included, "
+        "is shorter than this; paper: unspecified, 0; release: 5 (BLIP's caption_coco.yaml:25)",
+    )
+    prompt: str = Field(
+        default="",
+        description="text before every caption, masked from the captioner's loss and "
+        "the start of every generated caption (removed from the refined text); paper: "
+        "none; release: 'a picture of ' (blip.py:78, caption_coco.yaml)",
     )
     captioner_epochs: float = Field(
         default=3.0,
@@ -155,11 +206,11 @@ class TldrParams(BaseModel):
     captioner_lr: float = Field(
         default=2e-3,
         gt=0,
-        description="AdamW peak learning rate; release: 3e-4 at batch 1260 on a "
+        description="AdamW peak learning rate; release codebook_cc3m.yaml: 3e-4 on a "
         "pretrained ViT-B; selbench's tiny-scale CLIP rate (configs/scales/tiny.yaml) here",
     )
     captioner_weight_decay: float = Field(
-        default=0.05, ge=0, description="AdamW weight decay (release codebook_cc3m.yaml)"
+        default=0.05, ge=0, description="AdamW weight decay (release codebook_cc3m.yaml:18)"
     )
     captioner_batch_size: int = Field(
         default=256, ge=1, description="captioner batch size (selbench tiny scale)"
@@ -215,17 +266,26 @@ class TldrReleaseParams(TldrParams):
         default="uniform", description="U[-1/K, 1/K] (release quantize.py)"
     )
     quantize_cls: bool = Field(
-        default=True, description="the release quantises all 197 tokens, class token included"
+        default=True,
+        description="the release quantises all 197 tokens, class token included "
+        "(blip_pretrain_vq_compress.py:105-108)",
+    )
+    token_space: Literal["projected", "raw"] = Field(
+        default="raw",
+        description="the ViT's LayerNormed tokens, unprojected and unnormalised "
+        "(release blip_pretrain_vq_compress.py:96-97, 105-108)",
     )
     clusters: int = Field(
-        default=1000, ge=1, description="k-means clusters (release codebook_cluster.py: 1000)"
+        default=1000, ge=1, description="k-means clusters (release codebook_cluster.py:45)"
     )
     whiten: bool = Field(
-        default=True, description="PCA whitening to 256 dims + L2 norm (release fast_cluster.py)"
+        default=True,
+        description="PCA whitening (256 dims asked) + L2 norm (release fast_cluster.py:35-56)",
     )
-    within_cluster: Literal["uniform", "hard", "far", "stride"] = Field(
+    within_cluster: Literal["uniform", "hard", "far", "caption_loss", "stride"] = Field(
         default="stride",
-        description="evenly spaced members in pool order (release: every 5th member)",
+        description="evenly spaced members in pool order (release codebook_cluster.py:68: "
+        "every Nth member)",
     )
     match_filter: bool = Field(
         default=True, description="only the top half by image-text matching score (release)"
@@ -237,7 +297,21 @@ class TldrReleaseParams(TldrParams):
         "configs/scales/scorer.yaml, since the 2-epoch proxy lets 5x more misaligned "
         "pairs through; docs/strategies/tldr.md)",
     )
-    beams: int = Field(default=3, ge=1, description="beam search, 3 beams (BLIP's default)")
+    beams: int = Field(
+        default=3, ge=1, description="beam search, 3 beams (BLIP's caption_coco.yaml:26)"
+    )
+    max_length: int = Field(
+        default=20,
+        ge=0,
+        description="at most 20 tokens, start token and prompt included (BLIP's "
+        "caption_coco.yaml:24)",
+    )
+    min_length: int = Field(
+        default=5, ge=0, description="at least 5 tokens, start and prompt included (same)"
+    )
+    prompt: str = Field(
+        default="a picture of ", description="BLIP's caption prompt (release blip.py:78)"
+    )
 
 
 class Tldr(Strategy):
@@ -274,7 +348,8 @@ class Tldr(Strategy):
         tokenizer = proxy.tokenizer
         loading = ctx.progress.track(pool.iter_images(), "TL;DR: loading pool", total=n)
         images = torch.stack([proxy.preprocess(image) for _, image in loading])
-        vocab = CaptionVocab.from_captions(captions, tokenizer)
+        vocab = CaptionVocab.from_captions(captions, tokenizer, p.prompt)
+        prompt_length = len(vocab.prompt_ids)
         timings["loading"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -282,6 +357,12 @@ class Tldr(Strategy):
         codebook_size = p.codebook_size
         code_dim = int(proxy.model.text_projection.shape[1])
         if p.codebook_init == "keywords":
+            if p.token_space == "raw":
+                raise ConfigError(
+                    f"{self.name}: codebook_init=keywords puts text embeddings in the "
+                    "codebook, which raw image tokens do not share a space with; use "
+                    "-p token_space=projected or -p codebook_init=uniform"
+                )
             keywords = top_keywords(captions, p.codebook_size)
             if len(keywords) < 2:
                 raise ConfigError(
@@ -305,6 +386,8 @@ class Tldr(Strategy):
             visual_init="proxy",
             seed=p.captioner_seed,
             dead_code_threshold=p.dead_code_threshold,
+            token_space=p.token_space,
+            prompt=p.prompt,
         )
         model, context_length = build_captioner(config, len(vocab), code_dim)
         tokens = vocab.encode(captions, context_length)
@@ -318,7 +401,9 @@ class Tldr(Strategy):
                     text = proxy.model.encode_text(proxy.tokenizer(keywords).to(ctx.device))
                 vectors = torch.nn.functional.normalize(text.float().cpu(), dim=-1)
             init_codebook(model, vectors, p.captioner_seed)
-            record = train_captioner(model, images, tokens, config, ctx.device, ctx.progress)
+            record = train_captioner(
+                model, images, tokens, config, ctx.device, ctx.progress, prompt_length
+            )
             return {
                 "config": config.model_dump(),
                 "pool_fingerprint": pool.fingerprint,
@@ -339,41 +424,73 @@ class Tldr(Strategy):
         # -- stage 2: codes, clusters, quotas -----------------------------------------
         t0 = time.perf_counter()
         codes, caption_loss = extract_codes(
-            model, images, tokens, device=ctx.device, progress=ctx.progress
+            model,
+            images,
+            tokens,
+            device=ctx.device,
+            progress=ctx.progress,
+            prompt_length=prompt_length,
         )
         timings["code_extraction"] = time.perf_counter() - t0
         metrics["codes_used"] = float(len(np.unique(codes)))
         metrics["distinct_index_vectors"] = float(len(np.unique(codes, axis=0)))
 
-        candidates = np.arange(n)
+        candidates = np.arange(n)  # what is clustered
+        eligible = None  # with the filter after sampling: what may be kept
         if p.match_filter:
             t0 = time.perf_counter()
-            candidates = self._match_filter(ctx, n)
-            metrics["match_filter_kept"] = float(len(candidates))
+            kept = self._match_filter(ctx, n)
+            metrics["match_filter_kept"] = float(len(kept))
+            if p.match_filter_stage == "before_clustering":
+                candidates = kept
+            else:
+                eligible = np.zeros(n, dtype=bool)
+                eligible[kept] = True
             timings["matching_filter"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         features = codes[candidates].astype(np.float32)
         if p.whiten:
-            features = whiten(features, p.whiten_dim)
+            features, dim = whiten(features, p.whiten_dim)
+            metrics["whiten_dim_effective"] = float(dim)
         k = scaled_cluster_count(p.clusters, len(candidates), p.min_cluster_size)
-        centroids, assignment = kmeans(features, k, seed=ctx.seed, niter=p.kmeans_iterations)
+        centroids, assignment, trained_on = kmeans_all_points(
+            features,
+            k,
+            seed=ctx.seed,
+            niter=p.kmeans_iterations,
+            max_points_per_centroid=p.kmeans_max_points_per_centroid,
+        )
+        metrics["kmeans_training_points"] = float(trained_on)
         sizes = np.bincount(assignment, minlength=len(centroids))
-        quotas = largest_remainder_quotas(sizes, ctx.budget_count)
         distance = np.zeros(n)
         distance[candidates] = centre_distances(features, centroids, assignment)
-        chosen = []
-        for cluster in range(len(centroids)):
-            members = candidates[assignment == cluster]
-            chosen.append(
-                pick_within_cluster(
-                    members,
-                    int(quotas[cluster]),
-                    p.within_cluster,
-                    ctx.rng,
-                    hardness=caption_loss,
-                    distance=distance,
-                )
+        hardness = None
+        if p.within_cluster == "hard":
+            image = ctx.embeddings(p.prototype_embedder).image
+            hardness = np.zeros(n)
+            hardness[candidates] = cluster_prototype_distances(
+                np.asarray(image, dtype=np.float32)[candidates], assignment, len(centroids)
             )
+        members = [candidates[assignment == cluster] for cluster in range(len(centroids))]
+
+        def pick(group: np.ndarray, quota: int) -> np.ndarray:
+            return pick_within_cluster(
+                group,
+                quota,
+                p.within_cluster,
+                ctx.rng,
+                hardness=hardness,
+                distance=distance,
+                caption_loss=caption_loss,
+            )
+
+        if eligible is None:
+            quotas = largest_remainder_quotas(sizes, ctx.budget_count)
+            chosen = [pick(group, int(q)) for group, q in zip(members, quotas, strict=True)]
+        else:
+            picked, sampled = sample_then_filter(members, eligible, ctx.budget_count, pick)
+            chosen = [picked]
+            metrics["sampled_before_filter"] = float(sampled)
         selected = np.sort(np.concatenate(chosen))
         timings["clustering"] = time.perf_counter() - t0
         metrics["clusters_used"] = float(len(centroids))
@@ -427,7 +544,9 @@ class Tldr(Strategy):
             generated = model.generate(
                 images[torch.from_numpy(index)].to(ctx.device),
                 beams=p.beams,
-                min_tokens=p.min_tokens,
+                max_length=p.max_length or None,
+                min_length=p.min_length,
+                prompt=vocab.prompt_ids,
             )
             for i, ids in zip(index.tolist(), generated, strict=True):
                 original = pool_captions[i]
@@ -473,8 +592,9 @@ class Tldr(Strategy):
 
 
 class TldrRelease(Tldr):
-    """TL;DR as in the released code: uniform-init 1024-entry codebook, whitened index
-    vectors, 1000 clusters, evenly spaced members, top-half matching-score filter."""
+    """TL;DR as in the released code: uniform-init 1024-entry codebook on raw tokens,
+    whitened index vectors of the whole pool, 1000 clusters, evenly spaced members of
+    which only those in the top half by matching score are kept, BLIP's caption settings."""
 
     name = "tldr-release"
     summary = (

@@ -72,9 +72,21 @@ class CaptionerConfig(BaseModel):
     visual_init: Literal["proxy", "random"]
     seed: int
     dead_code_threshold: float = 0.0
+    # "projected": tokens pass a Linear layer into the codebook's space and are
+    # L2-normalised (selbench, so that keyword text embeddings can seed the codebook);
+    # "raw": the encoder's LayerNormed tokens are quantised as they are (the release,
+    # blip_pretrain_vq_compress.py:105-108).
+    token_space: Literal["projected", "raw"] = "projected"
+    prompt: str = ""  # text put before every caption in training and generation
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
+        # Fields added after the first checkpoints enter the key only when they differ
+        # from their default, so the captioners cached before them stay valid.
+        data = self.model_dump()
+        for name in ("token_space", "prompt"):
+            if data[name] == type(self).model_fields[name].default:
+                del data[name]
+        return hashlib.sha256(json.dumps(data, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
 class CaptionVocab:
@@ -86,29 +98,41 @@ class CaptionVocab:
     output layer would cost most of the decoder's compute on a CPU.
     """
 
-    def __init__(self, token_ids: Sequence[int], tokenizer: Any) -> None:
+    def __init__(self, token_ids: Sequence[int], tokenizer: Any, prompt: str = "") -> None:
         self.tokenizer = tokenizer
         special = [tokenizer.sot_token_id, tokenizer.eot_token_id]
-        rest = sorted(set(int(t) for t in token_ids) - set(special) - {0})
+        prompt_tokens = tokenizer.encode(prompt) if prompt.strip() else []
+        tokens = set(int(t) for t in token_ids) | set(prompt_tokens)
+        rest = sorted(tokens - set(special) - {0})
         self.ids = np.array([0, *special, *rest], dtype=np.int64)
         self.lookup = {int(t): i for i, t in enumerate(self.ids)}
+        # The prompt's compact ids: put after the start token of every caption, excluded
+        # from the loss, and the start of every generated caption (BLIP's BLIP_Decoder,
+        # release blip.py:94-95, 103-108, 130-133).
+        self.prompt_ids = [self.lookup[int(t)] for t in prompt_tokens]
 
     @classmethod
-    def from_captions(cls, captions: Sequence[str], tokenizer: Any) -> CaptionVocab:
+    def from_captions(
+        cls, captions: Sequence[str], tokenizer: Any, prompt: str = ""
+    ) -> CaptionVocab:
         seen: set[int] = set()
         for caption in captions:
             seen.update(tokenizer.encode(caption))
-        return cls(sorted(seen), tokenizer)
+        return cls(sorted(seen), tokenizer, prompt)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def encode(self, captions: Sequence[str], context_length: int) -> torch.Tensor:
-        """``(N, context_length)`` compact ids: start, caption tokens (truncated), end, pad."""
+        """``(N, context_length)`` compact ids: start, prompt, caption tokens (truncated),
+        end, pad."""
         out = torch.full((len(captions), context_length), PAD, dtype=torch.long)
+        room = context_length - 2 - len(self.prompt_ids)
+        if room < 1:
+            raise ValueError(f"the prompt leaves no room in a context of {context_length}")
         for row, caption in enumerate(captions):
             tokens = [self.lookup[t] for t in self.tokenizer.encode(caption) if t in self.lookup]
-            tokens = [SOT, *tokens[: context_length - 2], EOT]
+            tokens = [SOT, *self.prompt_ids, *tokens[:room], EOT]
             out[row, : len(tokens)] = torch.tensor(tokens)
         return out
 
@@ -139,6 +163,7 @@ class CodebookCaptioner(nn.Module):
         decoder_heads: int,
         quantize_cls: bool,
         dead_code_threshold: float = 0.0,
+        token_space: str = "projected",
     ) -> None:
         super().__init__()
         cfg = CLIPVisionCfg(**vision_cfg)
@@ -146,11 +171,24 @@ class CodebookCaptioner(nn.Module):
         width = cfg.width
         self.quantize_cls = quantize_cls
         self.context_length = context_length
-        # Tokens enter the codebook's space through a projection (initialised from the
-        # proxy CLIP's image projection, so keyword text embeddings and image tokens start
-        # in the same joint space) and leave it through another into the decoder's width.
-        self.to_code = nn.Linear(width, code_dim, bias=False)
-        self.from_code = nn.Linear(code_dim, width)
+        self.token_space = token_space
+        if token_space == "projected":
+            # Tokens enter the codebook's space through a projection (initialised from
+            # the proxy CLIP's image projection, so keyword text embeddings and image
+            # tokens start in the same joint space), are L2-normalised, and leave it
+            # through another projection into the decoder's width.
+            self.to_code = nn.Linear(width, code_dim, bias=False)
+            self.from_code = nn.Linear(code_dim, width)
+        elif token_space == "raw":
+            # The release quantises the ViT's LayerNormed output tokens as they are, and
+            # the decoder cross-attends to the quantised tokens directly
+            # (blip_pretrain_vq_compress.py:96-97, 105-112).
+            code_dim = width
+            self.to_code = nn.Identity()
+            self.from_code = nn.Identity()
+        else:
+            raise ValueError(f"unknown token_space {token_space!r}")
+        self.code_dim = code_dim
         self.vq = VectorQuantize(
             dim=code_dim,
             codebook_size=codebook_size,
@@ -200,9 +238,12 @@ class CodebookCaptioner(nn.Module):
         return patches
 
     def quantize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(z, z_q, indices)``: unit-norm token features, their straight-through
-        quantised values (in training) and the code index of every token, ``(B, L)``."""
-        z = F.normalize(self.to_code(self.image_tokens(images)), dim=-1)
+        """``(z, z_q, indices)``: the token features that are quantised (projected and
+        unit-norm, or the raw tokens), their straight-through quantised values (in
+        training) and the code index of every token, ``(B, L)``."""
+        z = self.to_code(self.image_tokens(images))
+        if self.token_space == "projected":
+            z = F.normalize(z, dim=-1)
         z_q, indices, _ = self.vq(z)
         return z, z_q, indices
 
@@ -221,12 +262,21 @@ class CodebookCaptioner(nn.Module):
         return self.decoder(self.from_code(memory), x)
 
     def caption_loss(
-        self, memory: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean"
+        self,
+        memory: torch.Tensor,
+        tokens: torch.Tensor,
+        reduction: str = "mean",
+        prompt_length: int = 0,
     ) -> torch.Tensor:
-        """Teacher-forced autoregressive cross-entropy of ``tokens`` (padding ignored).
-        ``reduction="none"`` gives the mean per sample."""
+        """Teacher-forced autoregressive cross-entropy of ``tokens`` (padding and the
+        ``prompt_length`` prompt tokens after the start token ignored, as BLIP's decoder
+        masks its prompt, release blip.py:108). ``reduction="none"`` gives the mean per
+        sample."""
         logits = self.decode_logits(memory, tokens[:, :-1])
         labels = tokens[:, 1:]
+        if prompt_length:
+            labels = labels.clone()
+            labels[:, :prompt_length] = PAD
         loss = F.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=PAD, reduction="none"
         )  # (B, T-1)
@@ -239,36 +289,41 @@ class CodebookCaptioner(nn.Module):
         self,
         images: torch.Tensor,
         beams: int = 1,
-        max_tokens: int | None = None,
-        min_tokens: int = 0,
+        max_length: int | None = None,
+        min_length: int = 0,
+        prompt: Sequence[int] = (),
     ) -> list[list[int]]:
-        """Captions (compact ids, no start/end) for ``images`` by beam search over the
-        quantised tokens; ``beams=1`` is greedy decoding.
+        """Captions (compact ids after the prompt, no start/end) for ``images`` by beam
+        search over the quantised tokens; ``beams=1`` is greedy decoding.
 
-        Finished hypotheses stay in the beam with their score frozen; the best final
-        hypothesis is chosen by log-probability divided by its length (length penalty
-        1.0, the usual default). ``min_tokens`` forbids the end token before that length.
+        Lengths count the whole sequence, start token and ``prompt`` included, as
+        Hugging Face ``generate`` does for BLIP (release blip.py:130-156): no sequence
+        grows past ``max_length`` tokens (the end token included; None: the context
+        length), and the end token is forbidden while the sequence is shorter than
+        ``min_length``. A hypothesis that reaches ``max_length`` ends there. Finished
+        hypotheses stay in the beam with their score frozen; the best final hypothesis is
+        chosen by log-probability divided by its length (length penalty 1.0, the usual
+        default).
         """
         self.eval()
-        max_tokens = min(max_tokens or self.context_length, self.context_length - 2)
+        prompt = [int(t) for t in prompt]
+        start = 1 + len(prompt)
+        max_length = min(max_length or self.context_length, self.context_length)
         _, memory, _ = self.quantize(images)
         batch = memory.shape[0]
         memory = memory.repeat_interleave(beams, dim=0)
-        seqs = torch.full((batch * beams, 1), SOT, dtype=torch.long, device=memory.device)
+        seqs = torch.tensor([[SOT, *prompt]], dtype=torch.long, device=memory.device)
+        seqs = seqs.repeat(batch * beams, 1)
         scores = torch.zeros(batch, beams, device=memory.device)
         scores[:, 1:] = -math.inf  # all beams start identical: expand only the first
         finished = torch.zeros(batch * beams, dtype=torch.bool, device=memory.device)
         lengths = torch.zeros(batch * beams, device=memory.device)
-        for step in range(max_tokens + 1):
+        for length in range(start, max_length):  # tokens in the sequence before this step
             logp = torch.log_softmax(self.decode_logits(memory, seqs)[:, -1].float(), dim=-1)
             logp[:, PAD] = -math.inf
             logp[:, SOT] = -math.inf
-            if step < min_tokens:
+            if length < min_length:
                 logp[:, EOT] = -math.inf
-            if step == max_tokens:  # out of room: only the end token may follow
-                keep = logp[:, EOT].clone()
-                logp.fill_(-math.inf)
-                logp[:, EOT] = keep
             logp[finished] = -math.inf
             logp[finished, PAD] = 0.0  # a finished hypothesis only pads, at no cost
             vocab = logp.shape[1]
@@ -289,7 +344,7 @@ class CodebookCaptioner(nn.Module):
         out = []
         for row in rows.tolist():
             ids = []
-            for c in seqs[row, 1:].tolist():
+            for c in seqs[row, start:].tolist():
                 if c in (EOT, PAD):
                     break
                 ids.append(c)
@@ -316,6 +371,7 @@ def build_captioner(
         decoder_heads=heads,
         quantize_cls=config.quantize_cls,
         dead_code_threshold=config.dead_code_threshold,
+        token_space=config.token_space,
     )
     return model, context_length
 
@@ -325,7 +381,8 @@ def init_from_proxy(model: CodebookCaptioner, proxy_model: Any) -> None:
     projection (the offline stand-in for the paper's pretrained ViT-B/16)."""
     model.visual.load_state_dict(proxy_model.visual.state_dict())
     proj = getattr(proxy_model.visual, "proj", None)
-    if proj is not None and tuple(proj.shape) == tuple(model.to_code.weight.T.shape):
+    to_code = getattr(model.to_code, "weight", None)  # none with raw tokens
+    if proj is not None and to_code is not None and tuple(proj.shape) == tuple(to_code.T.shape):
         with torch.no_grad():
             model.to_code.weight.copy_(proj.detach().T)
 
@@ -355,12 +412,14 @@ def train_captioner(
     config: CaptionerConfig,
     device: str = "cpu",
     progress: Any = None,
+    prompt_length: int = 0,
 ) -> dict[str, Any]:
     """Caption loss + VQ losses with AdamW and warmup + cosine decay (open_clip's
-    schedule). Returns the loss record (final running averages and a curve)."""
+    schedule); the ``prompt_length`` prompt tokens of ``tokens`` are not in the loss.
+    Returns the loss record (final running averages and a curve)."""
     progress = progress or NullProgress()
     with deterministic_algorithms():
-        return _train(model, images, tokens, config, device, progress)
+        return _train(model, images, tokens, config, device, progress, prompt_length)
 
 
 @contextlib.contextmanager
@@ -377,7 +436,7 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def _train(model, images, tokens, config, device, progress) -> dict[str, Any]:
+def _train(model, images, tokens, config, device, progress, prompt_length) -> dict[str, Any]:
     n = len(images)
     batch_size = min(config.batch_size, n)
     steps = max(1, math.ceil(n * config.epochs / batch_size))
@@ -406,7 +465,7 @@ def _train(model, images, tokens, config, device, progress) -> dict[str, Any]:
             order = np.concatenate([order, rng.permutation(n)])
         index, order = torch.from_numpy(order[:batch_size]), order[batch_size:]
         z, z_q, codes = model.quantize(images[index].to(device))
-        caption = model.caption_loss(z_q, tokens[index].to(device))
+        caption = model.caption_loss(z_q, tokens[index].to(device), prompt_length=prompt_length)
         commitment, codebook = model.vq_losses(z, codes)
         loss = caption + config.commitment_weight * commitment + config.codebook_weight * codebook
         optimizer.zero_grad(set_to_none=True)
@@ -444,9 +503,11 @@ def extract_codes(
     batch_size: int = 512,
     device: str = "cpu",
     progress: Any = None,
+    prompt_length: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """The index vector of every image, ``(N, L)`` int64 (the paper's Sec. 3.2 input to
-    k-means), and, when ``tokens`` are given, each sample's mean caption loss."""
+    k-means), and, when ``tokens`` are given, each sample's mean caption loss (prompt
+    tokens excluded)."""
     progress = progress or NullProgress()
     model.eval()
     codes, losses = [], []
@@ -457,7 +518,8 @@ def extract_codes(
         codes.append(index.cpu())
         if tokens is not None:
             batch_tokens = tokens[start : start + batch_size].to(device)
-            losses.append(model.caption_loss(z_q, batch_tokens, reduction="none").cpu())
+            loss = model.caption_loss(z_q, batch_tokens, "none", prompt_length)
+            losses.append(loss.cpu())
     stacked = torch.cat(codes).numpy().astype(np.int64)
     return stacked, (torch.cat(losses).numpy() if losses else None)
 

@@ -6,16 +6,18 @@ Pure functions on arrays, so each step is tested on cases worked out by hand.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import faiss
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
-from selbench.neighbours import unit_rows
+from selbench.neighbours import as_float32_matrix, faiss_seed, unit_rows, use_faiss_gpu
+from selbench_plugins.prototypes import prototype_distances
 
-WITHIN_CLUSTER_RULES = ("uniform", "hard", "far", "stride")
+WITHIN_CLUSTER_RULES = ("uniform", "hard", "far", "caption_loss", "stride")
 
 
 def largest_remainder_quotas(sizes: Sequence[int], total: int) -> np.ndarray:
@@ -61,13 +63,18 @@ def pick_within_cluster(
     rng: np.random.Generator,
     hardness: np.ndarray | None = None,
     distance: np.ndarray | None = None,
+    caption_loss: np.ndarray | None = None,
 ) -> np.ndarray:
     """``quota`` of ``members`` (pool indices, ascending) by the within-cluster rule.
 
     - ``uniform``: a uniform random sample (the paper's default, Table 2b);
-    - ``hard``: the highest ``hardness`` (the captioner's caption loss; Table 2b
-      "hard-sample");
-    - ``far``: the largest ``distance`` from the cluster centre (Table 2b "large distance");
+    - ``hard``: the largest ``hardness``, the cosine distance of a sample's image embedding
+      to its cluster's prototype (the paper's "hard samples" cite Sorscher et al., NeurIPS
+      2022, whose hardness is exactly this prototype distance);
+    - ``far``: the largest ``distance`` from the k-means centre in the clustered space
+      (Table 2b "large distance");
+    - ``caption_loss``: the highest captioner caption loss (selbench's own variant; neither
+      the paper nor the release ranks by it);
     - ``stride``: evenly spaced members in pool order (the released code keeps every 5th
       member, ``range(0, n, 5)``; here the step is ``n / quota`` so the quota is exact).
     Ties go to the earlier pool position.
@@ -83,21 +90,114 @@ def pick_within_cluster(
         return members[positions]
     if rule not in WITHIN_CLUSTER_RULES:
         raise ValueError(f"unknown within-cluster rule {rule!r}")
-    values = hardness if rule == "hard" else distance
+    values = {"hard": hardness, "far": distance, "caption_loss": caption_loss}[rule]
     if values is None:
         raise ValueError(f"within-cluster rule {rule!r} needs per-sample values")
     order = np.lexsort((members, -values[members]))
     return np.sort(members[order[:quota]])
 
 
-def whiten(features: np.ndarray, dim: int) -> np.ndarray:
-    """PCA-whiten to ``min(dim, d)`` dimensions, then L2-normalise rows, as the released
-    code does before k-means (faiss ``PCAMatrix(d, dim, eigen_power=-0.5)``)."""
+def sample_then_filter(
+    cluster_members: Sequence[np.ndarray],
+    eligible: np.ndarray,
+    budget: int,
+    pick: Callable[[np.ndarray, int], np.ndarray],
+) -> tuple[np.ndarray, int]:
+    """The release's order (``codebook_cluster.py``: sample every cluster of the whole
+    pool, then keep only what the matching filter lets through), at an exact budget.
+
+    ``cluster_members``: the pool indices of every cluster (ascending); ``eligible``: a
+    boolean mask over the pool (the matching filter); ``pick(members, quota)``: the
+    within-cluster rule. The release samples a fixed fraction of every cluster and keeps
+    whatever of it is eligible; here the number sampled before the filter starts at
+    ``budget * n / eligible`` (so that, with the eligible share of every cluster equal,
+    the filter leaves the budget), split over clusters by largest remainder, and grows
+    until at least ``budget`` samples pass the filter. Any excess is trimmed by sampling
+    the passed members of each cluster again with the same rule, their quotas split by
+    largest remainder. Returns ``(selected pool indices, number sampled before the
+    filter)``.
+    """
+    eligible = np.asarray(eligible, dtype=bool)
+    sizes = np.array([len(m) for m in cluster_members], dtype=np.int64)
+    n, n_eligible = int(sizes.sum()), int(eligible.sum())
+    if not 0 <= budget <= n_eligible:
+        raise ValueError(f"cannot take {budget} samples when {n_eligible} pass the filter")
+    if budget == 0:
+        return np.empty(0, dtype=np.int64), 0
+    sampled = min(n, math.ceil(budget * n / n_eligible))
+    while True:
+        quotas = largest_remainder_quotas(sizes, sampled)
+        passed = []
+        for members, quota in zip(cluster_members, quotas, strict=True):
+            picked = pick(members, int(quota))
+            passed.append(picked[eligible[picked]])
+        count = sum(len(p) for p in passed)
+        if count >= budget or sampled == n:  # all sampled: every eligible sample passed
+            break
+        sampled = min(n, sampled + math.ceil((budget - count) * n / n_eligible))
+    trims = largest_remainder_quotas([len(p) for p in passed], budget)
+    chosen = [pick(p, int(q)) for p, q in zip(passed, trims, strict=True)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64), sampled
+
+
+def kmeans_all_points(
+    x: np.ndarray,
+    k: int,
+    seed: int,
+    niter: int = 20,
+    max_points_per_centroid: int = 256,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """faiss k-means that trains on at most ``max_points_per_centroid * k`` points (faiss
+    draws a seeded subsample above that; faiss's default is 256 per centroid, the release's
+    ``fast_cluster.py`` sets 10,000,000 so that every point is used). Returns
+    ``(centroids, assignment of every row, number of training points)``.
+
+    Written here rather than with ``selbench.neighbours.kmeans`` because that helper keeps
+    faiss's subsampling default and does not expose it.
+    """
+    data = as_float32_matrix(x)
+    n, d = data.shape
+    k = max(1, min(int(k), n))
+    clustering = faiss.Kmeans(
+        d,
+        k,
+        niter=int(niter),
+        seed=faiss_seed(seed),
+        gpu=use_faiss_gpu(None),
+        verbose=False,
+        min_points_per_centroid=1,  # only silences faiss's "too few points" warning
+        max_points_per_centroid=int(max_points_per_centroid),
+    )
+    clustering.train(data)
+    _, assignment = clustering.index.search(data, 1)
+    centroids = np.ascontiguousarray(clustering.centroids, dtype=np.float32)
+    return centroids, assignment.reshape(-1).astype(np.int64), min(n, k * max_points_per_centroid)
+
+
+def whiten(features: np.ndarray, dim: int) -> tuple[np.ndarray, int]:
+    """PCA-whiten, then L2-normalise rows, as the released code does before k-means
+    (``fast_cluster.py``: faiss ``PCAMatrix(d, 256, eigen_power=-0.5)``). faiss cannot
+    output more dimensions than it gets, so the output has ``min(dim, d)``; on the
+    release's own 197-long index vectors its request for 256 could not have run as
+    written. Returns ``(rows, effective dimension)``."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     out_dim = max(1, min(int(dim), x.shape[1]))
     pca = faiss.PCAMatrix(x.shape[1], out_dim, -0.5)
     pca.train(x)
-    return unit_rows(np.nan_to_num(pca.apply(x), nan=0.0, posinf=0.0, neginf=0.0))
+    rows = unit_rows(np.nan_to_num(pca.apply(x), nan=0.0, posinf=0.0, neginf=0.0))
+    return rows, out_dim
+
+
+def cluster_prototype_distances(
+    embeddings: np.ndarray, assignment: np.ndarray, n_clusters: int
+) -> np.ndarray:
+    """Cosine distance of every row of ``embeddings`` to its cluster's prototype, the mean
+    of the cluster's unit-normalised rows: Sorscher et al.'s (NeurIPS 2022, Sec. 5)
+    self-supervised prototype metric, with TL;DR's clusters as the prototypes' clusters."""
+    assignment = np.asarray(assignment, dtype=np.int64)
+    sums = np.zeros((n_clusters, embeddings.shape[1]), dtype=np.float64)
+    np.add.at(sums, assignment, unit_rows(embeddings))
+    return prototype_distances(embeddings, sums.astype(np.float32), assignment).astype(np.float64)
 
 
 def centre_distances(
