@@ -95,9 +95,10 @@ def normsim(pool: np.ndarray, target: np.ndarray, p: float) -> np.ndarray:
     """NormSim_p of every pool row (paper Sec. 3.2): the p-norm of its cosine similarities
     to the target rows, ``(sum_t |<x_t, x>|^p)^(1/p)``; ``p = inf`` is the largest
     ``|<x_t, x>|`` (the released code takes ``torch.norm(..., p)``, absolute values)."""
-    similarities = torch.from_numpy(np.asarray(pool, dtype=np.float32)) @ torch.from_numpy(
-        np.asarray(target, dtype=np.float32)
-    ).T
+    similarities = (
+        torch.from_numpy(np.asarray(pool, dtype=np.float32))
+        @ torch.from_numpy(np.asarray(target, dtype=np.float32)).T
+    )
     return torch.linalg.vector_norm(similarities, ord=p, dim=1).numpy()
 
 
@@ -227,7 +228,9 @@ class NormSim(Strategy):
                 )
             else:
                 quality = clip_scores(image, text)
-            keep = min(len(image), max(ctx.budget_count, round(p.prefilter_ratio * ctx.budget_count)))
+            keep = min(
+                len(image), max(ctx.budget_count, round(p.prefilter_ratio * ctx.budget_count))
+            )
             among = top_k(quality, keep)
             metrics["prefilter_kept"] = float(keep)
         chosen = top_k(similarity, ctx.budget_count, among)
