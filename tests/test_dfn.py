@@ -4,7 +4,6 @@ import io
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -161,18 +160,14 @@ def test_the_filter_trained_on_clean_pairs_keeps_the_aligned_pool_pairs(tmp_path
 
 
 def test_conformance_kit(tmp_path, monkeypatch):
-    # The kit's memory target has no captions; give its images one caption each.
+    # The kit's memory target has no captions; write it as a captioned wds directory.
     def captioned_target(self):
         self.used.add("target")
-        extra = testing.make_memory_pool(12, seed=len(self.pool) + 7)
-        root = (
-            write_wds(
-                tmp_path / f"target-{len(self.pool)}",
-                [(uid, im, cap) for uid, im, cap in zip(extra.uids, extra.images, extra.captions)],
-            )
-            if not (tmp_path / f"target-{len(self.pool)}").exists()
-            else tmp_path / f"target-{len(self.pool)}"
-        )
+        root = tmp_path / f"target-{len(self.pool)}"
+        if not root.exists():
+            extra = testing.make_memory_pool(12, seed=len(self.pool) + 7)
+            samples = list(zip(extra.uids, extra.images, extra.captions, strict=True))
+            write_wds(root, samples)
         return HqServices(root).target()
 
     monkeypatch.setattr(testing.RecordingServices, "target", captioned_target)
