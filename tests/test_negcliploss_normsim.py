@@ -1,7 +1,10 @@
 """negCLIPLoss and NormSim (arXiv 2405.19547) against cases worked out by hand."""
 
+import types
+
 import numpy as np
 import pytest
+import torch
 from selbench_plugins.negcliploss_normsim import (
     NegClipLoss,
     NormSim,
@@ -98,6 +101,11 @@ class TargetServices:
     def embed_images(self, spec, images):
         return self.target_rows
 
+    def embedder(self, spec):
+        # an embedder whose learned temperature is 0.05 (logit scale 20)
+        model = types.SimpleNamespace(logit_scale=torch.tensor(np.log(20.0)))
+        return types.SimpleNamespace(model=model)
+
 
 def _ctx(tmp_path, image, text, target, budget):
     uids = [f"u{i}" for i in range(len(image))]
@@ -137,12 +145,23 @@ def test_negcliploss_strategy_keeps_the_top_scores(tmp_path):
     assert NegClipLoss({"temperature": 0.1}).select(ctx).uids == ["u0"]
 
 
+def test_temperature_0_is_the_embedders_learned_temperature(tmp_path):
+    rng = np.random.default_rng(1)
+    image = rng.standard_normal((8, 4)).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    text = np.roll(image, 1, axis=0)
+    ctx = _ctx(tmp_path, image, text, E[:1], 3)
+    learned = NegClipLoss().select(ctx).scores
+    assert list(learned.values()) == pytest.approx(negcliploss(image, text, 0.05).tolist())
+    assert NormSim().select(ctx).metrics["temperature"] == pytest.approx(0.05)
+
+
 def test_bad_parameters_are_named(tmp_path):
     ctx = _ctx(tmp_path, E, E, E[:1], 2)
     with pytest.raises(ConfigError, match="prefilter_ratio must be >= 1"):
         NormSim({"prefilter_ratio": 0.5}).select(ctx)
     with pytest.raises(ConfigError, match="temperature must be > 0"):
-        NegClipLoss({"temperature": 0}).select(ctx)
+        NegClipLoss({"temperature": -1}).select(ctx)
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,16 @@ def top_k(scores: np.ndarray, k: int, among: np.ndarray | None = None) -> np.nda
     return np.sort(candidates[order[:k]])
 
 
+def teacher_temperature(ctx: SelectionContext, params: BaseModel) -> float:
+    """``params.temperature`` if > 0, else the embedder's learned ``1/exp(logit_scale)``."""
+    if params.temperature > 0:
+        return float(params.temperature)
+    if params.temperature < 0:
+        raise ConfigError(f"negCLIPLoss temperature must be > 0, got {params.temperature}")
+    model = ctx.proxy(params.embedder).model
+    return float(1.0 / model.logit_scale.detach().exp().item())
+
+
 class NegClipLossParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -120,9 +130,10 @@ class NegClipLossParams(BaseModel):
         "offline default the 10-epoch pool proxy, clip_score's scorer",
     )
     temperature: float = Field(
-        default=0.01,
-        description="tau of the normaliser; the paper uses the teacher's learned temperature, "
-        "0.01 for OpenAI CLIP (released code: temperature=0.01)",
+        default=0.0,
+        description="tau of the normaliser; 0: the embedder's own learned temperature "
+        "1/exp(logit_scale), as the paper uses its teacher's (0.01 for OpenAI CLIP, the "
+        "released code's constant); > 0: that value",
     )
     batch_size: int = Field(
         default=32768,
@@ -151,7 +162,7 @@ class NegClipLoss(Strategy):
         "released code (tau 0.01, batch 32768, K 10)"
     )
     stochastic = False
-    needs = frozenset({"embeddings"})
+    needs = frozenset({"embeddings", "proxy"})
     Params = NegClipLossParams
 
     def select(self, ctx: SelectionContext) -> Selection:
@@ -160,7 +171,7 @@ class NegClipLoss(Strategy):
         scores = negcliploss(
             np.asarray(found.image, dtype=np.float32),
             np.asarray(found.text, dtype=np.float32),
-            p.temperature,
+            teacher_temperature(ctx, p),
             p.batch_size,
             p.repeats,
             p.batch_seed,
@@ -204,7 +215,7 @@ class NormSim(Strategy):
         "(negCLIPLoss 30% ∩ NormSim_inf 20%, released scripts)"
     )
     stochastic = False
-    needs = frozenset({"embeddings", "target"})
+    needs = frozenset({"embeddings", "target", "proxy"})
     Params = NormSimParams
 
     def select(self, ctx: SelectionContext) -> Selection:
@@ -223,9 +234,9 @@ class NormSim(Strategy):
         if p.prefilter != "none":
             text = np.asarray(found.text, dtype=np.float32)
             if p.prefilter == "negcliploss":
-                quality = negcliploss(
-                    image, text, p.temperature, p.batch_size, p.repeats, p.batch_seed
-                )
+                tau = teacher_temperature(ctx, p)
+                quality = negcliploss(image, text, tau, p.batch_size, p.repeats, p.batch_seed)
+                metrics["temperature"] = tau
             else:
                 quality = clip_scores(image, text)
             keep = min(
