@@ -19,7 +19,10 @@ Defaults come from the released code (github.com/ypwang61/negCLIPLoss_NormSim,
 ``batch_size=32768`` and ``average_num`` 10 in the scripts of the main runs,
 ``cs_new_f0.3_..._fvas0.2_..._an10_norm100``, i.e. 30% by negCLIPLoss, 20% by NormSim,
 K=10, p=inf) and the paper's Sec. 4 setup; the equation numbers of the PDF were not
-available offline, so sections are cited instead.
+available offline, so sections are cited instead. One default differs from the released
+code: tau is the embedder's own learned temperature (the paper's definition, the
+teacher's temperature), since 0.01 is OpenAI CLIP's and the offline proxy learns about
+0.07; ``temperature=0.01`` gives the released constant.
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ class NegClipLoss(Strategy):
     reference = (
         "Wang et al., CLIPLoss and Norm-Based Data Selection Methods for Multimodal "
         "Contrastive Learning (NeurIPS 2024, arXiv 2405.19547), Sec. 3.1; defaults from the "
-        "released code (tau 0.01, batch 32768, K 10)"
+        "released code (batch 32768, K 10; tau the embedder's learned temperature)"
     )
     stochastic = False
     needs = frozenset({"embeddings", "proxy"})
