@@ -20,10 +20,12 @@ err_console = Console(stderr=True)
 
 
 def _quiet_libraries() -> None:
-    # MLflow's sqlite migrations and open_clip's "no pretrained weights" notice are noise here.
+    # MLflow's sqlite migrations are noise here. open_clip's "no pretrained weights" notice
+    # is dropped where selbench builds its models (selbench.train.build_model); the root
+    # logger stays at WARNING so selbench's own warnings (a damaged cache entry) show.
     import logging
 
-    for name in ("alembic", "mlflow", "root", "open_clip"):
+    for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
