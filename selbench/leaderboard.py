@@ -463,9 +463,10 @@ class Cell:
     mark: int = 0  # +1 / -1: a paired difference whose 95% CI excludes zero
 
 
-def columns(board: Leaderboard, table: pd.DataFrame) -> list[str]:
-    """The headers of a budget table; ``seeds`` only when its rows differ in it."""
-    out = ["method"] + (["seeds"] if table["seeds"].nunique() > 1 else [])
+def columns(board: Leaderboard) -> list[str]:
+    """The headers of a budget table; ``seeds`` only when rows differ in it (otherwise
+    the header above the tables states it once)."""
+    out = ["method"] + (["seeds"] if board.table["seeds"].nunique() > 1 else [])
     for m in board.metrics:
         out += [f"{metric_name(m)} (mean ± 95% CI)", f"{metric_name(m)} vs random (paired)"]
     return out + ["selection s", "selection / training"]
@@ -612,14 +613,17 @@ def rich_tables(board: Leaderboard, title: str = "selbench leaderboard") -> list
     for setting, parts in sections(board):
         for section in parts:
             heading = section.heading + (f" — {_setting_text(setting)}" if several else "")
-            with_seeds = section.rows["seeds"].nunique() > 1
+            header = columns(board)
             table = Table(title=heading, caption=separation_text(section) or None)
-            for column in columns(board, section.rows):
+            for column in header:
                 table.add_column(column, justify="left" if column == "method" else "right")
             for _, row in section.rows.iterrows():
                 styles = {1: "green", -1: "red", 0: ""}
                 table.add_row(
-                    *(Text(c.text, style=styles[c.mark]) for c in cells(board, row, with_seeds)),
+                    *(
+                        Text(c.text, style=styles[c.mark])
+                        for c in cells(board, row, "seeds" in header)
+                    ),
                     style="dim" if row["reference"] else "",
                 )
             out.append(table)
@@ -728,7 +732,7 @@ def to_markdown(
             lines += [f"{'###' if several else '##'} {section.heading}", ""]
             if separation_text(section):
                 lines += [separation_text(section), ""]
-            header = columns(board, section.rows)
+            header = columns(board)
             lines += [_md_row(header), "|" + "---|" * len(header)]
             for _, row in section.rows.iterrows():
                 texts = [c.text for c in cells(board, row, "seeds" in header)]
@@ -843,7 +847,7 @@ def to_html(
             parts.append(f"<{tag}>{html.escape(section.heading)}</{tag}>")
             if separation_text(section):
                 parts.append(f"<p>{html.escape(separation_text(section))}</p>")
-            header = columns(board, section.rows)
+            header = columns(board)
             rows = [
                 (cells(board, row, "seeds" in header), "reference" if row["reference"] else "")
                 for _, row in section.rows.iterrows()
