@@ -337,10 +337,10 @@ def cache_rm(entry_ids) -> None:
     default=None,
     metavar="EXPERIMENT_OR_POOL",
     help="Rank the methods on a second configuration too and report, per budget, Kendall's "
-    "tau between the two rankings (how stable the ranking is). An MLflow experiment name "
-    "(its runs, through the same --where filters), or a pool of this experiment's runs "
-    "(the page then keeps the other pools); write experiment:NAME or pool:NAME when a "
-    "name is both. Each side must hold one pool, scale and protocol.",
+    "tau between the two rankings (how stable the ranking is). An MLflow experiment name, "
+    "or a pool of this experiment's runs (the page then keeps the other pools); write "
+    "experiment:NAME or pool:NAME when a name is both. --where filters apply to both "
+    "sides except pool=; each side must come down to one pool, scale and protocol.",
 )
 @friendly_errors
 def leaderboard(experiment, out, name, metrics, where, plots, compare_with) -> None:
@@ -349,7 +349,9 @@ def leaderboard(experiment, out, name, metrics, where, plots, compare_with) -> N
     method pairs that differ beyond their paired 95% CI; writes markdown, CSV, HTML and
     plots.
 
-    Example: selbench leaderboard --experiment synthweb --compare-with synthweb-b
+    \b
+    Example, the same sweep on a second SynthWeb in experiment synthweb-b:
+      selbench leaderboard --experiment synthweb --compare-with synthweb-b
     """
     _quiet_libraries()
     filters = _parse_assignments(where, "--where")
