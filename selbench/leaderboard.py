@@ -865,7 +865,7 @@ def to_html(
         sentence, header, rows = comparison_lines(board)
         parts.append(
             f"<h2>Ranking stability vs {_inline_markdown(board.comparison.name)}</h2>"
-            f"<p>{html.escape(sentence)}</p>"
+            f"<p>{_inline_markdown(sentence)}</p>"
         )
         parts.append(
             _html_table(header, [([Cell(v) for v in row], "") for row in rows], sortable=False)
