@@ -20,10 +20,12 @@ err_console = Console(stderr=True)
 
 
 def _quiet_libraries() -> None:
-    # MLflow's sqlite migrations and open_clip's "no pretrained weights" notice are noise here.
+    # MLflow's sqlite migrations are noise here. open_clip's "no pretrained weights" notice
+    # is dropped where selbench builds its models (selbench.train.build_model); the root
+    # logger stays at WARNING so selbench's own warnings (a damaged cache entry) show.
     import logging
 
-    for name in ("alembic", "mlflow", "root", "open_clip"):
+    for name in ("alembic", "mlflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -503,13 +505,34 @@ def cache_rm(entry_ids) -> None:
     "--where git_commit=abc123, --where plugin_package=selbench==0.1.0, --where pool=synthweb.",
 )
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Draw the PNG plots.")
+@click.option(
+    "--compare-with",
+    "compare_with",
+    default=None,
+    metavar="EXPERIMENT_OR_POOL",
+    help="Rank the methods on a second configuration too and report, per budget, Kendall's "
+    "tau between the two rankings (how stable the ranking is). An MLflow experiment name, "
+    "or a pool of this experiment's runs (the page then keeps the other pools); write "
+    "experiment:NAME or pool:NAME when a name is both. --where filters apply to both "
+    "sides except pool=; each side must come down to one pool, scale and protocol.",
+)
 @friendly_errors
-def leaderboard(experiment, out, name, metrics, where, plots) -> None:
-    """Aggregate finished runs: method x budget -> mean and 95% CI over seeds, the paired
-    difference from random, and selection cost; writes markdown, CSV, HTML and plots."""
+def leaderboard(experiment, out, name, metrics, where, plots, compare_with) -> None:
+    """Aggregate finished runs: one table per budget with each method's mean and 95% CI
+    over seeds, its paired difference from random, and its selection cost; counts the
+    method pairs that differ beyond their paired 95% CI; writes markdown, CSV, HTML and
+    plots.
+
+    \b
+    Example, the same sweep on a second SynthWeb in experiment synthweb-b:
+      selbench leaderboard --experiment synthweb --compare-with synthweb-b
+    """
     _quiet_libraries()
     filters = _parse_assignments(where, "--where")
-    _write_leaderboard(experiment, out, name or experiment, tuple(metrics), filters, plots)
+    _write_leaderboard(
+        experiment, out, name or experiment, tuple(metrics), filters, plots,
+        compare_with=compare_with,
+    )  # fmt: skip
 
 
 def _write_leaderboard(
@@ -522,12 +545,16 @@ def _write_leaderboard(
     intro: list[str] | None = None,
     run_ids: set[str] | None = None,
     source: str | None = None,
+    compare_with: str | None = None,
 ) -> None:
     from selbench import leaderboard as lb
 
     runs = lb.load_runs(experiment, filters)
     if run_ids is not None:  # exactly one sweep's cells
         runs = runs[runs["run_id"].isin(run_ids)]
+    other = None
+    if compare_with:
+        runs, other, other_name = lb.comparison_runs(compare_with, experiment, filters, runs)
     board = lb.summarise(runs, metrics)
     if board.table.empty:
         raise SelbenchError(
@@ -535,12 +562,15 @@ def _write_leaderboard(
             + (f" matching {filters}" if filters else "")
             + "; start one with `selbench run --method random --budget 0.25`"
         )
+    if other is not None:
+        lb.compare(board, other, other_name)
     figures = {}
     if plots:
         from selbench import plots as pl
 
         figures = pl.all_plots(board, runs, out, stem)
-    console.print(lb.rich_table(board, f"selbench leaderboard: {stem}"))
+    for part in lb.rich_tables(board, f"selbench leaderboard: {stem}"):
+        console.print(part)
     intro = [*(intro or []), *lb.provenance(runs)]
     paths = lb.write(board, out, stem, figures, intro, source or lb.LEADERBOARD_SOURCE)
     _log_leaderboard(experiment, stem, [*paths, *figures.values()])

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from selbench.leaderboard import Leaderboard  # noqa: E402
+from selbench.leaderboard import Leaderboard, metric_name  # noqa: E402
 
 PATHOLOGIES = (
     "clean",
@@ -27,10 +27,17 @@ PATHOLOGIES = (
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # bbox_inches="tight" grows the saved image to hold everything drawn outside the
+    # axes (long method labels, titles, colour bars, legends) instead of cutting it off,
+    # and keeps the plotting area the size the figure asked for.
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
     plt.close(fig)
     return path
+
+
+def _ink(value: float, light_from: float) -> str:
+    """Text colour that stays readable on a colour map cell: black on light cells."""
+    return "black" if value >= light_from else "white"
 
 
 def metric_vs_budget(board: Leaderboard, metric: str, path: Path) -> Path | None:
@@ -51,8 +58,8 @@ def metric_vs_budget(board: Leaderboard, metric: str, path: Path) -> Path | None
         ax.annotate("full pool", (table["budget"].min(), ref[f"{metric}_mean"]), fontsize=8)
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("budget (fraction of the pool)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs. budget (mean, 95% CI over seeds)")
+    ax.set_ylabel(metric_name(metric))
+    ax.set_title(f"{metric_name(metric)} vs. budget (mean, 95% CI over seeds)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
 
@@ -69,8 +76,8 @@ def quality_vs_compute(board: Leaderboard, metric: str, path: Path) -> Path | No
         for (_, row), x in zip(rows.iterrows(), total, strict=True):
             ax.annotate(f"{row['budget']:g}", (x, row[f"{metric}_mean"]), fontsize=6)
     ax.set_xlabel("selection + training seconds (mean per run)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs. total compute (labels: budget)")
+    ax.set_ylabel(metric_name(metric))
+    ax.set_title(f"{metric_name(metric)} vs. total compute (labels: budget)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
 
@@ -82,16 +89,25 @@ def pathologies_kept(runs: pd.DataFrame, path: Path) -> Path | None:
     runs = runs.dropna(subset=columns + ["params.method_label", "params.budget"])
     if runs.empty:
         return None
-    runs = runs.assign(row=runs["params.method_label"] + " @ " + runs["params.budget"].astype(str))
-    grid = runs.groupby("row")[columns].mean()
+    runs = runs.assign(budget=runs["params.budget"].astype(float))
+    grid = runs.groupby(["budget", "params.method_label"])[columns].mean()
+    names = [
+        "full pool" if (budget == 1.0 and method == "random") else f"{method} @ {budget:g}"
+        for budget, method in grid.index
+    ]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(grid) + 1.6))
     image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(PATHOLOGIES)), PATHOLOGIES, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(grid)), grid.index, fontsize=7)
+    ax.set_yticks(range(len(grid)), names, fontsize=7)
     for (i, j), value in np.ndenumerate(grid.to_numpy()):
-        ax.text(j, i, f"{100 * value:.0f}%", ha="center", va="center", fontsize=6, color="w")
+        ink = _ink(value, 0.6)  # viridis turns light (green-yellow) above about 0.6
+        ax.text(j, i, f"{100 * value:.0f}%", ha="center", va="center", fontsize=6, color=ink)
     fig.colorbar(image, ax=ax, label="share of the pool's samples kept")
-    ax.set_title("Pathologies kept (SynthWeb ground truth; blind selection keeps ~budget)")
+    ax.set_title(
+        "Pathologies kept (SynthWeb ground truth)\n"
+        "a selection blind to them keeps about the budget's share of each",
+        fontsize=10,
+    )
     return _save(fig, path)
 
 
@@ -121,7 +137,8 @@ def selection_overlap(
     ax.set_yticks(range(len(methods)), methods, fontsize=7)
     for (i, j), value in np.ndenumerate(matrix):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="gray")
+            ink = _ink(value, 0.5)  # magma turns light (orange-cream) above about 0.5
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color=ink)
     fig.colorbar(image, ax=ax, label="Jaccard index")
     ax.set_title(f"Selection overlap at budget {budget:g} (mean over shared seeds)")
     return _save(fig, path)
@@ -146,8 +163,12 @@ def all_plots(
     out_dir.mkdir(parents=True, exist_ok=True)
     metric = board.metrics[0] if board.metrics else "mean_R1"
     made: dict[str, Path | None] = {
-        f"{metric} vs. budget": metric_vs_budget(board, metric, out_dir / f"{name}_budget.png"),
-        f"{metric} vs. compute": quality_vs_compute(board, metric, out_dir / f"{name}_compute.png"),
+        f"{metric_name(metric)} vs. budget": metric_vs_budget(
+            board, metric, out_dir / f"{name}_budget.png"
+        ),
+        f"{metric_name(metric)} vs. compute": quality_vs_compute(
+            board, metric, out_dir / f"{name}_compute.png"
+        ),
         "pathologies kept": pathologies_kept(runs, out_dir / f"{name}_pathologies.png"),
     }
     frame = board.runs

@@ -69,9 +69,13 @@ class RichProgress:
         self._progress.console.print(message, highlight=False, soft_wrap=True)
 
     def set_info(self, description: str, info: str) -> None:
-        for task in self._progress.tasks:
+        """Show ``info`` beside the newest bar called ``description``: the one being
+        driven now. Earlier bars of that name (the proxy's "Training" before the
+        subset's, an earlier run's in a sweep) keep their own last value."""
+        for task in reversed(self._progress.tasks):
             if task.description == description:
                 self._progress.update(task.id, info=info)
+                return
 
 
 class NullProgress:

@@ -12,10 +12,12 @@ Protocols:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -69,9 +71,28 @@ def build_model(model_name: str, seed: int, device: str = "cpu") -> tuple[Any, A
             f"or use an open_clip name"
         )
     torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, device=device)
+    with _no_random_init_notice():
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, device=device)
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, preprocess, tokenizer
+
+
+def _drop_random_init_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def _no_random_init_notice() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning
+    while building a model: random initialisation is what selbench asks for. open_clip
+    logs it on the root logger, so muting the ``open_clip`` logger misses it; this filter
+    drops that one message and leaves every other warning alone."""
+    root = logging.getLogger()
+    root.addFilter(_drop_random_init_notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(_drop_random_init_notice)
 
 
 @dataclass

@@ -96,14 +96,17 @@ def test_markdown_csv_html_and_plots_are_written(tmp_path):
         "synthweb_pathologies.png",
         "synthweb_overlap_0.25.png",
     }
-    md, csv, html = lb.write(board, tmp_path, "synthweb", figures)
+    md, csv, html, pairs = lb.write(board, tmp_path, "synthweb", figures)
     text = md.read_text()
-    assert "| clip(k=3) | 0.25 | 1 | 0.400 | +0.300 |" in text  # one seed: values alone
+    # one table per budget; seeds differ between rows, so the column stays
+    assert "## Budget 0.25 (25% of the pool)" in text and "## Budget 1" not in text
+    assert "| clip(k=3) | 1 | 0.400 | +0.300 |" in text  # one seed: values alone
     half = T_975_DF2 * 0.1 / math.sqrt(3)
-    assert f"| random | 0.25 | 3 | 0.200 ± {half:.3f} | — |" in text
-    assert "full pool (random 1.0)" in text
-    assert "![mean_R1 vs. budget](synthweb_budget.png)" in text
+    assert f"| random | 3 | 0.200 ± {half:.3f} | — |" in text
+    assert "| *full pool (random, budget 1)* |" in text  # the reference row closes the table
+    assert "![R@1 vs. budget](synthweb_budget.png)" in text
     assert len(pd.read_csv(csv)) == 4
+    assert len(pd.read_csv(pairs)) == 3 * 2  # 3 methods at 0.25 -> 3 pairs, 2 metrics
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 4 and "full pool" in page
 
@@ -133,21 +136,27 @@ def test_page_states_what_it_was_computed_from(tmp_path):
     assert "git commit 0123456789" in text
     # 9 runs x (training 100 s + eval 2 s), selection 60 + 30 + 10 + 60 s
     assert f"Compute: {(9 * 102 + 160) / 60:.1f} min" in text
-    md, _, html = lb.write(lb.summarise(runs), tmp_path, "x", intro=["Produced by `cmd`.", *lines])
-    assert md.read_text().index("Produced by `cmd`.") < md.read_text().index("| pool |")
+    md, _, html, _ = lb.write(
+        lb.summarise(runs), tmp_path, "x", intro=["Produced by `cmd`.", *lines]
+    )
+    assert md.read_text().index("Produced by `cmd`.") < md.read_text().index("| method |")
     assert "Runs: 9 finished MLflow runs" in html.read_text()
 
 
-def test_terminal_table_moves_shared_settings_into_the_title():
+def test_terminal_shows_shared_settings_once_and_a_table_per_budget():
     from rich.console import Console
 
-    table = lb.rich_table(lb.summarise(fake_runs()), "board")
-    assert table.title == "board (pool synthweb, scale tiny, protocol fixed-compute)"
-    names = [c.header for c in table.columns]
-    assert names[:3] == ["method", "budget", "seeds"]
+    parts = lb.rich_tables(lb.summarise(fake_runs()), "board")
     console = Console(width=200, record=True)
-    console.print(table)
-    assert "0.200 ± " in console.export_text()  # random at 0.25 keeps its CI
+    for part in parts:
+        console.print(part)
+    text = console.export_text()
+    assert "Every row: pool synthweb (fingerprint abc), scale tiny, protocol fixed-compute." in text
+    tables = [p for p in parts if hasattr(p, "columns")]
+    assert [t.title for t in tables] == ["Budget 0.25 (25% of the pool)"]
+    assert [c.header for c in tables[0].columns][:2] == ["method", "seeds"]
+    assert "0.200 ± " in text  # random at 0.25 keeps its CI
+    assert "pool synthweb" not in [c.header for c in tables[0].columns]
 
 
 def test_runs_of_one_label_with_different_parameters_get_separate_rows():
@@ -155,7 +164,9 @@ def test_runs_of_one_label_with_different_parameters_get_separate_rows():
     # logged parameters differ, so averaging them as one method would be wrong.
     runs = fake_runs()
     extra = []
-    for seed, (embedder, value) in enumerate([("proxy", 0.06), ("proxy:scorer", 0.12)] * 2):
+    for seed, (embedder, threshold, value) in enumerate(
+        [("proxy", None, 0.06), ("proxy:scorer", "0.0", 0.12)] * 2
+    ):
         extra.append(
             {
                 **runs.iloc[0].to_dict(),
@@ -163,15 +174,185 @@ def test_runs_of_one_label_with_different_parameters_get_separate_rows():
                 "params.method_label": "tldr-release",
                 "params.seed": str(seed // 2),
                 "params.param.match_embedder": embedder,
+                "params.param.dead_code_threshold": threshold,  # not logged by the old runs
                 "params.param.clusters": "1000",
                 "metrics.mean_R1": value,
             }
         )
     runs = lb.split_mixed_parameters(pd.concat([runs, pd.DataFrame(extra)], ignore_index=True))
     table = lb.summarise(runs).table.set_index(["method", "budget"])
-    old = table.loc[("tldr-release[match_embedder=proxy]", 0.25)]
-    new = table.loc[("tldr-release[match_embedder=proxy:scorer]", 0.25)]
+    # the fewest parameters that tell the runs apart, preferring ones every run logged
+    old = table.loc[("tldr-release (match_embedder=proxy)", 0.25)]
+    new = table.loc[("tldr-release (match_embedder=proxy:scorer)", 0.25)]
     assert (old["mean_R1_mean"], new["mean_R1_mean"]) == (pytest.approx(0.06), pytest.approx(0.12))
     assert old["seeds"] == new["seeds"] == 2
-    # labels whose runs agree (or that have no parameters) are left alone
-    assert {"random", "tldr", "clip(k=3)"} <= {m for m, _ in table.index}
+    # labels whose runs agree (or that have no parameters) only read as a person writes them
+    assert {"random", "tldr", "clip (k=3)"} <= {m for m, _ in table.index}
+
+
+def test_labels_read_as_written_and_stay_unambiguous():
+    assert lb.label_parts("tldr(captioner_epochs=10.0,refine=False)") == (
+        "tldr",
+        {"captioner_epochs": "10.0", "refine": "False"},
+    )
+    assert lb.label_parts("random") == ("random", {})
+    assert lb.readable_label("tldr", {"refine": "False", "captioner_epochs": "10.0"}) == (
+        "tldr (captioner_epochs=10, refine=False)"
+    )
+    # where only a parameter some runs never logged tells them apart, the label says so
+    runs = pd.DataFrame(
+        {
+            "params.method_label": ["nds", "nds", "nds(k=5)"],
+            "params.param.k": ["10", "10", "5"],
+            "params.param.tau": [None, "0.5", None],
+        }
+    )
+    labels = lb.split_mixed_parameters(runs)["params.method_label"].tolist()
+    assert labels == ["nds (tau not logged)", "nds (tau=0.5)", "nds (k=5)"]
+
+
+def hand_runs(values: dict[tuple[str, float], list[float]], pool: str = "synthweb"):
+    """MLflow-like runs: per (method label, budget) one R@1 value per seed 0, 1, ..."""
+    rows = []
+    for (method, budget), per_seed in values.items():
+        for seed, value in enumerate(per_seed):
+            rows.append(
+                {
+                    "run_id": f"{pool}-{method}-{budget}-{seed}",
+                    "params.pool": pool,
+                    "params.pool_fingerprint": f"fp-{pool}",
+                    "params.scale": "tiny",
+                    "params.protocol": "fixed-compute",
+                    "params.method_label": method,
+                    "params.budget": str(budget),
+                    "params.seed": str(seed),
+                    "metrics.mean_R1": value,
+                    "metrics.zeroshot_acc1": 2 * value,
+                    "metrics.selection_seconds": 1.0,
+                    "metrics.training_seconds": 10.0,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+RANDOM = [0.10, 0.20, 0.30]
+SEPARATION = {
+    ("random", 0.25): RANDOM,
+    ("ahead", 0.25): [r + d for r, d in zip(RANDOM, [0.10, 0.11, 0.12], strict=True)],
+    ("level", 0.25): [r + d for r, d in zip(RANDOM, [0.0, 0.01, -0.01], strict=True)],
+    ("behind", 0.25): [r - d for r, d in zip(RANDOM, [0.05, 0.06, 0.04], strict=True)],
+    ("random", 1.0): [0.5, 0.7, 0.6],
+}
+
+
+def test_pairs_of_methods_are_compared_over_seeds_and_counted():
+    board = lb.summarise(hand_runs(SEPARATION))
+    pairs = board.pairs[board.pairs["metric"] == "mean_R1"].set_index(["method_a", "method_b"])
+    # ahead - behind per seed: 0.15, 0.17, 0.16
+    diffs = pd.Series([0.15, 0.17, 0.16])
+    ahead_behind = pairs.loc[("ahead", "behind")]
+    assert ahead_behind["difference_mean"] == pytest.approx(diffs.mean())
+    assert ahead_behind["difference_ci95"] == pytest.approx(T_975_DF2 * diffs.std() / math.sqrt(3))
+    assert ahead_behind["separated"] == 1 and ahead_behind["pairs"] == 3
+    assert pairs.loc[("level", "random"), "separated"] == 0  # +0.0 ± 0.025
+    assert pairs.loc[("behind", "level"), "separated"] == -1  # level ahead: 0.05, 0.07, 0.03
+    # 4 methods -> 6 pairs; all but level-random differ beyond their interval
+    counts = lb.separation_counts(board.pairs).set_index("metric")
+    assert counts.loc["mean_R1", ["method_pairs", "testable", "separated"]].tolist() == [6, 6, 5]
+    table = board.table.set_index("method")
+    assert table.loc["ahead", "mean_R1_vs_random_separated"] == 1
+    assert table.loc["behind", "mean_R1_vs_random_separated"] == -1
+    assert table.loc["level", "mean_R1_vs_random_separated"] == 0
+
+
+def test_page_marks_separated_differences_and_reports_the_counts(tmp_path):
+    md, _, html, _ = lb.write(lb.summarise(hand_runs(SEPARATION)), tmp_path, "sep")
+    text = md.read_text()
+    assert "**Every row: pool `synthweb` (fingerprint `fp-synthweb`), scale `tiny`" in text
+    assert "3 seeds per row (0, 1, 2)" in text and "| seeds |" not in text
+    assert (
+        "Method pairs that differ beyond their paired 95% CI: R@1 5 of 6; zero-shot top-1 5 of 6."
+        in text
+    )
+    rows = {line.split(" | ")[0].strip("| *"): line for line in text.splitlines() if "|" in line}
+    assert "▲ +0.110 ± " in rows["ahead"] and "▼ -0.050 ± " in rows["behind"]
+    assert "▲" not in rows["level"] and "▼" not in rows["level"]
+    page = html.read_text()
+    assert '<table class="sortable">' in page and "<script>" in page
+    assert 'class="up"' in page and 'class="down"' in page
+    assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
+    assert "level ahead of behind in R@1 by 0.050 ± " in page  # the separated pairs, listed
+    assert 'data-v="0.11' in page  # cells sort by their number, not their text
+
+
+def test_kendall_tau_between_two_configurations_on_hand_built_tables():
+    from scipy import stats
+
+    def board(means: dict[str, float], pool: str):
+        return lb.summarise(hand_runs({(m, 0.25): [v, v + 0.01] for m, v in means.items()}, pool))
+
+    here = board({"a": 0.4, "b": 0.3, "c": 0.2, "d": 0.1, "e": 0.05}, "one")
+    same = lb.rank_agreement(here, board({"a": 0.9, "b": 0.8, "c": 0.7, "d": 0.6}, "two"))
+    r1 = same[same["metric"] == "mean_R1"].iloc[0]
+    assert (r1["methods"], r1["tau"]) == (4, pytest.approx(1.0))  # "e" ran only here
+    assert r1["only_here"] == "e" and r1["only_there"] == ""
+    swapped = lb.rank_agreement(here, board({"a": 0.9, "b": 0.8, "c": 0.6, "d": 0.7}, "two"))
+    # one discordant pair of six: (5 - 1) / 6
+    assert swapped.iloc[0]["tau"] == pytest.approx(4 / 6)
+    assert swapped.iloc[0]["tau"] == pytest.approx(
+        stats.kendalltau([0.4, 0.3, 0.2, 0.1], [0.9, 0.8, 0.6, 0.7]).statistic
+    )
+    reversed_ = lb.rank_agreement(here, board({"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}, "two"))
+    assert reversed_.iloc[0]["tau"] == pytest.approx(-1.0)
+    too_few = lb.rank_agreement(here, board({"a": 0.1, "b": 0.2}, "two"))
+    assert pd.isna(too_few.iloc[0]["tau"])  # two methods rank nothing worth a number
+    mixed = lb.summarise(pd.concat([hand_runs(SEPARATION, "one"), hand_runs(SEPARATION, "two")]))
+    with pytest.raises(lb.SelbenchError, match="mixes 2 settings"):
+        lb.rank_agreement(mixed, here)
+
+
+def _log_runs(experiment: str, runs: pd.DataFrame) -> None:
+    import mlflow
+
+    from selbench import tracking
+
+    experiment_id = tracking.setup(experiment)
+    for _, run in runs.iterrows():
+        with mlflow.start_run(experiment_id=experiment_id):
+            mlflow.log_params(
+                {k.removeprefix("params."): v for k, v in run.items() if k.startswith("params.")}
+            )
+            mlflow.log_metrics(
+                {k.removeprefix("metrics."): v for k, v in run.items() if k.startswith("metrics.")}
+            )
+
+
+def test_leaderboard_command_compares_with_another_pool_or_experiment(tmp_path):
+    from click.testing import CliRunner
+
+    from selbench.cli import main
+
+    means = {"a": 0.4, "b": 0.3, "c": 0.2, "random": 0.1}
+    other = {"a": 0.4, "b": 0.2, "c": 0.3, "random": 0.1}  # b and c swap: tau 4/6
+    _log_runs("first", hand_runs({(m, 0.25): [v, v + 0.02] for m, v in means.items()}, "p1"))
+    _log_runs("first", hand_runs({(m, 0.25): [v, v + 0.02] for m, v in other.items()}, "p2"))
+    _log_runs("second", hand_runs({(m, 0.25): [v, v + 0.02] for m, v in other.items()}, "p3"))
+    out = tmp_path / "boards"
+    base = ["leaderboard", "--experiment", "first", "--out", str(out), "--no-plots"]
+    result = CliRunner().invoke(main, [*base, "--compare-with", "p2"])
+    assert result.exit_code == 0, result.output
+    text = (out / "first.md").read_text()
+    assert "## Ranking stability vs pool `p2`" in text
+    assert "| 0.25 | 4 | +0.67 (p " in text
+    assert "pool `p1`" in text and "p2" not in text.split("## Ranking stability")[0]
+    result = CliRunner().invoke(main, [*base, "--where", "pool=p1", "--compare-with", "second"])
+    assert result.exit_code == 0, result.output
+    assert "## Ranking stability vs experiment `second`" in (out / "first.md").read_text()
+    result = CliRunner().invoke(main, [*base, "--compare-with", "nowhere"])
+    assert result.exit_code == 1
+    assert "no finished runs on a pool of that name" in result.output
+    assert "its pools: p1, p2" in result.output
+    assert (
+        "--compare-with EXPERIMENT_OR_POOL"
+        in CliRunner().invoke(main, ["leaderboard", "-h"]).output
+    )

@@ -57,3 +57,15 @@ def test_model_is_built_from_the_json_config_and_seeded():
 def test_unknown_architecture_is_named():
     with pytest.raises(ConfigError, match="no-such-arch"):
         build_model("no-such-arch", seed=0)
+
+
+def test_building_a_model_does_not_warn_that_it_has_no_pretrained_weights(caplog):
+    # open_clip logs this on the root logger for every randomly initialised model; random
+    # initialisation is what selbench asks for, so the notice must not reach the user.
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    build_model("selbench-tiny", seed=0)
+    assert not [r for r in caplog.records if "pretrained" in r.getMessage()]
+    logging.getLogger().warning("other warnings still get through")
+    assert [r.getMessage() for r in caplog.records] == ["other warnings still get through"]
