@@ -549,6 +549,34 @@ def sweep(
         )
 
 
+@main.command()
+@click.argument("run_id")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["datacomp", "parquet"]),
+    default="datacomp",
+    show_default=True,
+    help="datacomp: DataComp's sorted u8,u8 uid .npy, which its resharder.py reads "
+    "(pools with DataComp uids only); parquet: uid, caption, train_caption, score.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory to write RUN_ID.npy or RUN_ID.parquet into.",
+)
+@friendly_errors
+def export(run_id, fmt, out) -> None:
+    """Write the subset that run RUN_ID selected, for others to train on (docs/real-data.md)."""
+    _quiet_libraries()
+    from selbench.export import export_run
+
+    path = export_run(run_id, fmt, out)
+    console.print(f"Wrote {path}")
+
+
 @main.group()
 def datasets() -> None:
     """Generate and inspect datasets."""
