@@ -82,6 +82,9 @@ class PoolConfig(BaseModel):
     synthweb: dict[str, Any] = Field(default_factory=dict, description="SynthWebConfig overrides")
     path: str | None = Field(default=None, description="shard directory (kind: shards)")
     eval: list[EvalSetConfig] = Field(default_factory=list)
+    eval_suite: str | None = Field(
+        default=None, description="a suite in configs/evals/ to use when 'eval' is empty"
+    )
 
 
 def load_yaml_model(path: Path, model: type[M]) -> M:

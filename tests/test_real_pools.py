@@ -206,3 +206,29 @@ def test_bad_worker_setting_is_a_clear_error(datacomp_pool_dir, monkeypatch):
     monkeypatch.setattr(shards_module, "PARALLEL_MIN_BYTES", 0)
     with pytest.raises(PoolError, match="SELBENCH_INDEX_WORKERS='two'"):
         len(ShardPool(datacomp_pool_dir))
+
+
+@pytest.mark.parametrize(
+    "name, variable, suite",
+    [
+        ("cc3m", "SELBENCH_CC3M_SHARDS", "seed"),
+        ("cc12m", "SELBENCH_CC12M_SHARDS", "seed"),
+        ("yfcc15m", "SELBENCH_YFCC15M_SHARDS", "seed"),
+        ("laion400m-subset", "SELBENCH_LAION_SUBSET_SHARDS", "seed"),
+        ("datacomp-small", "SELBENCH_DATACOMP_SMALL_SHARDS", "datacomp-38"),
+        ("datacomp-medium", "SELBENCH_DATACOMP_MEDIUM_SHARDS", "datacomp-38"),
+    ],
+)
+def test_bundled_real_pool_configs_resolve(name, variable, suite, datacomp_pool_dir, monkeypatch):
+    from selbench.errors import ConfigError
+    from selbench.evaluate import resolve_eval_suite
+    from selbench.pools import resolve_pool
+
+    monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(ConfigError, match=rf"{name}.yaml: key 'path' uses \${{{variable}}}"):
+        resolve_pool(name)
+    monkeypatch.setenv(variable, str(datacomp_pool_dir))
+    resolved = resolve_pool(name)
+    assert resolved.kind == "shards" and resolved.pool.name == name
+    assert resolved.eval_sets == resolve_eval_suite(suite, check=False)
+    assert len(resolved.pool) == 14
