@@ -232,3 +232,17 @@ def test_bundled_real_pool_configs_resolve(name, variable, suite, datacomp_pool_
     assert resolved.kind == "shards" and resolved.pool.name == name
     assert resolved.eval_sets == resolve_eval_suite(suite, check=False)
     assert len(resolved.pool) == 14
+
+
+def test_decodability_check_catches_cut_and_corrupt_images():
+    from selbench.pools.shards import is_decodable
+
+    photo = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(photo, format="JPEG", quality=90)
+    jpeg = photo.getvalue()
+    assert is_decodable(jpeg) and is_decodable(png_bytes())
+    assert not is_decodable(jpeg[: len(jpeg) // 2])  # cut mid-scan: caught at 1/8 scale too
+    noisy = io.BytesIO()
+    Image.effect_noise((64, 48), 60).save(noisy, format="PNG")
+    assert not is_decodable(noisy.getvalue()[: len(noisy.getvalue()) // 2])
+    assert not is_decodable(b"\xff\xd8\xff\xe0 not a jpeg")
