@@ -38,6 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import filelock
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -316,23 +317,36 @@ class ShardPool:
     def _parts_dir(self) -> Path:
         return index_home() / f"{self.fingerprint}.v{INDEX_FORMAT}.parts"
 
-    def _load_or_build_index(self) -> pd.DataFrame:
+    def _load_index(self) -> pd.DataFrame | None:
         path = self._index_path()
         stats_path = path.with_suffix(".stats.json")
-        if path.exists() and stats_path.exists():
-            try:
-                index = pd.read_parquet(path)
-                self.scan_stats = ScanStats.from_dict(json.loads(stats_path.read_text()))
-                return index
-            except (OSError, ValueError, KeyError):
-                pass  # damaged cache entry: rebuild below
-        index = self._scan()
+        if not (path.exists() and stats_path.exists()):
+            return None
+        try:
+            index = pd.read_parquet(path)
+            self.scan_stats = ScanStats.from_dict(json.loads(stats_path.read_text()))
+        except (OSError, ValueError, KeyError):
+            return None  # damaged cache entry: rebuilt by the caller
+        return index
+
+    def _load_or_build_index(self) -> pd.DataFrame:
+        index = self._load_index()
+        if index is not None:
+            return index
+        path = self._index_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_sibling(path)
-        index.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-        atomic_write_text(stats_path, json.dumps(self.scan_stats.as_dict()))
-        shutil.rmtree(self._parts_dir(), ignore_errors=True)
+        # One scan per pool at a time: a second process waits, then reads the first's index.
+        with filelock.FileLock(str(path.with_suffix(".lock"))):
+            index = self._load_index()
+            if index is not None:
+                return index
+            index = self._scan()
+            tmp = temp_sibling(path)
+            index.to_parquet(tmp, index=False)
+            stats = json.dumps(self.scan_stats.as_dict())
+            atomic_write_text(path.with_suffix(".stats.json"), stats)
+            os.replace(tmp, path)  # last: the index is complete once it exists
+            shutil.rmtree(self._parts_dir(), ignore_errors=True)
         return index
 
     def _scan(self) -> pd.DataFrame:
