@@ -52,8 +52,8 @@ def _parse_assignments(values: tuple[str, ...], option: str) -> dict[str, str]:
     return parsed
 
 
-def _budget(ctx, param, value: float) -> float:
-    if not 0.0 < value <= 1.0:
+def _budget(ctx, param, value: float | None) -> float | None:
+    if value is not None and not 0.0 < value <= 1.0:
         raise click.BadParameter(
             f"{value} is not a fraction in (0, 1]; e.g. 0.25 keeps a quarter of the pool"
         )
@@ -76,12 +76,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--method", "-m", required=True, help="Strategy name; `selbench methods` lists them.")
+@click.option("--method", "-m", default=None, help="Strategy name; `selbench methods` lists them.")
 @click.option(
     "--budget",
     "-b",
     type=float,
-    required=True,
+    default=None,
     callback=_budget,
     help="Fraction of the pool to keep, in (0, 1]; the subset is exactly round(budget x size).",
 )
@@ -123,32 +123,132 @@ def main() -> None:
     "directory or an image folder. Default: the pool's target split (SynthWeb has one). "
     "A target sharing any image with an eval set is refused.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["in-memory", "open_clip"]),
+    default=None,
+    help="Training engine; default: the scale's. in-memory: selbench's loop over the "
+    "decoded subset (fast for tiny on CPU); open_clip: open_clip_train under torchrun, "
+    "streaming the subset's shards (DDP, amp, checkpoints; docs/scale-out.md).",
+)
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Training processes on this node (open_clip engine; one per GPU).",
+)
+@click.option(
+    "--launcher",
+    type=click.Choice(["torchrun", "srun"]),
+    default="torchrun",
+    show_default=True,
+    help="How the open_clip engine starts its workers: torchrun on this node "
+    "(--nproc-per-node of them), or srun over every task of the current SLURM allocation "
+    "(multi-node; docs/scale-out.md).",
+)
+@click.option(
+    "--resume",
+    "resume_id",
+    default=None,
+    metavar="RUN_ID",
+    help="Continue run RUN_ID from its first unfinished stage (after a crash, a preemption "
+    "or a kill); it keeps its own settings, so give no --method/--budget/--pool; "
+    "--device, --nproc-per-node and --launcher may change (train on another node).",
+)
+@click.option(
+    "--stage",
+    "stages",
+    multiple=True,
+    type=click.Choice(["select", "materialize", "train", "evaluate"]),
+    help="Run only this stage (repeatable): `--stage select` starts a run and stops after "
+    "selecting; `--resume RUN_ID --stage train` trains it, e.g. on another node. Without "
+    "it every stage left runs.",
+)
 @friendly_errors
-def run(method, budget, seed, pool, scale, protocol, params, experiment, device, target) -> None:
-    """Select a subset with METHOD, train the fixed recipe on it, evaluate, log to MLflow."""
+def run(
+    method,
+    budget,
+    seed,
+    pool,
+    scale,
+    protocol,
+    params,
+    experiment,
+    device,
+    target,
+    engine,
+    nproc_per_node,
+    launcher,
+    resume_id,
+    stages,
+) -> None:
+    """Select a subset with METHOD, train the fixed recipe on it, evaluate, log to MLflow.
+
+    A run is four stages with files between them (select -> selection.parquet ->
+    materialize -> subset shards -> train -> checkpoint -> evaluate), all recorded in one
+    MLflow run; `--resume RUN_ID` continues one from where it stopped.
+    """
     _quiet_libraries()
     from selbench.progress import RichProgress
-    from selbench.runner import RunRequest, execute
+    from selbench.runner import RunRequest, execute, resume
     from selbench.tracking import ui_command
 
-    request = RunRequest(
-        method=method,
-        budget=budget,
-        seed=seed,
-        pool=pool,
-        scale=scale,
-        protocol=protocol,
-        params=_parse_assignments(params, "--param"),
-        experiment=experiment,
-        device=device,
-        target=str(target) if target else None,
-    )
+    ctx = click.get_current_context()
+    if resume_id:
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("method", "budget", "pool", "scale", "protocol", "target", "engine")
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ] + (["--param"] if params else [])
+        if given:
+            raise click.UsageError(
+                f"--resume continues a run with its own settings; drop {', '.join(given)}"
+            )
+    elif method is None or budget is None:
+        raise click.UsageError("give --method and --budget (or --resume RUN_ID)")
     with RichProgress(err_console) as progress:
-        outcome = execute(request, progress=progress)
-    summary = Table(title=f"{method} @ budget {budget} (seed {seed})")
+        if resume_id:
+            execution = {
+                name: value
+                for name, value in (
+                    ("device", device),
+                    ("nproc_per_node", nproc_per_node),
+                    ("launcher", launcher),
+                )
+                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+            }
+            outcome = resume(resume_id, list(stages) or None, progress, experiment, execution)
+        else:
+            request = RunRequest(
+                method=method,
+                budget=budget,
+                seed=seed,
+                pool=pool,
+                scale=scale,
+                protocol=protocol,
+                params=_parse_assignments(params, "--param"),
+                experiment=experiment,
+                device=device,
+                target=str(target) if target else None,
+                engine=engine,
+                nproc_per_node=nproc_per_node,
+                launcher=launcher,
+            )
+            outcome = execute(request, progress=progress, stages=list(stages) or None)
+    if outcome.next_stage is not None:
+        console.print(
+            f"Ran {', '.join(outcome.stages_run)}; run [bold]{outcome.run_id}[/] is waiting "
+            f"for stage {outcome.next_stage}. Continue it with: "
+            f"selbench run --resume {outcome.run_id}",
+            soft_wrap=True,
+        )
+        return
+    title = f"run {outcome.run_id}" if resume_id else f"{method} @ budget {budget} (seed {seed})"
+    summary = Table(title=title)
     summary.add_column("metric")
     summary.add_column("value", justify="right")
-    shown = [k for k in outcome.metrics if not k.startswith("diag/")]
+    shown = [k for k in outcome.metrics if not k.startswith(("diag/", "stage_seconds/"))]
     for key in sorted(shown, key=lambda k: (k not in ("mean_R1", "zeroshot_acc1"), k)):
         value = outcome.metrics[key]
         summary.add_row(key, f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}")
@@ -375,18 +475,17 @@ def _write_leaderboard(
 
 def _log_leaderboard(experiment: str, stem: str, files: list[Path]) -> None:
     """Keep the leaderboard's files in MLflow too, in a run tagged as a leaderboard."""
-    import mlflow
-
     from selbench import tracking
 
-    experiment_id = tracking.setup(experiment)
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=f"leaderboard-{stem}",
-        tags={"selbench.leaderboard": "true"},
-    ):
+    recorder = tracking.Recorder(experiment)
+    recorder.start(f"leaderboard-{stem}", tags={"selbench.leaderboard": "true"})
+    try:
         for path in files:
-            mlflow.log_artifact(str(path))
+            recorder.artifact(path)
+    except BaseException as exc:
+        recorder.fail(exc)
+        raise
+    recorder.finish()
 
 
 def _list(kind: type, option: str):

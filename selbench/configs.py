@@ -46,6 +46,33 @@ class ScaleConfig(BaseModel):
     )
     eval_batch_size: int = Field(default=256, gt=0)
     precision: Literal["fp32", "amp"] = "fp32"
+    warmup_steps: int | None = Field(
+        default=None,
+        ge=0,
+        description="linear warmup in optimizer steps (DataComp: 500); overrides "
+        "warmup_fraction when set",
+    )
+    engine: Literal["in-memory", "open_clip"] = Field(
+        default="in-memory",
+        description="in-memory: selbench's loop over the decoded subset (tiny, CPU); "
+        "open_clip: open_clip_train under torchrun, streaming the subset's shards",
+    )
+    shard_size: int = Field(
+        default=10_000, gt=0, description="samples per materialized subset shard (DataComp)"
+    )
+    num_checkpoints: int = Field(
+        default=1,
+        gt=0,
+        description="open_clip engine: the run is split into this many open_clip 'epochs' of "
+        "samples_seen / num_checkpoints samples each, with a checkpoint after each one "
+        "(DataComp's train.py uses 8); a killed training resumes from the last one",
+    )
+    workers: int = Field(default=1, ge=0, description="open_clip engine: data loader workers")
+    local_loss: bool = Field(default=False, description="open_clip_train --local-loss")
+    gather_with_grad: bool = Field(default=False, description="open_clip_train --gather-with-grad")
+    grad_checkpointing: bool = Field(
+        default=False, description="open_clip_train --grad-checkpointing"
+    )
 
 
 class EvalSetConfig(BaseModel):

@@ -5,7 +5,8 @@ A cell is identified by the hash of its resolved configuration
 (:func:`selbench.runner.cell_key`, also tagged on every ``selbench run``), so running the
 same sweep again skips the cells that already have a FINISHED run -- whether a sweep or
 a plain ``selbench run`` produced it -- and runs the missing and failed ones. A cell
-whose run was left RUNNING by a killed process is marked KILLED before it is rerun.
+whose run was left RUNNING by a killed process is marked KILLED; a cell stopped after
+some of its stages (killed, preempted) is resumed from them rather than rerun.
 Embedding caches, proxies and captioners are shared through the usual caches.
 """
 
@@ -22,7 +23,7 @@ from selbench import tracking
 from selbench.errors import ConfigError
 from selbench.progress import NullProgress
 from selbench.registry import get_registry
-from selbench.runner import RunRequest, cell_key, execute
+from selbench.runner import RunRequest, cell_key, execute, reap_stale_runs, resume
 from selbench.strategy import check_budget, parse_params
 
 SWEEP_TAG = "selbench.sweep_key"
@@ -99,37 +100,26 @@ def sweep_key(cells: Sequence[Cell]) -> str:
     return hashlib.sha256(json.dumps(sorted(c.key for c in cells)).encode()).hexdigest()[:16]
 
 
-def _runs_by_cell(experiment_id: str, keys: set[str]) -> dict[str, list[Any]]:
-    import mlflow
-
+def _runs_by_cell(recorder: tracking.Recorder, keys: set[str]) -> dict[str, list[Any]]:
     found: dict[str, list[Any]] = {}
-    runs = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list")
-    for run in runs:
+    for run in recorder.search():
         key = run.data.tags.get(CELL_TAG)
         if key in keys:
             found.setdefault(key, []).append(run)
     return found
 
 
-def _parent_run(experiment_id: str, key: str, description: str) -> str:
+def _parent_run(recorder: tracking.Recorder, key: str, description: str) -> str:
     """The id of this sweep's parent run: the existing one if the sweep ran before."""
-    import mlflow
-
-    existing = mlflow.search_runs(
-        experiment_ids=[experiment_id],
-        filter_string=f"tags.`{SWEEP_TAG}` = '{key}' and tags.`selbench.sweep_parent` = 'true'",
-        output_format="list",
+    existing = recorder.search(
+        f"tags.`{SWEEP_TAG}` = '{key}' and tags.`selbench.sweep_parent` = 'true'"
     )
     if existing:
         return existing[0].info.run_id
-    client = mlflow.MlflowClient()
-    run = client.create_run(
-        experiment_id,
-        run_name=f"sweep-{key}",
+    return recorder.create_run(
+        f"sweep-{key}",
         tags={SWEEP_TAG: key, "selbench.sweep_parent": "true", "selbench.sweep": description},
     )
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
 
 
 def run_sweep(
@@ -140,28 +130,36 @@ def run_sweep(
 ) -> SweepResult:
     """Run every cell that has no FINISHED run yet. Failed cells are recorded and the
     sweep goes on; a KeyboardInterrupt stops it (the interrupted run ends KILLED)."""
-    import mlflow
-
     progress = progress or NullProgress()
     on_update = on_update or (lambda cell, cells: None)
-    experiment_id = tracking.setup(experiment)
+    recorder = tracking.Recorder(experiment)
+    reap_stale_runs(recorder)  # cells whose process died: KILLED, resumable
     key = sweep_key(cells)
     description = json.dumps(
         sorted({(c.request.method, c.request.budget, c.request.seed) for c in cells}),
     )[:5000]
-    parent = _parent_run(experiment_id, key, description)
-    client = mlflow.MlflowClient()
-    existing = _runs_by_cell(experiment_id, {c.key for c in cells})
+    parent = _parent_run(recorder, key, description)
+    existing = _runs_by_cell(recorder, {c.key for c in cells})
+    resumable: dict[str, str] = {}
     for cell in cells:
         runs = existing.get(cell.key, [])
         finished = [r for r in runs if r.info.status == "FINISHED"]
         for stale in (r for r in runs if r.info.status == "RUNNING"):
-            # Left RUNNING by a killed process: nothing will ever finish it.
-            client.set_tag(stale.info.run_id, "selbench.error", "stale: process died")
-            client.set_terminated(stale.info.run_id, "KILLED")
+            # Left RUNNING by a killed process elsewhere: nothing will ever finish it.
+            recorder.set_terminated(stale.info.run_id, "KILLED", "stale: process died")
         if finished:
             cell.status, cell.run_id = "skipped", finished[0].info.run_id
             cell.mean_r1 = finished[0].data.metrics.get("mean_R1")
+        else:
+            # A cell killed or preempted after some stages continues from them.
+            stopped = [
+                r
+                for r in runs
+                if r.info.status in ("KILLED", "SCHEDULED")
+                and r.data.tags.get("selbench.stage") in ("materialize", "train", "evaluate")
+            ]
+            if stopped:
+                resumable[cell.key] = stopped[0].info.run_id
         on_update(cell, cells)
     result = SweepResult(key, parent, cells)
     todo = [c for c in cells if c.status == "pending"]
@@ -169,22 +167,24 @@ def run_sweep(
         cell.status = "running"
         on_update(cell, cells)
         started = time.perf_counter()
-        mlflow.start_run(run_id=parent)  # the parent is RUNNING while one of its cells is
-        parent_status = "FINISHED"
-        try:
-            outcome = execute(cell.request, progress, parent_run_id=parent, tags={SWEEP_TAG: key})
-        except KeyboardInterrupt:
-            parent_status = "KILLED"
-            cell.status, cell.error = "failed", "interrupted"
-            on_update(cell, cells)
-            raise
-        except Exception as exc:  # the cell's own run has already ended FAILED
-            cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
-        else:
-            cell.status, cell.run_id = "done", outcome.run_id
-            cell.mean_r1 = outcome.metrics.get("mean_R1")
-        finally:
-            mlflow.end_run(parent_status)
+        with recorder.hold(parent) as held:  # the parent is RUNNING while one of its cells is
+            try:
+                if cell.key in resumable:
+                    outcome = resume(resumable[cell.key], progress=progress, experiment=experiment)
+                else:
+                    outcome = execute(
+                        cell.request, progress, parent_run_id=parent, tags={SWEEP_TAG: key}
+                    )
+            except KeyboardInterrupt:
+                held["status"] = "KILLED"
+                cell.status, cell.error = "failed", "interrupted"
+                on_update(cell, cells)
+                raise
+            except Exception as exc:  # the cell's own run has already ended FAILED
+                cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
+            else:
+                cell.status, cell.run_id = "done", outcome.run_id
+                cell.mean_r1 = outcome.metrics.get("mean_R1")
         cell.seconds = time.perf_counter() - started
         on_update(cell, cells)
     return result

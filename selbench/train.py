@@ -13,10 +13,12 @@ Protocols:
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,10 +29,15 @@ from open_clip_train.scheduler import cosine_lr
 
 from selbench.configs import ScaleConfig
 from selbench.errors import ConfigError
+from selbench.fileutil import temp_sibling
 from selbench.paths import config_dir
 from selbench.progress import NullProgress
 
 PROTOCOLS = ("fixed-compute", "fixed-epochs")
+# in-memory: this module's loop over a decoded subset (tiny scales on CPU);
+# open_clip: open_clip_train under torchrun, streaming the subset's shards
+# (selbench.train_open_clip). Both follow the same recipe (configs/scales/).
+ENGINES = ("in-memory", "open_clip")
 
 
 @cache
@@ -113,6 +120,30 @@ class TrainResult:
     seconds: float
     final_loss: float
     loss_curve: list[tuple[int, float]]
+    checkpoint: Path | None = None
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path) -> Path:
+    """Write the model's weights to ``path`` atomically (a plain state dict)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        torch.save({"state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path, device: str = "cpu") -> None:
+    """Load weights saved by :func:`save_checkpoint` or by open_clip_train (its
+    ``state_dict`` key; DDP's ``module.`` prefix removed), tensors only."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model.load_state_dict(state)
+    model.to(device).eval()
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -179,7 +210,9 @@ def train_clip(
     progress = progress or NullProgress()
     batch_size = min(scale.batch_size, len(data))
     steps = max(1, math.ceil(samples_seen / batch_size))
-    warmup = int(scale.warmup_fraction * steps)
+    warmup = (
+        scale.warmup_steps if scale.warmup_steps is not None else int(scale.warmup_fraction * steps)
+    )
     torch.manual_seed(seed)
     model.to(device).train()
     optimizer = torch.optim.AdamW(

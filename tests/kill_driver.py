@@ -1,0 +1,62 @@
+"""Run the selbench CLI in this process and SIGKILL it at a chosen point (tests only).
+
+    python kill_driver.py materialize|train selbench-args...
+
+``materialize``: killed after the first subset shard is written; ``train``: killed after
+the in-memory trainer's third step. ``kill -9`` leaves no chance to clean up, which is
+what the resume tests need.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    point, args = sys.argv[1], sys.argv[2:]
+    if point == "materialize":
+        import selbench.materialize as materialize
+
+        real_write = materialize.write_shard
+        written = []
+
+        def write_then_die(*a, **kw):
+            if written:
+                _die()
+            written.append(real_write(*a, **kw))
+            return written[-1]
+
+        materialize.write_shard = write_then_die
+        materialize.default_workers = lambda n: 1  # in-process, so the patch applies
+    elif point == "train":
+        import selbench.runner as runner
+        from selbench.progress import NullProgress
+
+        real_train = runner.train_clip
+
+        class DyingProgress(NullProgress):
+            def track(self, iterable, description, total=None):
+                for step, item in enumerate(iterable):
+                    if step == 3:
+                        _die()
+                    yield item
+
+        def train_then_die(model, data, scale, samples_seen, seed, device="cpu", progress=None):
+            return real_train(model, data, scale, samples_seen, seed, device, DyingProgress())
+
+        runner.train_clip = train_then_die
+    else:
+        raise SystemExit(f"unknown kill point {point!r}")
+    from selbench.cli import main as cli
+
+    cli(args)
+
+
+if __name__ == "__main__":
+    main()
