@@ -653,18 +653,19 @@ def sweep(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["datacomp", "parquet"]),
-    default="datacomp",
+    type=click.Choice(["datacomp", "parquet", "shards"]),
+    default="parquet",
     show_default=True,
     help="datacomp: DataComp's sorted u8,u8 uid .npy, which its resharder.py reads "
-    "(pools with DataComp uids only); parquet: uid, caption, train_caption, score.",
+    "(pools with DataComp uids only); parquet: uid, caption, train_caption, score; "
+    "shards: webdataset shards of the selected samples, from the run's pool.",
 )
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("."),
     show_default=True,
-    help="Directory to write RUN_ID.npy or RUN_ID.parquet into.",
+    help="Directory to write RUN_ID.npy, RUN_ID.parquet or the shard folder RUN_ID/ into.",
 )
 @friendly_errors
 def export(run_id, fmt, out) -> None:

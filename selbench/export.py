@@ -20,6 +20,10 @@ A run logs its selection as the MLflow artifact ``selection.parquet`` (columns `
 ``parquet``
     ``uid``, ``caption`` (the pool's), ``train_caption`` (after any rewrite) and
     ``score`` (NaN where the strategy gave none), in selection order.
+``shards``
+    The selected samples as webdataset shards, written by the run's own materialize
+    stage (DataComp resharder semantics; ``selbench.materialize``) from the run's pool,
+    which must still have the fingerprint the run recorded.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from selbench.fileutil import temp_sibling
 
 #: DataComp's subset dtype (``u16`` in its resharder.py): two little-endian uint64 fields.
 DATACOMP_DTYPE = np.dtype("u8,u8")
-FORMATS = ("datacomp", "parquet")
+FORMATS = ("datacomp", "parquet", "shards")
 SELECTION_ARTIFACT = "selection.parquet"
 SELECTION_COLUMNS = ("uid", "caption", "train_caption", "score")
 _DATACOMP_UID = re.compile(r"[0-9a-fA-F]{32}")
@@ -123,25 +127,20 @@ def write_selection_parquet(selection: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def load_run_selection(run_id: str) -> pd.DataFrame:
-    """The ``selection.parquet`` artifact of MLflow run ``run_id`` (selbench's store)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+def _recorder():
     from selbench import tracking
 
-    uri = tracking.tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        mlflow.get_run(run_id)
-    except MlflowException:
-        raise ExportError(f"run {run_id!r} not found in the MLflow store {uri}") from None
+    return tracking.Recorder()
+
+
+def load_run_selection(run_id: str, recorder=None) -> pd.DataFrame:
+    """The ``selection.parquet`` artifact of MLflow run ``run_id`` (selbench's store)."""
+    recorder = recorder or _recorder()
+    recorder.get_run(run_id)  # a SelbenchError naming the id when there is none
     with tempfile.TemporaryDirectory(prefix="selbench-export-") as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=SELECTION_ARTIFACT, dst_path=tmp
-            )
-        except (MlflowException, OSError):
+            local = recorder.download(run_id, SELECTION_ARTIFACT, Path(tmp))
+        except Exception:
             raise ExportError(
                 f"run {run_id} has no {SELECTION_ARTIFACT} artifact "
                 "(it stopped before its selection was logged)"
@@ -149,21 +148,56 @@ def load_run_selection(run_id: str) -> pd.DataFrame:
         return pd.read_parquet(local)
 
 
+def write_selection_shards(run_id: str, selection: pd.DataFrame, out_dir: Path, recorder) -> Path:
+    """The selected samples as webdataset shards (the run's materialize stage:
+    :func:`selbench.materialize.materialize`, training captions in ``.txt``, uid and
+    original caption in ``.json``) under ``out_dir``, read from the run's pool, which
+    must still be the pool the run selected from (same fingerprint)."""
+    from selbench.materialize import materialize
+    from selbench.pools import resolve_pool
+    from selbench.runner import selection_hash
+
+    params = recorder.get_run(run_id).data.params
+    spec, fingerprint = params.get("pool_spec"), params.get("pool_fingerprint")
+    if not spec:
+        raise ExportError(f"run {run_id} records no pool_spec; export it as parquet instead")
+    pool = resolve_pool(spec).pool
+    if fingerprint and pool.fingerprint != fingerprint:
+        raise ExportError(
+            f"pool {spec!r} changed since run {run_id} selected from it (fingerprint "
+            f"{pool.fingerprint}, the run's {fingerprint}); --format shards needs the same pool"
+        )
+    uids = selection["uid"].tolist()
+    subset = materialize(
+        pool,
+        uids,
+        selection["train_caption"].tolist(),
+        selection["caption"].tolist(),
+        Path(out_dir),
+        selection_sha256=selection_hash(uids),
+    )
+    return subset.root
+
+
 def export_filename(run_id: str, fmt: str) -> str:
-    return f"{run_id}.npy" if fmt == "datacomp" else f"{run_id}.parquet"
+    return {"datacomp": f"{run_id}.npy", "parquet": f"{run_id}.parquet"}.get(fmt, run_id)
 
 
-def export_command(run_id: str, fmt: str = "datacomp") -> str:
-    """The command that exports ``run_id``'s subset (shown on leaderboard rows)."""
+def export_command(run_id: str, fmt: str = "parquet") -> str:
+    """The command that exports ``run_id``'s subset (for leaderboard rows)."""
     return f"selbench export {run_id} --format {fmt}"
 
 
 def export_run(run_id: str, fmt: str, out_dir: Path) -> Path:
-    """Export run ``run_id``'s selection as ``fmt`` into ``out_dir``; return the file."""
+    """Export run ``run_id``'s selection as ``fmt`` into ``out_dir``; return the file
+    (the shard directory for ``shards``)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    selection = load_run_selection(run_id)
+    recorder = _recorder()
+    selection = load_run_selection(run_id, recorder)
     path = Path(out_dir) / export_filename(run_id, fmt)
     if fmt == "datacomp":
         return write_datacomp_npy(selection["uid"].tolist(), path)
+    if fmt == "shards":
+        return write_selection_shards(run_id, selection, path, recorder)
     return write_selection_parquet(selection, path)

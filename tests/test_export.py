@@ -1,4 +1,5 @@
 import hashlib
+import json
 import struct
 
 import numpy as np
@@ -84,7 +85,7 @@ def test_reading_a_file_of_another_dtype_is_a_clear_error(tmp_path):
         read_datacomp_npy(tmp_path / "wrong.npy")
 
 
-def _logged_run(selection: pd.DataFrame, tmp_path) -> str:
+def _logged_run(selection: pd.DataFrame, tmp_path, params: dict | None = None) -> str:
     import mlflow
 
     from selbench import tracking
@@ -94,6 +95,7 @@ def _logged_run(selection: pd.DataFrame, tmp_path) -> str:
     selection.to_parquet(path, index=False)
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_artifact(str(path))
+        mlflow.log_params(params or {})
     return run.info.run_id
 
 
@@ -123,7 +125,9 @@ def test_export_of_a_synthweb_style_run_as_datacomp_says_what_to_do(tmp_path):
         {"uid": ["000000001"], "caption": ["a"], "train_caption": ["a"], "score": [np.nan]}
     )
     run_id = _logged_run(selection, tmp_path)
-    result = CliRunner().invoke(main, ["export", run_id, "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        main, ["export", run_id, "--format", "datacomp", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 1
     assert "'000000001' is not a DataComp uid" in result.output
     assert "--format parquet" in result.output
@@ -132,4 +136,46 @@ def test_export_of_a_synthweb_style_run_as_datacomp_says_what_to_do(tmp_path):
 def test_export_of_an_unknown_run_names_it(tmp_path):
     result = CliRunner().invoke(main, ["export", "0123456789abcdef", "--out", str(tmp_path)])
     assert result.exit_code == 1
-    assert "run '0123456789abcdef' not found" in result.output
+    assert "no MLflow run '0123456789abcdef'" in result.output
+
+
+def test_shards_export_writes_the_selected_samples_with_training_captions(shard_pool_dir, tmp_path):
+    from selbench.pools import ShardPool
+
+    pool = ShardPool(shard_pool_dir)
+    spec = tmp_path / "pool.yaml"
+    spec.write_text(
+        f"name: fixture\nkind: shards\npath: {shard_pool_dir}\n"
+        f"eval: [{{name: x, task: retrieval, path: {tmp_path}/nowhere}}]\n"
+    )
+    chosen = pool.uids[::2]
+    selection = pd.DataFrame(
+        {
+            "uid": chosen,
+            "caption": [dict(zip(pool.uids, pool.captions, strict=True))[u] for u in chosen],
+            "train_caption": [f"rewritten {u}" for u in chosen],
+            "score": [0.5] * len(chosen),
+        }
+    )
+    params = {"pool_spec": str(spec), "pool_fingerprint": pool.fingerprint}
+    run_id = _logged_run(selection, tmp_path, params)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", run_id, "--format", "shards", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    exported = ShardPool(out / run_id)
+    assert [json.loads(m)["uid"] for m in _jsons(out / run_id)] == chosen
+    assert exported.captions == [f"rewritten {u}" for u in chosen]
+
+    stale = _logged_run(selection, tmp_path, {**params, "pool_fingerprint": "0" * 16})
+    result = CliRunner().invoke(main, ["export", stale, "--format", "shards", "--out", str(out)])
+    assert result.exit_code == 1 and "changed since run" in result.output
+
+
+def _jsons(root):
+    import tarfile
+
+    for shard in sorted(root.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    yield tar.extractfile(member).read()
