@@ -752,6 +752,35 @@ def sweep(
         )
 
 
+@main.command()
+@click.argument("run_id")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["datacomp", "parquet", "shards"]),
+    default="parquet",
+    show_default=True,
+    help="datacomp: DataComp's sorted u8,u8 uid .npy, which its resharder.py reads "
+    "(pools with DataComp uids only); parquet: uid, caption, train_caption, score; "
+    "shards: webdataset shards of the selected samples, from the run's pool.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Directory to write RUN_ID.npy, RUN_ID.parquet or the shard folder RUN_ID/ into.",
+)
+@friendly_errors
+def export(run_id, fmt, out) -> None:
+    """Write the subset that run RUN_ID selected, for others to train on (docs/real-data.md)."""
+    _quiet_libraries()
+    from selbench.export import export_run
+
+    path = export_run(run_id, fmt, out)
+    console.print(f"Wrote {path}")
+
+
 @main.group()
 def datasets() -> None:
     """Generate and inspect datasets."""

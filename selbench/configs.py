@@ -1,4 +1,4 @@
-"""YAML configs (scales, pools) validated with pydantic; errors name the file and the key."""
+"""YAML configs (scales, pools, eval suites) validated with pydantic; errors name file and key."""
 
 from __future__ import annotations
 
@@ -83,6 +83,20 @@ class EvalSetConfig(BaseModel):
     name: str
     task: Literal["retrieval", "classification"]
     path: str
+    main_metric: Literal["acc1", "mean_per_class_recall", "mean_R1", "f1_macro"] | None = Field(
+        default=None,
+        description="the set's headline number (DataComp's tasklist.yml main_metric); "
+        "logged as {name}/main",
+    )
+
+
+class EvalSuiteConfig(BaseModel):
+    """A named evaluation suite (``configs/evals/*.yaml``), chosen with ``--eval SUITE``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    sets: list[EvalSetConfig] = Field(min_length=1)
 
 
 class PoolConfig(BaseModel):
@@ -95,6 +109,9 @@ class PoolConfig(BaseModel):
     synthweb: dict[str, Any] = Field(default_factory=dict, description="SynthWebConfig overrides")
     path: str | None = Field(default=None, description="shard directory (kind: shards)")
     eval: list[EvalSetConfig] = Field(default_factory=list)
+    eval_suite: str | None = Field(
+        default=None, description="a suite in configs/evals/ to use when 'eval' is empty"
+    )
 
 
 def load_yaml_model(path: Path, model: type[M]) -> M:
@@ -128,7 +145,7 @@ def _expand_env(value: Any) -> Any:
 
 
 def available(kind: str) -> list[str]:
-    """Names of the YAML configs of one kind (``scales`` or ``pools``)."""
+    """Names of the YAML configs of one kind (``scales``, ``pools`` or ``evals``)."""
     return sorted(p.stem for p in (config_dir() / kind).glob("*.yaml"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,11 +103,26 @@ def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) 
         return resolved
     if not config.path:
         raise ConfigError(f"config file {config_path}: key 'path' is required for kind: shards")
-    if not config.eval:
-        raise ConfigError(f"config file {config_path}: key 'eval' must list at least one set")
+    unset = re.findall(r"\$\{?(\w+)", config.path)
+    if unset:
+        raise ConfigError(
+            f"config file {config_path}: key 'path' uses ${{{unset[0]}}}, which is not set; "
+            f"export it as the directory of the pool's shards"
+        )
+    eval_sets = list(config.eval)
+    if not eval_sets and config.eval_suite:
+        from selbench.evaluate import resolve_eval_suite
+
+        # Not checked here: a run given --eval SUITE never reads the pool's own suite.
+        eval_sets = resolve_eval_suite(config.eval_suite, check=False)
+    if not eval_sets:
+        raise ConfigError(
+            f"config file {config_path}: key 'eval' must list at least one set, "
+            f"or 'eval_suite' name a suite in configs/evals/"
+        )
     return ResolvedPool(
         pool=ShardPool(config.path, name=config.name),
-        eval_sets=config.eval,
+        eval_sets=eval_sets,
         kind="shards",
         spec=spec,
         config=config.model_dump(),

@@ -1,12 +1,19 @@
 """Reader for image-text pools stored as webdataset shards in img2dataset layout.
 
-A pool directory holds ``{shard:05d}.tar`` files, each with ``key.{jpg,png,webp}``,
-``key.txt`` and ``key.json`` members, plus img2dataset's ``{shard:05d}_stats.json``.
-The same reader serves SynthWeb and CC3M-style pools.
+A pool directory holds the files img2dataset writes per shard: ``NNNNN.tar`` with
+``key.{jpg,png,webp}``, ``key.txt`` and ``key.json`` members, ``NNNNN.parquet`` (one row
+per url tried, with its ``status``) and ``NNNNN_stats.json`` (``count``, ``successes``);
+no ``sizes.json``. DataComp CommonPool shards (``NNNNNNNN.tar``) have the same layout.
+The same reader serves SynthWeb, CC3M-style pools and CommonPool.
 
-The uid of a sample is its key; pool order is shard order, then order inside the shard.
+A sample's uid is the ``uid`` field of its json where present (DataComp's 128-bit hex
+hash), else its key. Pool order is shard order, then member order inside the shard
+(img2dataset's download threads write members out of key order; the reader keeps the
+order as written, so the index is the same on every read). Failed downloads are absent
+from the tars; the shard's parquet counts them (``skipped["failed_download"]``).
 Unreadable images and empty captions are skipped and counted, never fatal. A shard
-that cannot be read at all (truncated, not a tar) is an error naming the shard.
+that cannot be read at all (truncated, not a tar, or holding a different number of
+samples than its ``_stats.json`` records) is an error naming the shard.
 
 Members are grouped into samples by key as webdataset does (the basename up to its first
 dot). The scan is written with ``tarfile`` rather than webdataset's streaming iterator
@@ -18,26 +25,36 @@ header, which was half the cost of an embedding pass on CPU.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import mmap
+import multiprocessing
 import os
+import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import filelock
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from selbench.decoding import decode_image_bytes
 from selbench.errors import PoolError
-from selbench.fileutil import atomic_write_text, file_sha256
+from selbench.fileutil import atomic_write_text, file_sha256, temp_sibling
 from selbench.paths import index_home
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 GROUND_TRUTH_KEY = "synthweb"
-INDEX_FORMAT = 2
+INDEX_FORMAT = 3
+#: Below this many bytes of shards to scan, the default scan stays in-process: starting
+#: a spawned worker (about a second) would cost more than decoding the images.
+PARALLEL_MIN_BYTES = 64 << 20
 
 
 def _check_complete_tar(shard: Path) -> None:
@@ -84,17 +101,176 @@ def _shard_samples(
 
 @dataclass
 class ScanStats:
-    """What the pool scan found: samples kept and samples skipped by reason."""
+    """What the pool scan found: samples kept and samples skipped by reason.
+
+    ``total`` counts the samples present in the tars; downloads that img2dataset
+    recorded as failed (absent from the tars) are counted under
+    ``skipped["failed_download"]`` and not in ``total``.
+    """
 
     total: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
 
+    def as_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ScanStats:
+        return cls(int(raw["total"]), int(raw["kept"]), Counter(raw["skipped"]))
+
+
+INDEX_COLUMNS = ["uid", "key", "caption", "shard", "ground_truth", "offset", "size", "ext"]
+
+
+def sample_uid(key: str, meta: dict | None) -> str:
+    """A sample's uid: DataComp's ``uid`` from its json where the pool has one (CommonPool,
+    or img2dataset run with ``save_additional_columns=["uid"]``), else its key."""
+    if meta:
+        uid = meta.get("uid")
+        if isinstance(uid, str) and uid:
+            return uid
+    return key
+
+
+def failed_downloads(shard: Path) -> int:
+    """Samples of ``shard`` that img2dataset tried and did not write, from its records.
+
+    img2dataset writes ``NNNNN.parquet`` next to each shard with one row per url and a
+    ``status`` column (``success`` for the samples in the tar), and ``NNNNN_stats.json``
+    with ``count`` and ``successes``. The parquet is read when present, else the stats.
+    """
+    records = shard.with_suffix(".parquet")
+    if records.is_file():
+        try:
+            status = pd.read_parquet(records, columns=["status"])["status"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise PoolError(f"shard record {records} cannot be read: {exc}") from None
+        return int((status != "success").sum())
+    stats = _shard_stats(shard)
+    if stats and "count" in stats and "successes" in stats:
+        return max(int(stats["count"]) - int(stats["successes"]), 0)
+    return 0
+
+
+def _shard_stats(shard: Path) -> dict | None:
+    path = shard.with_name(shard.stem + "_stats.json")
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PoolError(f"shard stats {path} cannot be read: {exc}") from None
+
+
+def is_decodable(data: bytes) -> bool:
+    """Whether PIL decodes ``data`` whole. JPEGs decode at 1/8 scale (``Image.draft``):
+    libjpeg still reads every entropy-coded block, so a truncated or corrupt file fails as
+    it would at full size, and only the inverse DCT and colour conversion get cheaper,
+    which is most of the cost of checking a web-sized photo."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (1, 1))
+            image.load()
+    except Exception:
+        return False
+    return True
+
+
+def scan_shard(shard: Path) -> tuple[pd.DataFrame, ScanStats]:
+    """Index one shard: a row per readable sample, in member order, and the skip counts.
+
+    Every image is decoded once here, so that an unreadable one is skipped and counted
+    now rather than failing a training run later. Samples are checked against the
+    shard's ``_stats.json``: a shard holding a different number of samples than its
+    downloader wrote is an error naming the shard.
+    """
+    rows: list[tuple] = []
+    stats = ScanStats()
+    for key, parts, tar in _shard_samples(shard):
+        stats.total += 1
+        ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+        if ext is None:
+            stats.skipped["missing_image"] += 1
+            continue
+        image = parts[ext]
+        if not is_decodable(tar.extractfile(image).read()):
+            stats.skipped["unreadable_image"] += 1
+            continue
+        text = tar.extractfile(parts["txt"]).read() if "txt" in parts else b""
+        caption = text.decode("utf-8", errors="replace").strip()
+        if not caption:
+            stats.skipped["empty_caption"] += 1
+            continue
+        meta, truth = None, None
+        if "json" in parts:
+            try:
+                meta = json.loads(tar.extractfile(parts["json"]).read())
+            except ValueError:
+                meta = None
+            if isinstance(meta, dict) and GROUND_TRUTH_KEY in meta:
+                truth = json.dumps(meta[GROUND_TRUTH_KEY], sort_keys=True)
+        uid = sample_uid(key, meta if isinstance(meta, dict) else None)
+        rows.append((uid, key, caption, -1, truth, image.offset_data, image.size, ext))
+        stats.kept += 1
+    written = _shard_stats(shard)
+    if written is not None and "successes" in written and int(written["successes"]) != stats.total:
+        raise PoolError(
+            f"shard {shard} holds {stats.total} samples but its _stats.json records "
+            f"{written['successes']} successes: the shard is not what its downloader wrote"
+        )
+    failed = failed_downloads(shard)
+    if failed:
+        stats.skipped["failed_download"] += failed
+    return pd.DataFrame(rows, columns=INDEX_COLUMNS), stats
+
+
+def _scan_shard_to_file(shard: Path, part: Path) -> dict:
+    """Worker: index ``shard`` into the partial index file ``part``; return its stats."""
+    frame, stats = scan_shard(shard)
+    tmp = temp_sibling(part)
+    # The stats travel inside the parquet's metadata, so a part is one atomic file.
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"selbench.scan": json.dumps(stats.as_dict()).encode()}
+    )
+    pq.write_table(table, tmp)
+    os.replace(tmp, part)
+    return stats.as_dict()
+
+
+def _read_part(part: Path) -> tuple[pd.DataFrame, ScanStats]:
+    table = pq.read_table(part)
+    stats = json.loads(table.schema.metadata[b"selbench.scan"])
+    return table.to_pandas(), ScanStats.from_dict(stats)
+
+
+def index_workers() -> int:
+    """Processes that index a pool: ``$SELBENCH_INDEX_WORKERS``, default the CPU count."""
+    raw = os.environ.get("SELBENCH_INDEX_WORKERS")
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise PoolError(f"SELBENCH_INDEX_WORKERS={raw!r} is not a whole number") from None
+        if value < 1:
+            raise PoolError(f"SELBENCH_INDEX_WORKERS={raw!r} must be at least 1")
+        return value
+    return max(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, 1)
+
 
 class ShardPool:
-    """An img2dataset-layout pool. Builds (and caches) an index of readable samples."""
+    """An img2dataset-layout pool. Builds (and caches) an index of readable samples.
 
-    def __init__(self, root: Path | str, name: str | None = None) -> None:
+    The index is built once per pool content (see :attr:`fingerprint`): shards are
+    scanned by ``workers`` processes, each writing a partial index file per shard, so
+    a scan that is killed resumes with the shards it had not finished.
+    """
+
+    def __init__(
+        self, root: Path | str, name: str | None = None, workers: int | None = None
+    ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise PoolError(f"pool directory {self.root} does not exist")
@@ -102,6 +278,7 @@ class ShardPool:
         if not self.shards:
             raise PoolError(f"pool directory {self.root} holds no .tar shards")
         self.name = name or self.root.name
+        self.workers = workers
         self.fingerprint = self._fingerprint()
         self._index: pd.DataFrame | None = None
         self.scan_stats = ScanStats()
@@ -137,74 +314,92 @@ class ShardPool:
     def _index_path(self) -> Path:
         return index_home() / f"{self.fingerprint}.v{INDEX_FORMAT}.parquet"
 
-    def _load_or_build_index(self) -> pd.DataFrame:
+    def _parts_dir(self) -> Path:
+        return index_home() / f"{self.fingerprint}.v{INDEX_FORMAT}.parts"
+
+    def _load_index(self) -> pd.DataFrame | None:
         path = self._index_path()
         stats_path = path.with_suffix(".stats.json")
-        if path.exists() and stats_path.exists():
-            try:
-                index = pd.read_parquet(path)
-                stats = json.loads(stats_path.read_text())
-                self.scan_stats = ScanStats(
-                    stats["total"], stats["kept"], Counter(stats["skipped"])
-                )
-                return index
-            except (OSError, ValueError, KeyError):
-                pass  # damaged cache entry: rebuild below
-        index = self._scan()
+        if not (path.exists() and stats_path.exists()):
+            return None
+        try:
+            index = pd.read_parquet(path)
+            self.scan_stats = ScanStats.from_dict(json.loads(stats_path.read_text()))
+        except (OSError, ValueError, KeyError):
+            return None  # damaged cache entry: rebuilt by the caller
+        return index
+
+    def _load_or_build_index(self) -> pd.DataFrame:
+        index = self._load_index()
+        if index is not None:
+            return index
+        path = self._index_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        index.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-        stats = self.scan_stats
-        atomic_write_text(
-            stats_path,
-            json.dumps({"total": stats.total, "kept": stats.kept, "skipped": dict(stats.skipped)}),
-        )
+        # One scan per pool at a time: a second process waits, then reads the first's index.
+        with filelock.FileLock(str(path.with_suffix(".lock"))):
+            index = self._load_index()
+            if index is not None:
+                return index
+            index = self._scan()
+            tmp = temp_sibling(path)
+            index.to_parquet(tmp, index=False)
+            stats = json.dumps(self.scan_stats.as_dict())
+            atomic_write_text(path.with_suffix(".stats.json"), stats)
+            os.replace(tmp, path)  # last: the index is complete once it exists
+            shutil.rmtree(self._parts_dir(), ignore_errors=True)
         return index
 
     def _scan(self) -> pd.DataFrame:
-        rows: list[tuple] = []
-        stats = ScanStats()
-        seen: set[str] = set()
-        for shard_id, shard in enumerate(self.shards):
-            for key, parts, tar in _shard_samples(shard):
-                stats.total += 1
-                ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
-                if ext is None:
-                    stats.skipped["missing_image"] += 1
-                    continue
-                image = parts[ext]
+        """Index every shard (in parallel, resuming from finished partial files), then
+        join the parts in shard order; a uid seen in an earlier sample is skipped."""
+        parts_dir = self._parts_dir()
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        parts = [parts_dir / f"{i:08d}.parquet" for i in range(len(self.shards))]
+        todo = [i for i, part in enumerate(parts) if not part.is_file()]
+        if self.workers is not None:
+            workers = self.workers
+        elif sum(self.shards[i].stat().st_size for i in todo) < PARALLEL_MIN_BYTES:
+            workers = 1  # starting processes would cost more than the scan
+        else:
+            workers = index_workers()
+        workers = min(workers, max(len(todo), 1))
+        if workers <= 1:
+            for i in todo:
+                _scan_shard_to_file(self.shards[i], parts[i])
+        else:
+            # spawn, not fork: the parent may hold threads (MLflow, torch) that fork
+            # would copy mid-lock.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as executor:
+                futures = [
+                    executor.submit(_scan_shard_to_file, self.shards[i], parts[i]) for i in todo
+                ]
                 try:
-                    decode_image_bytes(tar.extractfile(image).read())
-                except Exception:
-                    stats.skipped["unreadable_image"] += 1
-                    continue
-                text = tar.extractfile(parts["txt"]).read() if "txt" in parts else b""
-                caption = text.decode("utf-8", errors="replace").strip()
-                if not caption:
-                    stats.skipped["empty_caption"] += 1
-                    continue
-                if key in seen:
-                    stats.skipped["duplicate_key"] += 1
-                    continue
-                seen.add(key)
-                truth = None
-                if "json" in parts:
-                    try:
-                        meta = json.loads(tar.extractfile(parts["json"]).read())
-                        if GROUND_TRUTH_KEY in meta:
-                            truth = json.dumps(meta[GROUND_TRUTH_KEY], sort_keys=True)
-                    except ValueError:
-                        pass
-                rows.append((key, caption, shard_id, truth, image.offset_data, image.size, ext))
-                stats.kept += 1
-        if not rows:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        frames, stats = [], ScanStats()
+        for shard_id, part in enumerate(parts):
+            frame, part_stats = _read_part(part)
+            frame["shard"] = shard_id
+            frames.append(frame)
+            stats.total += part_stats.total
+            stats.kept += part_stats.kept
+            stats.skipped.update(part_stats.skipped)
+        index = pd.concat(frames, ignore_index=True)
+        duplicate = index["uid"].duplicated(keep="first")
+        if duplicate.any():
+            stats.skipped["duplicate_uid"] += int(duplicate.sum())
+            stats.kept -= int(duplicate.sum())
+            index = index[~duplicate].reset_index(drop=True)
+        if index.empty:
             raise PoolError(f"pool {self.root} has no readable samples ({dict(stats.skipped)})")
+        index["shard"] = index["shard"].astype("int64")
         self.scan_stats = stats
-        return pd.DataFrame(
-            rows,
-            columns=["uid", "caption", "shard", "ground_truth", "offset", "size", "ext"],
-        )
+        return index
 
     # -- access ----------------------------------------------------------------------
     def __len__(self) -> int:

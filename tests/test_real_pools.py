@@ -1,0 +1,248 @@
+"""Pools as the real tools write them: img2dataset from a loopback HTTP server, DataComp-style
+shards carrying uids, and the parallel, resumable index over them."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import threading
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import png_bytes, write_shard
+from PIL import Image
+
+from selbench.errors import PoolError
+from selbench.export import read_datacomp_npy, write_datacomp_npy
+from selbench.pools import ShardPool
+from selbench.pools import shards as shards_module
+
+
+def jpeg_bytes(colour, size=24) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # keep pytest's output clean
+        pass
+
+
+@pytest.fixture
+def loopback_server(tmp_path):
+    """An HTTP server on 127.0.0.1 (an OS-chosen port) serving ``tmp_path/www``; stopped
+    when the test ends."""
+    www = tmp_path / "www"
+    www.mkdir()
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(_QuietHandler, directory=str(www))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_pool_written_by_img2dataset_reads_as_written(tmp_path, loopback_server, monkeypatch):
+    img2dataset = pytest.importorskip("img2dataset")
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    www, base = loopback_server
+    rows = []
+    for i in range(10):
+        (www / f"img{i}.jpg").write_bytes(jpeg_bytes((25 * i, 100, 200 - 10 * i)))
+        uid = hashlib.md5(f"sample {i}".encode()).hexdigest()
+        rows.append({"url": f"{base}/img{i}.jpg", "caption": f"picture number {i}", "uid": uid})
+    (www / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg at all")
+    rows.append({"url": f"{base}/broken.jpg", "caption": "undecodable", "uid": "b" * 32})
+    for name in ("gone1.jpg", "gone2.jpg"):  # dead links: 404 from the server
+        rows.append({"url": f"{base}/{name}", "caption": "dead link", "uid": "d" * 31 + name[4]})
+    urls = tmp_path / "urls.parquet"
+    pd.DataFrame(rows).to_parquet(urls, index=False)
+
+    out = tmp_path / "pool"
+    img2dataset.download(
+        url_list=str(urls),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=["uid"],
+        output_format="webdataset",
+        output_folder=str(out),
+        processes_count=1,
+        thread_count=4,
+        number_sample_per_shard=6,
+        image_size=24,
+        resize_mode="no",
+        timeout=5,
+        retries=0,
+        enable_wandb=False,
+    )
+    written = sorted(p.name for p in out.iterdir())
+    assert "00000.tar" in written and "00000_stats.json" in written
+    assert "00000.parquet" in written and "sizes.json" not in written
+
+    pool = ShardPool(out)
+    good = {r["uid"]: r["caption"] for r in rows[:10]}
+    assert sorted(pool.uids) == sorted(good)  # DataComp uids from the json, not the keys
+    assert dict(zip(pool.uids, pool.captions, strict=True)) == good
+    records = pd.concat(pd.read_parquet(p) for p in sorted(out.glob("*.parquet")))
+    failed = int((records["status"] != "success").sum())
+    assert failed >= 2  # the dead links at least; img2dataset may also reject broken.jpg
+    skipped = pool.scan_stats.skipped
+    assert skipped["failed_download"] == failed
+    assert pool.scan_stats.total + failed == len(rows)
+    assert pool.scan_stats.total - pool.scan_stats.kept == skipped["unreadable_image"]
+    # Every image reads back by its recorded offset.
+    assert [uid for uid, _ in pool.iter_images()] == pool.uids
+    # And the pool's uids export as a DataComp subset file.
+    back = read_datacomp_npy(write_datacomp_npy(pool.uids, tmp_path / "subset.npy"))
+    assert back == sorted(good)
+
+
+def datacomp_uid(i: int) -> str:
+    return hashlib.md5(f"commonpool {i}".encode()).hexdigest()
+
+
+def write_datacomp_shard(root: Path, shard: int, ids: list[int], failed: int = 0) -> None:
+    """A CommonPool-style shard: ``{shard:08d}.tar`` with keys ``{shard:08d}{n:04d}`` and
+    the uid in the json, its parquet (uid, status) and its stats."""
+    samples = [
+        (
+            f"{shard:08d}{n:04d}",
+            png_bytes((i % 256, 40, 90)),
+            f"caption {i}",
+            {"uid": datacomp_uid(i), "key": f"{shard:08d}{n:04d}", "caption": f"caption {i}"},
+        )
+        for n, i in enumerate(ids)
+    ]
+    write_shard(root / f"{shard:08d}.tar", samples)
+    statuses = ["success"] * len(ids) + ["failed_to_download"] * failed
+    uids = [datacomp_uid(i) for i in ids] + [f"{n:032x}" for n in range(failed)]
+    pd.DataFrame({"uid": uids, "status": statuses}).to_parquet(root / f"{shard:08d}.parquet")
+    (root / f"{shard:08d}_stats.json").write_text(
+        json.dumps({"count": len(ids) + failed, "successes": len(ids)})
+    )
+
+
+@pytest.fixture
+def datacomp_pool_dir(tmp_path) -> Path:
+    root = tmp_path / "commonpool"
+    write_datacomp_shard(root, 0, list(range(0, 5)), failed=2)
+    write_datacomp_shard(root, 1, list(range(5, 9)))
+    write_datacomp_shard(root, 2, list(range(9, 14)), failed=1)
+    return root
+
+
+def test_datacomp_shards_give_their_json_uids_in_pool_order(datacomp_pool_dir):
+    pool = ShardPool(datacomp_pool_dir)
+    assert pool.uids == [datacomp_uid(i) for i in range(14)]
+    assert pool.index["key"].tolist()[:2] == ["000000000000", "000000000001"]
+    assert pool.scan_stats.skipped == {"failed_download": 3}
+    assert pool.scan_stats.total == pool.scan_stats.kept == 14
+
+
+def test_a_uid_seen_twice_keeps_its_first_sample(tmp_path):
+    root = tmp_path / "dup"
+    write_datacomp_shard(root, 0, [1, 2, 3])
+    write_datacomp_shard(root, 1, [3, 4])
+    pool = ShardPool(root)
+    assert pool.uids == [datacomp_uid(i) for i in (1, 2, 3, 4)]
+    assert pool.index["shard"].tolist() == [0, 0, 0, 1]
+    assert pool.scan_stats.skipped == {"duplicate_uid": 1}
+
+
+def test_shard_disagreeing_with_its_stats_is_an_error_naming_it(datacomp_pool_dir):
+    stats = datacomp_pool_dir / "00000001_stats.json"
+    stats.write_text(json.dumps({"count": 9, "successes": 9}))
+    with pytest.raises(PoolError, match=r"00000001.tar holds 4 samples.*records 9 successes"):
+        len(ShardPool(datacomp_pool_dir))
+
+
+def test_parallel_index_equals_the_serial_one(datacomp_pool_dir, monkeypatch, tmp_path):
+    serial = ShardPool(datacomp_pool_dir, workers=1).index
+    monkeypatch.setenv("SELBENCH_HOME", str(tmp_path / "other-home"))  # no cached index
+    parallel_pool = ShardPool(datacomp_pool_dir, workers=2)
+    pd.testing.assert_frame_equal(parallel_pool.index, serial)
+    assert parallel_pool.scan_stats.skipped == {"failed_download": 3}
+
+
+def test_a_killed_scan_resumes_from_its_finished_shards(datacomp_pool_dir, monkeypatch):
+    real_scan = shards_module.scan_shard
+    scanned: list[str] = []
+
+    def dies_on_the_last_shard(shard):
+        if shard.name == "00000002.tar":
+            raise KeyboardInterrupt  # the user's Ctrl-C, mid-scan
+        scanned.append(shard.name)
+        return real_scan(shard)
+
+    monkeypatch.setattr(shards_module, "scan_shard", dies_on_the_last_shard)
+    with pytest.raises(KeyboardInterrupt):
+        len(ShardPool(datacomp_pool_dir, workers=1))
+    assert scanned == ["00000000.tar", "00000001.tar"]
+
+    scanned.clear()
+    monkeypatch.setattr(
+        shards_module, "scan_shard", lambda shard: (scanned.append(shard.name), real_scan(shard))[1]
+    )
+    pool = ShardPool(datacomp_pool_dir, workers=1)
+    assert pool.uids == [datacomp_uid(i) for i in range(14)]
+    assert scanned == ["00000002.tar"]  # only the shard the killed scan had not finished
+    assert not pool._parts_dir().exists()  # partial files go once the index is written
+
+
+def test_bad_worker_setting_is_a_clear_error(datacomp_pool_dir, monkeypatch):
+    monkeypatch.setenv("SELBENCH_INDEX_WORKERS", "two")
+    monkeypatch.setattr(shards_module, "PARALLEL_MIN_BYTES", 0)
+    with pytest.raises(PoolError, match="SELBENCH_INDEX_WORKERS='two'"):
+        len(ShardPool(datacomp_pool_dir))
+
+
+@pytest.mark.parametrize(
+    "name, variable, suite",
+    [
+        ("cc3m", "SELBENCH_CC3M_SHARDS", "seed"),
+        ("cc12m", "SELBENCH_CC12M_SHARDS", "seed"),
+        ("yfcc15m", "SELBENCH_YFCC15M_SHARDS", "seed"),
+        ("laion400m-subset", "SELBENCH_LAION_SUBSET_SHARDS", "seed"),
+        ("datacomp-small", "SELBENCH_DATACOMP_SMALL_SHARDS", "datacomp-38"),
+        ("datacomp-medium", "SELBENCH_DATACOMP_MEDIUM_SHARDS", "datacomp-38"),
+    ],
+)
+def test_bundled_real_pool_configs_resolve(name, variable, suite, datacomp_pool_dir, monkeypatch):
+    from selbench.errors import ConfigError
+    from selbench.evaluate import resolve_eval_suite
+    from selbench.pools import resolve_pool
+
+    monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(ConfigError, match=rf"{name}.yaml: key 'path' uses \${{{variable}}}"):
+        resolve_pool(name)
+    monkeypatch.setenv(variable, str(datacomp_pool_dir))
+    resolved = resolve_pool(name)
+    assert resolved.kind == "shards" and resolved.pool.name == name
+    assert resolved.eval_sets == resolve_eval_suite(suite, check=False)
+    assert len(resolved.pool) == 14
+
+
+def test_decodability_check_catches_cut_and_corrupt_images():
+    from selbench.pools.shards import is_decodable
+
+    photo = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(photo, format="JPEG", quality=90)
+    jpeg = photo.getvalue()
+    assert is_decodable(jpeg) and is_decodable(png_bytes())
+    assert not is_decodable(jpeg[: len(jpeg) // 2])  # cut mid-scan: caught at 1/8 scale too
+    noisy = io.BytesIO()
+    Image.effect_noise((64, 48), 60).save(noisy, format="PNG")
+    assert not is_decodable(noisy.getvalue()[: len(noisy.getvalue()) // 2])
+    assert not is_decodable(b"\xff\xd8\xff\xe0 not a jpeg")
