@@ -141,6 +141,14 @@ def main() -> None:
     help="Training processes on this node (open_clip engine; one per GPU).",
 )
 @click.option(
+    "--eval",
+    "eval_suite",
+    default=None,
+    metavar="SUITE",
+    help="Evaluation suite: a name in configs/evals/ (seed, datacomp-38) or a suite YAML. "
+    "Default: the pool's own eval sets (SynthWeb's held-out sets).",
+)
+@click.option(
     "--launcher",
     type=click.Choice(["torchrun", "srun"]),
     default="torchrun",
@@ -181,6 +189,7 @@ def run(
     target,
     engine,
     nproc_per_node,
+    eval_suite,
     launcher,
     resume_id,
     stages,
@@ -199,8 +208,17 @@ def run(
     ctx = click.get_current_context()
     if resume_id:
         given = [
-            f"--{name.replace('_', '-')}"
-            for name in ("method", "budget", "pool", "scale", "protocol", "target", "engine")
+            "--eval" if name == "eval_suite" else f"--{name}"
+            for name in (
+                "method",
+                "budget",
+                "pool",
+                "scale",
+                "protocol",
+                "target",
+                "engine",
+                "eval_suite",
+            )
             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
         ] + (["--param"] if params else [])
         if given:
@@ -236,6 +254,7 @@ def run(
                 engine=engine,
                 nproc_per_node=nproc_per_node,
                 launcher=launcher,
+                eval_suite=eval_suite,
             )
             outcome = execute(request, progress=progress, stages=list(stages) or None)
     if outcome.next_stage is not None:
@@ -641,6 +660,13 @@ def _list(kind: type, option: str):
     show_default=True,
     help="Add the full pool (random at budget 1.0) for every seed as a reference row.",
 )
+@click.option(
+    "--eval",
+    "eval_suite",
+    default=None,
+    metavar="SUITE",
+    help="Evaluation suite for every cell (configs/evals/); default: the pool's eval sets.",
+)
 @click.option("--experiment", default="selbench", show_default=True, help="MLflow experiment.")
 @click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
 @click.option(
@@ -660,7 +686,18 @@ def _list(kind: type, option: str):
 )
 @friendly_errors
 def sweep(
-    methods, budgets, seeds, pool, scale, protocol, full_pool, experiment, device, board_name, out
+    methods,
+    budgets,
+    seeds,
+    pool,
+    scale,
+    protocol,
+    full_pool,
+    eval_suite,
+    experiment,
+    device,
+    board_name,
+    out,
 ) -> None:
     """Run methods x budgets x seeds as nested MLflow runs under one sweep run.
 
@@ -679,7 +716,9 @@ def sweep(
 
         methods = sorted(get_registry().names())
     started = time.perf_counter()
-    cells = sw.plan(methods, budgets, seeds, pool, scale, protocol, experiment, full_pool, device)
+    cells = sw.plan(
+        methods, budgets, seeds, pool, scale, protocol, experiment, full_pool, device, eval_suite
+    )
 
     def update(cell, cells) -> None:
         counts = {s: sum(c.status == s for c in cells) for s in ("done", "skipped", "failed")}
@@ -728,6 +767,7 @@ def sweep(
                 "--budgets", ",".join(budget_list),
                 "--seeds", ",".join(map(str, seeds)), "--pool", pool, "--scale", scale,
                 "--protocol", protocol, "--full-pool" if full_pool else "--no-full-pool",
+                *(["--eval", eval_suite] if eval_suite else []),
                 "--experiment", experiment, "--leaderboard", board_name, "--out", str(out),
             ]
         )  # fmt: skip

@@ -35,7 +35,7 @@ from selbench.configs import ScaleConfig, load_scale
 from selbench.diagnostics import concept_coverage, pathology_fractions
 from selbench.embedders import EmbeddingService
 from selbench.errors import ConfigError, PluginError, SelbenchError
-from selbench.evaluate import evaluate
+from selbench.evaluate import evaluate, resolve_eval_suite
 from selbench.fileutil import atomic_write_text, temp_sibling
 from selbench.materialize import load_subset, materialize
 from selbench.pools import ResolvedPool, resolve_pool
@@ -80,6 +80,7 @@ class RunRequest:
     engine: str | None = None  # training engine; default: the scale's
     nproc_per_node: int = 1  # training processes (open_clip engine, under torchrun)
     launcher: str = "torchrun"  # open_clip engine: torchrun on this node, or srun (SLURM)
+    eval_suite: str | None = None  # configs/evals/NAME or a YAML; default: the pool's sets
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunRequest:
@@ -170,6 +171,8 @@ def cell_key(request: RunRequest, params: Any) -> str:
     }
     if request.engine is not None:  # only when overridden, so older cells keep their key
         resolved["engine"] = request.engine
+    if request.eval_suite is not None:
+        resolved["eval"] = request.eval_suite
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -215,7 +218,11 @@ def _prepare(request: RunRequest, progress: Any) -> dict[str, Any]:
             "--launcher need --engine open_clip"
         )
     check_budget(request.budget)  # before any work
+    # Checked on disk first, so a missing set fails before any selection or training.
+    eval_sets = resolve_eval_suite(request.eval_suite) if request.eval_suite else None
     resolved = resolve_pool(request.pool, progress=progress.counter("Generating SynthWeb"))
+    if eval_sets is not None:
+        resolved.eval_sets = eval_sets
     count = budget_count(request.budget, len(resolved.pool))
     defaults = info.cls.Params().model_dump()
     return dict(
@@ -460,6 +467,7 @@ def _log_run_params(run: _Run) -> None:
             "scale": run.scale.name,
             "engine": run.engine,
             "nproc_per_node": request.nproc_per_node,
+            "eval_suite": request.eval_suite or "pool",
             "seed": request.seed,
             "pool": pool.name,
             "pool_spec": request.pool,

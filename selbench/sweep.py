@@ -66,6 +66,7 @@ def plan(
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     full_pool: bool = True,
     device: str | None = None,
+    eval_suite: str | None = None,
 ) -> list[Cell]:
     """The grid's cells (validated before anything runs), plus with ``full_pool`` the
     reference cells ``random`` at budget 1.0 for every seed."""
@@ -91,6 +92,7 @@ def plan(
                 protocol=protocol,
                 experiment=experiment,
                 device=device,
+                eval_suite=eval_suite,
             )
             cells.append(Cell(request, cell_key(request, params)))
     return cells
