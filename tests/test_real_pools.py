@@ -7,6 +7,9 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import shutil
+import subprocess
 import threading
 from functools import partial
 from pathlib import Path
@@ -52,10 +55,25 @@ def loopback_server(tmp_path):
         thread.join(timeout=10)
 
 
-def test_pool_written_by_img2dataset_reads_as_written(tmp_path, loopback_server, monkeypatch):
-    img2dataset = pytest.importorskip("img2dataset")
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def img2dataset_command() -> str:
+    """img2dataset's command line, from ``$SELBENCH_IMG2DATASET``, the environment that
+    ``tests/tools/install-img2dataset.sh`` makes, or the PATH. It lives in an environment of
+    its own because it pins pandas<3 (see the script)."""
+    for candidate in (
+        os.environ.get("SELBENCH_IMG2DATASET"),
+        str(REPO / ".venv-img2dataset" / "bin" / "img2dataset"),
+        shutil.which("img2dataset"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.skip("img2dataset is not installed: run tests/tools/install-img2dataset.sh")
+
+
+def test_pool_written_by_img2dataset_reads_as_written(tmp_path, loopback_server):
+    command = img2dataset_command()
     www, base = loopback_server
     rows = []
     for i in range(10):
@@ -70,23 +88,34 @@ def test_pool_written_by_img2dataset_reads_as_written(tmp_path, loopback_server,
     pd.DataFrame(rows).to_parquet(urls, index=False)
 
     out = tmp_path / "pool"
-    img2dataset.download(
-        url_list=str(urls),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        save_additional_columns=["uid"],
-        output_format="webdataset",
-        output_folder=str(out),
-        processes_count=1,
-        thread_count=4,
-        number_sample_per_shard=6,
-        image_size=24,
-        resize_mode="no",
-        timeout=5,
-        retries=0,
-        enable_wandb=False,
-    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env["NO_ALBUMENTATIONS_UPDATE"] = "1"  # albumentations checks PyPI on import otherwise
+    env["WANDB_MODE"] = "disabled"
+    # img2dataset's command line (python-fire): one --flag=value per keyword of download().
+    flags = {
+        "url_list": urls,
+        "input_format": "parquet",
+        "url_col": "url",
+        "caption_col": "caption",
+        "save_additional_columns": "[uid]",
+        "output_format": "webdataset",
+        "output_folder": out,
+        "processes_count": 1,
+        "thread_count": 4,
+        "number_sample_per_shard": 6,
+        "image_size": 24,
+        "resize_mode": "no",
+        "timeout": 5,
+        "retries": 0,
+        "enable_wandb": False,
+    }
+    argv = [command] + [f"--{k}={v}" for k, v in flags.items()]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     written = sorted(p.name for p in out.iterdir())
     assert "00000.tar" in written and "00000_stats.json" in written
     assert "00000.parquet" in written and "sizes.json" not in written
