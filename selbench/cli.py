@@ -511,9 +511,9 @@ def cache_rm(entry_ids) -> None:
     "--metric",
     "metrics",
     multiple=True,
-    default=("mean_R1", "zeroshot_acc1"),
-    show_default=True,
-    help="Metric column(s) to aggregate, repeatable; the first one is plotted.",
+    help="Metric column(s) to aggregate, repeatable; the first one is plotted. Default: "
+    "mean_R1 and zeroshot_acc1, then the summary columns of every evaluation suite the runs "
+    "used (`summary:` in configs/evals/NAME.yaml, e.g. DataComp's average).",
 )
 @click.option(
     "--where",
@@ -574,7 +574,7 @@ def _write_leaderboard(
     other = None
     if compare_with:
         runs, other, other_name = lb.comparison_runs(compare_with, experiment, filters, runs)
-    board = lb.summarise(runs, metrics)
+    board = lb.summarise(runs, metrics or lb.default_metrics(runs))
     if board.table.empty:
         raise SelbenchError(
             f"no finished runs in MLflow experiment {experiment!r}"
@@ -783,7 +783,7 @@ def sweep(
             experiment,
             out,
             board_name,
-            ("mean_R1", "zeroshot_acc1"),
+            (),  # R@1, zero-shot and the suite's summary columns
             {},
             True,
             intro,

@@ -97,6 +97,9 @@ class EvalSuiteConfig(BaseModel):
 
     name: str
     sets: list[EvalSetConfig] = Field(min_length=1)
+    # The metrics a leaderboard of runs on this suite shows beside R@1 and zero-shot top-1
+    # (its headline columns, e.g. DataComp's average), as MLflow metric names.
+    summary: list[str] = Field(default_factory=list)
 
 
 class PoolConfig(BaseModel):

@@ -44,6 +44,11 @@ BASELINE = "random"
 METRIC_NAMES = {
     "mean_R1": "R@1",
     "zeroshot_acc1": "zero-shot top-1",
+    "datacomp/imagenet": "ImageNet",
+    "datacomp/imagenet_dist_shifts": "ImageNet dist. shifts",
+    "datacomp/vtab": "VTAB",
+    "datacomp/retrieval": "retrieval",
+    "datacomp/average": "average (38)",
 }
 
 
@@ -85,6 +90,59 @@ def load_runs(
         output_format="pandas",
     )
     return split_mixed_parameters(filter_runs(runs, where or {}))
+
+
+def default_metrics(runs: pd.DataFrame) -> tuple[str, ...]:
+    """The columns a page shows when none are asked for: :data:`DEFAULT_METRICS`, then the
+    ``summary`` metrics of every evaluation suite the runs used (``params.eval_suite``;
+    ``configs/evals/NAME.yaml``). A suite whose config is not on this machine adds nothing
+    (its runs may come from elsewhere); its metrics can still be named with ``--metric``."""
+    from selbench.configs import EvalSuiteConfig, find_config, load_yaml_model
+    from selbench.errors import ConfigError
+
+    metrics = list(DEFAULT_METRICS)
+    column = "params.eval_suite"
+    suites = sorted(set(runs[column].dropna())) if column in runs.columns else []
+    for suite in suites:
+        if suite == "pool":  # the pool's own eval sets: no suite config
+            continue
+        try:
+            config = load_yaml_model(find_config("evals", suite), EvalSuiteConfig)
+        except ConfigError:
+            continue
+        metrics += [m for m in config.summary if m not in metrics]
+    return tuple(metrics)
+
+
+def export_commands(board: Leaderboard) -> dict[tuple, list[tuple[int, str]]]:
+    """Per leaderboard row (its :data:`GROUP_KEYS` values, with ``method`` for
+    ``method_label``), the command that exports each seed's subset, in seed order."""
+    from selbench.export import export_command
+
+    out: dict[tuple, list[tuple[int, str]]] = {}
+    if board.runs.empty:
+        return out
+    for key, group in board.runs.groupby(list(GROUP_KEYS), sort=True):
+        ordered = group.sort_values(["seed", "run_id"])
+        out[key] = [(int(r.seed), export_command(r.run_id)) for r in ordered.itertuples()]
+    return out
+
+
+def _row_key(row: pd.Series) -> tuple:
+    return tuple(row["method" if k == "method_label" else k] for k in GROUP_KEYS)
+
+
+def export_lines(board: Leaderboard) -> list[str]:
+    """One markdown line per row: its label and budget, then each seed's export command."""
+    commands = export_commands(board)
+    lines = []
+    for _, row in board.table.iterrows():
+        runs = commands.get(_row_key(row), [])
+        if not runs:
+            continue
+        listed = ", ".join(f"`{cmd}` (seed {seed})" for seed, cmd in runs)
+        lines.append(f"- {row['method']} at budget {row['budget']:g}: {listed}")
+    return lines
 
 
 # --- method labels ------------------------------------------------------------------
@@ -698,6 +756,11 @@ def provenance(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
+EXPORT_NOTE = (
+    "Each command writes that run's subset (uid, caption, training caption, score) as "
+    "parquet; `--format datacomp` writes DataComp's uid file and `--format shards` "
+    "webdataset shards (docs/real-data.md)."
+)
 LEADERBOARD_SOURCE = "`selbench leaderboard`"  # the command named in a page's footnote
 
 
@@ -741,6 +804,9 @@ def to_markdown(
                 lines.append(_md_row(texts))
             lines.append("")
     lines.append(footnote(source))
+    exports = export_lines(board)
+    if exports:
+        lines += ["", "## Export a row's subset", "", EXPORT_NOTE, "", *exports]
     if board.comparison is not None:
         sentence, header, rows = comparison_lines(board)
         lines += ["", f"## Ranking stability vs {board.comparison.name}", "", sentence, ""]
@@ -861,6 +927,13 @@ def to_html(
                     f"({len(separated_pairs)})</summary><ul>{items}</ul></details>"
                 )
     parts.append(f'<p class="note">{_inline_markdown(footnote(source))}</p>')
+    exports = export_lines(board)
+    if exports:
+        items = "".join(f"<li>{_inline_markdown(line[2:])}</li>" for line in exports)
+        parts.append(
+            f"<details><summary>Export a row's subset ({len(exports)} rows)</summary>"
+            f"<p>{_inline_markdown(EXPORT_NOTE)}</p><ul>{items}</ul></details>"
+        )
     if board.comparison is not None:
         sentence, header, rows = comparison_lines(board)
         parts.append(
@@ -925,7 +998,14 @@ def write(
     md_path, csv_path = out_dir / f"{name}.md", out_dir / f"{name}.csv"
     html_path, pairs_path = out_dir / f"{name}.html", out_dir / f"{name}_pairs.csv"
     atomic_write_text(md_path, to_markdown(board, title, plots, intro, source))
-    atomic_write_text(csv_path, board.table.to_csv(index=False))
+    commands = export_commands(board)
+    table = board.table.copy()
+    if not table.empty:
+        table["export"] = [
+            "; ".join(cmd for _, cmd in commands.get(_row_key(row), []))
+            for _, row in table.iterrows()
+        ]
+    atomic_write_text(csv_path, table.to_csv(index=False))
     atomic_write_text(html_path, to_html(board, title, plots, intro, source))
     atomic_write_text(pairs_path, board.pairs.to_csv(index=False))
     return md_path, csv_path, html_path, pairs_path

@@ -356,3 +356,40 @@ def test_leaderboard_command_compares_with_another_pool_or_experiment(tmp_path):
         "--compare-with EXPERIMENT_OR_POOL"
         in CliRunner().invoke(main, ["leaderboard", "-h"]).output
     )
+
+
+def test_suite_summary_columns_join_the_default_metrics():
+    runs = fake_runs()
+    runs["params.eval_suite"] = "pool"
+    assert lb.default_metrics(runs) == lb.DEFAULT_METRICS
+    runs.loc[runs["params.method_label"] == "tldr", "params.eval_suite"] = "datacomp-38"
+    runs.loc[runs["params.method_label"] == "random", "params.eval_suite"] = "seed"
+    metrics = lb.default_metrics(runs)
+    assert metrics[:2] == lb.DEFAULT_METRICS
+    assert {"datacomp/average", "datacomp/vtab", "mscoco/mean_R1", "imagenet1k/acc1"} <= set(
+        metrics
+    )
+    # a suite whose config is not on this machine adds nothing and does not fail
+    runs["params.eval_suite"] = "a-suite-from-another-lab"
+    assert lb.default_metrics(runs) == lb.DEFAULT_METRICS
+    # the summary columns reach the page under DataComp's names
+    runs["params.eval_suite"] = "datacomp-38"
+    runs["metrics.datacomp/average"] = runs["metrics.mean_R1"] / 2
+    board = lb.summarise(runs, lb.default_metrics(runs))
+    assert "datacomp/average" in board.metrics
+    assert "average (38) (mean ± 95% CI)" in lb.columns(board)
+
+
+def test_every_row_names_the_commands_that_export_its_subsets(tmp_path):
+    board = lb.summarise(fake_runs())
+    md, csv, html, _ = lb.write(board, tmp_path, "synthweb")
+    text = md.read_text()
+    assert "## Export a row's subset" in text
+    line = next(x for x in text.splitlines() if x.startswith("- tldr at budget 0.25"))
+    for seed in range(3):
+        assert f"`selbench export tldr-0.25-{seed} --format parquet` (seed {seed})" in line
+    table = pd.read_csv(csv)
+    exported = table.set_index("method")["export"].to_dict()
+    assert exported["clip(k=3)"] == "selbench export clip(k=3)-0.25-0 --format parquet"
+    assert exported["tldr"].count("selbench export") == 3
+    assert "selbench export random-1.0-1 --format parquet" in html.read_text()
