@@ -428,6 +428,12 @@ class EmbeddingService:
     def embed_images(self, spec: str, images: Sequence[Any]) -> np.ndarray:
         """L2-normalised float32 image embeddings of ``images`` (e.g. target images)."""
         embedder = self.embedder(spec)
+        if embedder.model is None:  # precomputed features of the pool only (e.g. datacomp)
+            raise ConfigError(
+                f"embedder {spec!r} has no model, only precomputed features of the pool's "
+                "pairs, so it cannot embed other images; name a model embedder "
+                "(open_clip:ARCH:/path/to/weights.pt) for them"
+            )
         rows = []
         for start in range(0, len(images), ENCODE_BATCH):
             batch = preprocess_batch(images[start : start + ENCODE_BATCH], embedder.preprocess)
@@ -456,6 +462,10 @@ class EmbeddingService:
         bar = self.progress.counter(f"Embedding pool ({spec})")
 
         def produce(start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            precomputed = getattr(embedder, "precomputed_batches", None)
+            if precomputed is not None:  # features shipped with the pool: nothing to decode
+                yield from precomputed(self.pool, start, ENCODE_BATCH)
+                return
             # ``workers`` also serves a pass that finds the helpers busy or unable to start.
             workers = decode_workers()
             if helpers_enabled():

@@ -1,5 +1,6 @@
-"""Built-in embedders: ``proxy`` (trained on the pool, offline default) and ``open_clip``
-(any open_clip architecture with weights from a local file)."""
+"""Built-in embedders: ``proxy`` (trained on the pool, offline default), ``open_clip``
+(any open_clip architecture with weights from a local file) and ``datacomp`` (DataComp
+CommonPool's precomputed CLIP features, :mod:`selbench.datacomp_metadata`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 from selbench import hookimpl
 from selbench.configs import find_config, load_scale
+from selbench.datacomp_metadata import DataCompFeaturesEmbedder
 from selbench.embedders import Embedder
 from selbench.errors import ConfigError
 from selbench.fileutil import file_sha256
@@ -159,3 +161,4 @@ class OpenClipEmbedder(Embedder):
 def register_embedders(register):
     register(ProxyEmbedder)
     register(OpenClipEmbedder)
+    register(DataCompFeaturesEmbedder)
