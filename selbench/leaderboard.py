@@ -49,6 +49,8 @@ METRIC_NAMES = {
     "datacomp/vtab": "VTAB",
     "datacomp/retrieval": "retrieval",
     "datacomp/average": "average (38)",
+    "reasoning-probe/acc": "reasoning probe",
+    "nlvr2-probe/acc": "NLVR2 probe",
 }
 
 
@@ -93,14 +95,21 @@ def load_runs(
 
 
 def default_metrics(runs: pd.DataFrame) -> tuple[str, ...]:
-    """The columns a page shows when none are asked for: :data:`DEFAULT_METRICS`, then the
-    ``summary`` metrics of every evaluation suite the runs used (``params.eval_suite``;
+    """The columns a page shows when none are asked for: :data:`DEFAULT_METRICS`, the
+    reasoning probes' accuracies the runs logged (``*-probe/acc``), then the ``summary``
+    metrics of every evaluation suite the runs used (``params.eval_suite``;
     ``configs/evals/NAME.yaml``). A suite whose config is not on this machine adds nothing
     (its runs may come from elsewhere); its metrics can still be named with ``--metric``."""
     from selbench.configs import EvalSuiteConfig, find_config, load_yaml_model
     from selbench.errors import ConfigError
 
     metrics = list(DEFAULT_METRICS)
+    # The reasoning probe's accuracy wherever runs logged one (SynthWeb's reasoning set).
+    metrics += sorted(
+        c.removeprefix("metrics.")
+        for c in runs.columns
+        if c.startswith("metrics.") and c.endswith("-probe/acc") and runs[c].notna().any()
+    )
     column = "params.eval_suite"
     suites = sorted(set(runs[column].dropna())) if column in runs.columns else []
     for suite in suites:
