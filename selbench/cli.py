@@ -308,6 +308,19 @@ def methods() -> None:
             info.cls.reference,
         )
     console.print(table)
+    broken = get_registry().broken
+    if broken:
+        failed = Table(title="broken plugins (not loaded; a run asking for them fails)")
+        for column in ("entry point", "package", "module", "error"):
+            failed.add_column(column, overflow="fold")
+        for plugin in broken:
+            failed.add_row(
+                plugin.entry_point,
+                f"{plugin.package} {plugin.version}".strip(),
+                plugin.module,
+                plugin.error,
+            )
+        console.print(failed)
     embedders = Table(title="selbench embedders (--embedder / -p embedder=SPEC)")
     for column in ("name", "package", "spec", "reference"):
         embedders.add_column(column, overflow="fold")
