@@ -433,8 +433,9 @@ class EmbeddingService:
             batch = preprocess_batch(images[start : start + ENCODE_BATCH], embedder.preprocess)
             with torch.inference_mode():
                 rows.append(embedder.model.encode_image(batch.to(embedder.device)).float().cpu())
-        out = torch.cat(rows).numpy()
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        from selbench.neighbours import unit_rows  # faiss: imported when first needed
+
+        return unit_rows(torch.cat(rows).numpy())
 
     def embedder(self, spec: str = "proxy") -> Embedder:
         """The prepared embedder for ``spec`` (trained or loaded on first use)."""
