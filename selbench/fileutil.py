@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,19 @@ def file_sha256(path: Path) -> str:
 def temp_sibling(path: Path) -> Path:
     """A hidden, unique temporary name next to ``path`` (same filesystem, so os.replace works)."""
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
+    """A regular-file tar header for ``data`` with fixed metadata (mtime 0, root-less ids,
+    mode 0644), so equal contents give byte-identical tars."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
 
 
 def atomic_write_text(path: Path, text: str) -> None:

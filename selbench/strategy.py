@@ -261,48 +261,25 @@ def validate_selection(
             f"strategy {plugin!r} returned {type(selection).__name__}, expected selbench.Selection"
         )
     uids = list(selection.uids)
-    bad_type = [u for u in uids if not isinstance(u, str)]
-    if bad_type:
-        raise PluginError(
-            f"strategy {plugin!r} returned {len(bad_type)} non-string uids, e.g. {bad_type[0]!r}"
-        )
+    _refuse(plugin, [u for u in uids if not isinstance(u, str)], "returned {n} non-string uids")
     seen: set[str] = set()
     duplicates = sorted({u for u in uids if u in seen or seen.add(u)})
-    if duplicates:
-        raise PluginError(
-            f"strategy {plugin!r} returned {len(duplicates)} duplicate uids, e.g. {duplicates[:3]}"
-        )
+    _refuse(plugin, duplicates, "returned {n} duplicate uids", 3)
     known = known_uids if isinstance(known_uids, (set, frozenset)) else set(known_uids)
     unknown = [u for u in uids if u not in known]
-    if unknown:
-        raise PluginError(
-            f"strategy {plugin!r} returned {len(unknown)} uids that are not in the pool, "
-            f"e.g. {unknown[:3]}"
-        )
+    _refuse(plugin, unknown, "returned {n} uids that are not in the pool", 3)
     if len(uids) != expected_count:
         raise PluginError(
             f"strategy {plugin!r} returned {len(uids)} uids, the budget is exactly {expected_count}"
         )
-    if selection.captions:
-        stray = [u for u in selection.captions if u not in seen]
-        if stray:
-            raise PluginError(
-                f"strategy {plugin!r} rewrote captions of {len(stray)} unselected uids, "
-                f"e.g. {stray[:3]}"
-            )
-        empty = [u for u, c in selection.captions.items() if not isinstance(c, str) or not c]
-        if empty:
-            raise PluginError(
-                f"strategy {plugin!r} returned {len(empty)} empty caption rewrites, "
-                f"e.g. {empty[:3]}"
-            )
-    if selection.scores:
-        stray = [u for u in selection.scores if u not in known]
-        if stray:
-            raise PluginError(
-                f"strategy {plugin!r} returned scores for {len(stray)} uids not in the pool, "
-                f"e.g. {stray[:3]}"
-            )
+    captions = selection.captions or {}
+    _refuse(
+        plugin, [u for u in captions if u not in seen], "rewrote captions of {n} unselected uids", 3
+    )
+    empty = [u for u, c in captions.items() if not isinstance(c, str) or not c]
+    _refuse(plugin, empty, "returned {n} empty caption rewrites", 3)
+    stray = [u for u in selection.scores or {} if u not in known]
+    _refuse(plugin, stray, "returned scores for {n} uids not in the pool", 3)
     _check_report(selection, plugin)
     return Selection(
         uids=uids,
@@ -312,6 +289,13 @@ def validate_selection(
         series=selection.series,
         artifacts=selection.artifacts,
     )
+
+
+def _refuse(plugin: str, found: list, problem: str, examples: int = 0) -> None:
+    """PluginError ``strategy 'x' <problem with {n}>, e.g. <examples>`` if ``found``."""
+    if found:
+        shown = found[:examples] if examples else found[0]
+        raise PluginError(f"strategy {plugin!r} {problem.format(n=len(found))}, e.g. {shown!r}")
 
 
 def _check_report(selection: Selection, plugin: str) -> None:
