@@ -11,12 +11,12 @@ faiss (on every GPU faiss sees, else CPU; deterministic for a seed):
 Images as tensors:
     :func:`pool_image_tensor`, :func:`image_batches`
 Training a proxy or a small model with selbench's one training loop:
-    :func:`build_model`, :func:`load_scale`, :func:`load_training_data`,
+    :func:`build_model`, :func:`model_config`, :func:`load_scale`, :func:`load_training_data`,
     :func:`build_training_data`, :func:`train_clip`, :func:`training_loop`,
     :func:`weight_decay_groups`
 Caching:
     :func:`cached_directory` (a checkpoint folder built once, under a lock),
-    :func:`checkpoint_in`,
+    :func:`checkpoint_in`, :func:`selbench_home` (where caches live),
     :func:`memoised_sha256`, :func:`file_sha256`
 The contract's types:
     :class:`Strategy`, :class:`Selection`, :class:`SelectionContext`, :class:`Embeddings`,
@@ -47,6 +47,7 @@ from selbench.neighbours import (
     scaled_cluster_count,
     unit_rows,
 )
+from selbench.paths import selbench_home
 from selbench.progress import NullProgress
 from selbench.strategy import NEEDS, Selection, SelectionContext, Strategy
 from selbench.target import TargetSet
@@ -57,6 +58,7 @@ from selbench.train import (
     build_model,
     build_training_data,
     load_training_data,
+    model_config,
     open_clip_no_decay,
     train_clip,
     training_loop,
@@ -93,11 +95,13 @@ __all__ = [
     "load_scale",
     "load_training_data",
     "memoised_sha256",
+    "model_config",
     "one_blas_thread",
     "open_clip_no_decay",
     "pool_image_tensor",
     "rank",
     "scaled_cluster_count",
+    "selbench_home",
     "top_k",
     "train_clip",
     "training_loop",

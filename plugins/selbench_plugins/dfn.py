@@ -37,7 +37,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selbench.embedders import preprocess_batch
 from selbench.fileutil import temp_sibling
-from selbench.paths import selbench_home
 from selbench.target import pixel_hash
 from selbench.toolbox import (
     PluginError,
@@ -50,6 +49,7 @@ from selbench.toolbox import (
     checkpoint_in,
     hookimpl,
     load_scale,
+    selbench_home,
     top_k,
     train_clip,
 )

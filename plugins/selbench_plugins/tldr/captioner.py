@@ -37,10 +37,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
-from selbench.fileutil import cached_directory
-from selbench.paths import selbench_home
 from selbench.progress import NullProgress
-from selbench.train import model_config, training_loop
+from selbench.toolbox import cached_directory, model_config, selbench_home, training_loop
 
 PAD = 0  # compact id of padding (open_clip pads with token id 0)
 SOT = 1  # compact id of the start-of-text token
