@@ -26,7 +26,6 @@ The contract's types:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from selbench.configs import ScaleConfig, load_scale
-from selbench.embedders import Embedder, Embeddings, preprocess_batch
+from selbench.embedders import Embedder, Embeddings, image_batches
 from selbench.errors import ConfigError, PluginError
 from selbench.fileutil import cached_directory, file_sha256, memoised_sha256
 from selbench.hookspecs import hookimpl
@@ -171,19 +170,3 @@ def pool_image_tensor(
     progress = progress or NullProgress()
     loading = progress.track(pool.iter_images(), description, total=len(pool))
     return torch.stack([preprocess(image) for _, image in loading])
-
-
-def image_batches(
-    images: Iterable[Any], preprocess: Any, batch_size: int = 256
-) -> Iterator[torch.Tensor]:
-    """``(B, 3, H, W)`` batches of ``images`` (PIL images, e.g. ``ctx.target().images`` or
-    the images of ``ctx.pool.iter_images()``), for scoring with a model. Images already at
-    the model's size skip the per-image transforms (equal within 1e-6)."""
-    batch: list[Any] = []
-    for image in images:
-        batch.append(image)
-        if len(batch) == batch_size:
-            yield preprocess_batch(batch, preprocess)
-            batch = []
-    if batch:
-        yield preprocess_batch(batch, preprocess)
