@@ -68,6 +68,8 @@ class PluginManager(pluggy.PluginManager):
                     continue
                 if self.is_blocked(entry.name) or entry.name in self.distributions:
                     continue
+                if any(b.entry_point == entry.name for b in self.broken):
+                    continue  # the same distribution found twice on sys.path
                 try:
                     plugin = entry.load()
                 except Exception as exc:
