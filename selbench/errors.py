@@ -19,3 +19,7 @@ class UnknownMethodError(SelbenchError):
 
 class PluginError(SelbenchError):
     """A plugin failed to load, raised inside ``select``, or returned an invalid selection."""
+
+
+class UndeclaredNeedError(PluginError):
+    """A strategy used a context service (embeddings, proxy, target) it did not declare."""

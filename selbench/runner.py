@@ -495,6 +495,8 @@ def _stage_select(run: _Run) -> dict[str, Any]:
         device=run.device,
         work_dir=run.rundir.select_dir,
         progress=run.progress,
+        strategy=run.info.name,
+        needs=frozenset(run.info.cls.needs),
         services=EmbeddingService(
             pool.strategy_view(),
             run.device,

@@ -69,6 +69,21 @@ def test_summary_matches_a_recomputation_from_raw_metrics():
     assert table.loc[("random", 1.0), "reference"] and not tldr["reference"]
 
 
+def test_the_baseline_is_a_setting_not_random_written_into_the_core():
+    board = lb.summarise(fake_runs(), baseline="tldr")
+    table = board.table.set_index(["method", "budget"])
+    # random minus tldr at the same seeds: -0.05, -0.15, 0.0
+    diffs = pd.Series([-0.05, -0.15, 0.0])
+    random = table.loc[("random", 0.25)]
+    assert random["mean_R1_vs_tldr_mean"] == pytest.approx(diffs.mean())
+    assert random["mean_R1_vs_tldr_pairs"] == 3
+    assert pd.isna(table.loc[("tldr", 0.25), "mean_R1_vs_tldr_mean"])
+    assert "mean_R1_vs_random_mean" not in board.table.columns
+    assert not table["reference"].any()  # tldr has no budget-1.0 runs
+    assert "R@1 vs tldr (paired)" in lb.columns(board)
+    assert "mean difference from `tldr` at the same budget" in lb.to_markdown(board, "board")
+
+
 def test_rows_sorted_by_budget_then_best_first():
     board = lb.summarise(fake_runs())
     assert board.table[["method", "budget"]].values.tolist() == [

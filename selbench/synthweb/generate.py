@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from selbench.fileutil import tar_member
+
 from .captions import boilerplate_caption, distinct_captions, make_caption
 from .config import CLEAN, PATHOLOGIES, SynthWebConfig
 from .reasoning import write_reasoning_set
@@ -283,18 +285,6 @@ def plan_pool(config: SynthWebConfig) -> list[PoolSample]:
 
 
 # --------------------------------------------------------------------------- tar writing
-
-
-def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
-    """A regular-file tar header with fixed metadata (mtime 0, root-less ids, mode 0644)."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
 
 
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
