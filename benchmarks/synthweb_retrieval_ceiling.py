@@ -26,6 +26,7 @@ from selbench.pools import resolve_pool
 SIGNATURES = {
     "colour": ("colour",),
     "shape": ("shape",),
+    "colour + size + position": ("colour", "size", "position"),
     "colour + shape": ("colour", "shape"),
     "colour + shape + size + position": ("colour", "shape", "size", "position"),
 }
