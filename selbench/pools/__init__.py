@@ -37,7 +37,12 @@ def synthweb_dir(overrides: dict) -> tuple[Path, object]:
         config = SynthWebConfig(**overrides)
     except Exception as exc:  # pydantic.ValidationError, with the field names in it
         raise ConfigError(f"invalid SynthWeb settings {overrides}: {exc}") from None
-    digest = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+    # The generator's version is part of the key, so a generator change never reuses a
+    # dataset written by the old one.
+    from selbench.synthweb.generate import GENERATOR_VERSION
+
+    key = f"{GENERATOR_VERSION}\0{config.model_dump_json()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return data_home() / f"synthweb-{digest}", config
 
 

@@ -69,6 +69,9 @@ EVAL_SETS: dict[str, str] = {
     "colour": "eval/colour",
 }
 REASONING_SET = ("reasoning-probe", "eval/reasoning")  # name, folder (NLVR2 layout)
+# Bumped whenever the generator writes different bytes for the same config; part of the
+# cached dataset's key (selbench.pools.synthweb_dir). 2: the two-image reasoning set.
+GENERATOR_VERSION = 2
 TARGET_DIR = "target"
 
 CLASSIFICATION_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -490,6 +493,7 @@ def build_manifest(config: SynthWebConfig, samples: Sequence[PoolSample]) -> dic
         "config": config.model_dump(mode="json"),
         "counts": {"pool": len(samples), "pathologies": counts},
         "generator": GENERATOR,
+        "generator_version": GENERATOR_VERSION,
         "eval_sets": dict(EVAL_SETS) | (dict([REASONING_SET]) if config.n_reasoning_train else {}),
         "target": TARGET_DIR,
     }
