@@ -19,3 +19,8 @@ class UnknownMethodError(SelbenchError):
 
 class PluginError(SelbenchError):
     """A plugin failed to load, raised inside ``select``, or returned an invalid selection."""
+
+
+class StorageError(SelbenchError):
+    """A file could not be written (disk full, quota, file size limit); nothing half-written
+    is left behind, and the next run redoes the work."""

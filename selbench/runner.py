@@ -36,7 +36,7 @@ from selbench.diagnostics import concept_coverage, pathology_fractions
 from selbench.embedders import EmbeddingService
 from selbench.errors import ConfigError, PluginError, SelbenchError
 from selbench.evaluate import evaluate, resolve_eval_suite
-from selbench.fileutil import atomic_write_text, temp_sibling
+from selbench.fileutil import atomic_write_text, writing
 from selbench.materialize import load_subset, materialize
 from selbench.pools import ResolvedPool, resolve_pool
 from selbench.progress import NullProgress
@@ -117,13 +117,20 @@ def method_label(name: str, params: dict[str, Any], defaults: dict[str, Any]) ->
     return f"{name}(" + ",".join(f"{k}={changed[k]}" for k in sorted(changed)) + ")"
 
 
-def _run_strategy(info: StrategyInfo, strategy: Any, ctx: SelectionContext) -> Selection:
+def _run_strategy(info: StrategyInfo, params: Any, ctx: SelectionContext) -> Selection:
+    """Build the strategy and run its ``select``; whatever escapes the plugin (an
+    exception, or ``sys.exit()``) becomes a PluginError naming the strategy."""
     try:
-        result = strategy.select(ctx)
+        result = info.cls(params).select(ctx)
     except SelbenchError:
         raise
-    except (Exception, SystemExit) as exc:
+    except SystemExit as exc:
         # A plugin calling sys.exit() is a plugin failure, not the end of selbench.
+        raise PluginError(
+            f"strategy {info.name!r} (package {info.package!r}) called sys.exit({exc.code!r}); "
+            "a strategy returns a Selection or raises an exception"
+        ) from exc
+    except Exception as exc:
         raise PluginError(
             f"strategy {info.name!r} (package {info.package!r}) raised {type(exc).__name__}: {exc}"
         ) from exc
@@ -319,6 +326,7 @@ def resume(
     """
     progress = progress or NullProgress()
     recorder = tracking.Recorder(experiment or tracking.DEFAULT_EXPERIMENT)
+    reap_stale_runs(recorder)
     found = recorder.get_run(run_id)
     run_dir = found.data.tags.get("selbench.run_dir")
     rundir = RunDir(Path(run_dir)) if run_dir else RunDir.for_run(run_id)
@@ -504,16 +512,14 @@ def _stage_select(run: _Run) -> dict[str, Any]:
         ),
     )
     t0 = time.perf_counter()
-    strategy = run.info.cls(run.params)
-    selection = _run_strategy(run.info, strategy, ctx)
+    selection = _run_strategy(run.info, run.params, ctx)
     selection_s = time.perf_counter() - t0
     _log_embedding_usage(run, ctx.services)
     _log_target(run, ctx.services)
 
     frame = _selection_frame(resolved, selection)
-    tmp = temp_sibling(run.rundir.selection_path)
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(run.rundir.selection_path)
+    with writing(run.rundir.selection_path, "the selection") as tmp:
+        frame.to_parquet(tmp, index=False)
     digest = selection_hash(selection.uids)
     run.recorder.params({"selection_sha256": digest})
     run.recorder.artifact(run.rundir.selection_path)

@@ -52,7 +52,7 @@ from PIL import Image
 
 from selbench.decoding import decode_image_bytes
 from selbench.errors import PoolError
-from selbench.fileutil import atomic_write_text, file_sha256, temp_sibling
+from selbench.fileutil import atomic_write_text, file_sha256, writing
 from selbench.paths import index_home
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -297,14 +297,13 @@ def scan_shard(shard: Path) -> tuple[pd.DataFrame, ScanStats]:
 def _scan_shard_to_file(shard: Path, part: Path) -> dict:
     """Worker: index ``shard`` into the partial index file ``part``; return its stats."""
     frame, stats = scan_shard(shard)
-    tmp = temp_sibling(part)
     # The stats travel inside the parquet's metadata, so a part is one atomic file.
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), b"selbench.scan": json.dumps(stats.as_dict()).encode()}
     )
-    pq.write_table(table, tmp)
-    os.replace(tmp, part)
+    with writing(part, "pool index part") as tmp:
+        pq.write_table(table, tmp)
     return stats.as_dict()
 
 
@@ -409,11 +408,10 @@ class ShardPool:
             if index is not None:
                 return index
             index = self._scan()
-            tmp = temp_sibling(path)
-            index.to_parquet(tmp, index=False)
             stats = json.dumps(self.scan_stats.as_dict())
             atomic_write_text(path.with_suffix(".stats.json"), stats)
-            os.replace(tmp, path)  # last: the index is complete once it exists
+            with writing(path, "pool index") as tmp:  # last: complete once it exists
+                index.to_parquet(tmp, index=False)
             shutil.rmtree(self._parts_dir(), ignore_errors=True)
         return index
 
