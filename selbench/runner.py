@@ -295,6 +295,7 @@ def execute(
         tags={"selbench.cell_key": cell_key(request, prepared["params"]), **(tags or {})},
     )
     rundir = RunDir.for_run(run_id)
+    recorder.keep_journal(rundir.journal_path)
     run = _Run(request, **prepared, rundir=rundir, recorder=recorder, progress=progress)
     try:
         lock = rundir.acquire(run_id)
@@ -326,7 +327,6 @@ def resume(
     """
     progress = progress or NullProgress()
     recorder = tracking.Recorder(experiment or tracking.DEFAULT_EXPERIMENT)
-    reap_stale_runs(recorder)
     found = recorder.get_run(run_id)
     run_dir = found.data.tags.get("selbench.run_dir")
     rundir = RunDir(Path(run_dir)) if run_dir else RunDir.for_run(run_id)
@@ -349,10 +349,12 @@ def resume(
     if found.info.experiment_id != recorder.experiment_id:
         recorder = tracking.Recorder(_experiment_name(found.info.experiment_id))
     todo = _stages_to_run(rundir, stages, run_id)
-    if not todo:
+    unlogged = tracking.read_journal(rundir.journal_path)
+    if not todo and not unlogged:
         raise SelbenchError(f"run {run_id} has finished every stage; nothing to resume")
     lock = rundir.acquire(run_id)
     try:
+        reap_stale_runs(recorder)  # other dead runs; this one's lock is ours now
         prepared = _prepare(request, progress)
         fingerprint = found.data.params.get("pool_fingerprint")
         if fingerprint and fingerprint != prepared["resolved"].pool.fingerprint:
@@ -366,6 +368,11 @@ def resume(
     recorder.reopen(run_id)
     run = _Run(request, **prepared, rundir=rundir, recorder=recorder, progress=progress)
     try:
+        if unlogged:  # calls made while the server was away, in their order
+            recorder.replay(unlogged)
+            rundir.journal_path.unlink()
+            progress.note(f"Logged {len(unlogged)} MLflow calls kept while the server was away")
+        recorder.keep_journal(rundir.journal_path)
         recorder.tags({"selbench.host": host()})
         if overrides:
             recorder.tags({"selbench.resumed_with": json.dumps(overrides, sort_keys=True)})
@@ -397,11 +404,13 @@ def reap_stale_runs(recorder: tracking.Recorder) -> list[str]:
         if rundir.owner_alive():
             continue
         stage = rundir.next_stage() or "evaluate"
+        what = f"process died during stage {stage}"
+        if rundir.journal_path.is_file():
+            what = "the tracking server was unreachable when the run ended; its results are kept"
         recorder.set_terminated(
             found.info.run_id,
             "KILLED",
-            f"process died during stage {stage}; `selbench run --resume {found.info.run_id}` "
-            "continues it",
+            f"{what}; `selbench run --resume {found.info.run_id}` continues it",
         )
         reaped.append(found.info.run_id)
     return reaped
@@ -431,6 +440,8 @@ def _run_stages(run: _Run, todo: list[str], lock: Any) -> RunOutcome:
             run.recorder.pause(next_stage)
     finally:
         lock.release()
+    if run.recorder.unreachable is not None:
+        raise _kept_locally(run, run_id)
     return RunOutcome(
         run_id=run_id,
         metrics=_all_metrics(run),
@@ -439,6 +450,24 @@ def _run_stages(run: _Run, todo: list[str], lock: Any) -> RunOutcome:
         embeddings=run.embeddings,
         stages_run=todo,
         next_stage=next_stage,
+    )
+
+
+def _kept_locally(run: _Run, run_id: str) -> tracking.TrackingUnreachable:
+    """The error a run ends with when its tracking server went away: where its results are."""
+    rundir = run.rundir
+    kept = [f"the stage records in {rundir.root / 'stages.json'}"]
+    if rundir.selection_path.is_file():
+        kept.insert(0, f"the selection in {rundir.selection_path}")
+    if rundir.metrics_path.is_file():
+        kept.insert(1, f"the metrics in {rundir.metrics_path}")
+    calls = len(tracking.read_journal(rundir.journal_path))
+    return tracking.TrackingUnreachable(
+        f"the MLflow tracking server {tracking.tracking_uri()} became unreachable during run "
+        f"{run_id} ({run.recorder.unreachable}); the run went on and kept everything on this "
+        f"machine: {', '.join(kept)}, and the {calls} MLflow calls it could not make in "
+        f"{rundir.journal_path}. Once the server is back, `selbench run --resume {run_id}` "
+        "logs them"
     )
 
 
