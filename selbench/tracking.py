@@ -115,12 +115,13 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    try:
-        found = mlflow.get_experiment_by_name(experiment)
-    except Exception as exc:
-        if unreachable(exc):
-            raise unreachable_error(exc) from None
-        raise
+    with _store_lock(uri):
+        try:
+            found = mlflow.get_experiment_by_name(experiment)  # creates a new store's tables
+        except Exception as exc:
+            if unreachable(exc):
+                raise unreachable_error(exc) from None
+            raise
     if found is not None:
         return found.experiment_id
     artifact_location = None
@@ -135,6 +136,20 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
         if found is None:
             raise
         return found.experiment_id
+
+
+def _store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A lock beside a sqlite store while this process opens it: MLflow creates a new
+    store's tables on first use without a lock of its own, and two ``selbench`` commands
+    starting at once on a fresh home then both create them, and one fails ("table ...
+    already exists")."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    import filelock
+
+    database = Path(uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(database) + ".lock")
 
 
 def ui_command() -> str:
