@@ -80,6 +80,44 @@ def test_hostile_input(case: Case, tmp_path, helpers):
     assert _escaped(pool_dir) == []
 
 
+@pytest.mark.parametrize("helpers_count", [0, 1], ids=["in-process", "helper-process"])
+def test_an_image_the_embedding_pass_cannot_decode_is_an_error_naming_shard_and_member(
+    tmp_path, monkeypatch, helpers_count
+):
+    """An image that decoded in the scan but not in the embedding pass (changed since,
+    or a decoder that disagrees) stops the pass with an error naming where it lives."""
+    import selbench.decoding
+    import selbench.embedders
+    from selbench.embedders import pool_batches
+    from selbench.train import build_model
+
+    pool_dir = build_pool(tmp_path, next(c for c in CASES if c.id == "image_1x1"))
+    pool = ShardPool(pool_dir)
+    hostile = pool.index["uid"].tolist()[2]
+
+    def refuse_1x1(data, ext):
+        if decode_image_bytes(data).size == (1, 1):
+            raise ValueError("refused by the test")
+        return decode(data, ext)
+
+    monkeypatch.setattr(selbench.embedders, "decode", refuse_1x1)
+    monkeypatch.setattr(selbench.decoding, "decode", refuse_1x1)  # not seen by helpers
+    if helpers_count:  # a helper process decodes unpatched: corrupt the bytes it is handed
+        real = ShardPool.iter_image_bytes
+
+        def corrupt(self, uids=None, start=0):
+            for uid, data, ext in real(self, uids, start):
+                yield uid, (b"\x89PNG broken" if uid == hostile else data), ext
+
+        monkeypatch.setattr(ShardPool, "iter_image_bytes", corrupt)
+    _, preprocess, _ = build_model("selbench-tiny", seed=0)
+    with pytest.raises(PoolError) as raised:
+        list(pool_batches(pool.strategy_view(), preprocess, helpers=helpers_count))
+    message = str(raised.value)
+    assert f"member hostile.png of shard {pool_dir / '00000.tar'}" in message
+    assert repr(hostile) in message
+
+
 def _table() -> dict[str, str]:
     """``{case id: outcome cell}`` from the table under :data:`TABLE_HEADING`."""
     text = (ROOT / "docs" / "reliability.md").read_text()

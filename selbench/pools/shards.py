@@ -515,6 +515,14 @@ class ShardPool:
         for uid, data, _ in self.iter_image_bytes(uids, start):
             yield uid, decode_image_bytes(data)
 
+    def locate(self, uid: str) -> str:
+        """Where sample ``uid`` lives: ``member KEY.EXT of shard PATH`` (for error messages)."""
+        rows = self.index[self.index["uid"] == uid]
+        if rows.empty:
+            return f"not in pool {self.root}"
+        row = rows.iloc[0]
+        return f"member {row['key']}.{row['ext']} of shard {self.shards[int(row['shard'])]}"
+
     def has_ground_truth(self) -> bool:
         return bool(self.index["ground_truth"].notna().any())
 
@@ -564,6 +572,9 @@ class PoolForStrategies:
         self, uids: Iterable[str] | None = None, start: int = 0
     ) -> Iterator[tuple[str, bytes, str]]:
         return self._pool.iter_image_bytes(uids, start)
+
+    def locate(self, uid: str) -> str:
+        return self._pool.locate(uid)
 
 
 def _map_file(path: Path) -> mmap.mmap:
