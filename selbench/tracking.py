@@ -99,6 +99,11 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
+    return local_store_uri()
+
+
+def local_store_uri() -> str:
+    """selbench's own store: ``sqlite:///<run home>/mlflow.db``."""
     home = run_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(home / 'mlflow.db').resolve()}"
@@ -125,8 +130,9 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     if found is not None:
         return found.experiment_id
     artifact_location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
+    if uri == local_store_uri():
         # Keep artifacts beside the sqlite store, not in ./mlruns of the current directory.
+        # (Not "MLFLOW_TRACKING_URI unset": mlflow.set_tracking_uri, above, sets it.)
         artifact_location = (run_home() / "artifacts").resolve().as_uri()
     try:
         return mlflow.create_experiment(experiment, artifact_location=artifact_location)

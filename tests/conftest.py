@@ -53,12 +53,20 @@ def session_processes() -> dict[int, str]:
     return found
 
 
+def _tree(root: Path) -> set[str]:
+    """Files under ``root`` (MLflow's default artifact folder ./mlruns, say)."""
+    return {str(p) for p in root.rglob("*")} if root.is_dir() else set()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def leaves_no_process_or_temporary_file_behind():
-    """After the whole session, no process it started is alive and its temporary folder
-    is empty (fails the session's last teardown otherwise)."""
+    """After the whole session, no process it started is alive, its temporary folder is
+    empty, and nothing was written into the current directory (./mlruns included); the
+    session's last teardown fails otherwise."""
     on_linux = sys.platform.startswith("linux")
     before = set(session_processes()) if on_linux else set()
+    here = Path.cwd()
+    in_cwd = _tree(here / "mlruns") | {p.name for p in here.iterdir()}
     yield
     from selbench.decoding import _close_shared
 
@@ -70,6 +78,8 @@ def leaves_no_process_or_temporary_file_behind():
             time.sleep(0.2)
         left_alive = {pid: cmd for pid, cmd in session_processes().items() if pid not in before}
         problems += [f"process {pid} still running: {cmd[:300]}" for pid, cmd in left_alive.items()]
+    added = (_tree(here / "mlruns") | {p.name for p in here.iterdir()}) - in_cwd
+    problems += [f"written into the current directory: {here / name}" for name in sorted(added)]
     leftovers = sorted(str(p.relative_to(SESSION_TMP)) for p in SESSION_TMP.rglob("*"))
     problems += [f"temporary file left behind: {SESSION_TMP / name}" for name in leftovers[:20]]
     if problems:

@@ -178,3 +178,21 @@ def test_a_full_disk_while_the_selection_is_written_fails_the_run_and_resume_red
     assert rundir.selection_path.is_file() and "select" in rundir.stages()
     (found,) = _runs()
     assert found.info.status == "SCHEDULED"
+
+
+def test_artifacts_stay_under_the_run_home_not_in_the_current_directory(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI in the environment, which made
+    selbench think the user had chosen a store, so experiments kept their artifacts in
+    ./mlruns of whatever directory a command ran in, outside the home."""
+    workdir = tmp_path / "somewhere"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    recorder = tracking.Recorder("artifacts-here")
+    note = tmp_path / "note.txt"
+    note.write_text("kept with the run")
+    recorder.start("artifact-test")
+    recorder.artifact(note)
+    recorder.finish()
+    assert list(workdir.iterdir()) == []
+    home = Path(os.environ["SELBENCH_HOME"])
+    assert list((home / "runs" / "artifacts").rglob("note.txt"))
