@@ -52,13 +52,6 @@ class ExitsInSelect(selbench.Strategy):
         sys.exit()
 
 
-class ExitsWithCode(selbench.Strategy):
-    name = "exits_with_code"
-
-    def select(self, ctx):
-        sys.exit(3)
-
-
 class ExitsWhenBuilt(selbench.Strategy):
     name = "exits_when_built"
 
@@ -75,7 +68,7 @@ def exiting_plugins(monkeypatch):
 
     @selbench.hookimpl
     def register_strategies(register):
-        for strategy in (ExitsInSelect, ExitsWithCode, ExitsWhenBuilt):
+        for strategy in (ExitsInSelect, ExitsWhenBuilt):
             register(strategy)
 
     module.register_strategies = register_strategies
@@ -89,7 +82,6 @@ def exiting_plugins(monkeypatch):
     "method, call",
     [
         ("exits_in_select", "sys.exit(None)"),
-        ("exits_with_code", "sys.exit(3)"),
         ("exits_when_built", "sys.exit('cannot start')"),
     ],
 )

@@ -137,9 +137,6 @@ def _runs(experiment: str = EXPERIMENT):
 def test_run_sweep_and_leaderboard_log_to_the_server(against, tiny, tmp_path):
     pool, scale = tiny
     common = ["--pool", str(pool), "--scale", str(scale), "--experiment", EXPERIMENT]
-    ran = _cli("run", "-m", "random", "-b", "0.25", *common)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    assert against.uri in ran.stdout
     swept = _cli(
         "sweep", "--methods", "random", "--budgets", "0.5", "--seeds", "0", "--no-full-pool",
         *common, "--leaderboard", "board", "--out", str(tmp_path / "boards"),
@@ -153,7 +150,7 @@ def test_run_sweep_and_leaderboard_log_to_the_server(against, tiny, tmp_path):
     assert (tmp_path / "again" / f"{EXPERIMENT}.md").is_file()
 
     runs = [r for r in _runs() if "selbench.method" in r.data.tags]
-    assert sorted(r.data.params["budget"] for r in runs) == ["0.25", "0.5"]
+    assert [r.data.params["budget"] for r in runs] == ["0.5"]
     assert {r.info.status for r in runs} == {"FINISHED"}
     # artifacts went through the server into its own artifact root
     selection = tracking.Recorder(EXPERIMENT).download(
