@@ -39,7 +39,7 @@ import filelock
 import numpy as np
 
 from selbench.errors import ConfigError, SelbenchError
-from selbench.fileutil import atomic_write_text, file_sha256, storage_error
+from selbench.fileutil import atomic_write_text, file_sha256, memoised_sha256, storage_error
 from selbench.paths import selbench_home
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,6 @@ TMP_PREFIX = ".tmp-"
 PARTIAL_INFO = "partial.json"
 MANIFEST = "manifest.json"
 MEMO_NAME = ".sha256-memo.json"
-# A digest is memoised only for files whose mtime is this much older than the moment they
-# were hashed: a file changed again within the same mtime tick (timestamps are coarse) would
-# otherwise keep its stale memo key ("racy git" problem).
-RACY_SECONDS = 3.0
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Manifest keys the cache owns; ``meta`` may not override them ("versions" is merged).
@@ -79,7 +75,6 @@ _CORE_KEYS = frozenset(
         "size_mb",
     }
 )
-_memo_lock = threading.Lock()
 
 Produce = Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]]
 
@@ -392,22 +387,7 @@ class EmbeddingCache:
     # -- sha256 memo -----------------------------------------------------------------
     def _digest(self, path: Path) -> str:
         """sha256 of ``path``, memoised by (path, size, mtime_ns) in the cache root."""
-        st = path.stat()
-        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-        memo_path = self.root / MEMO_NAME
-        with _memo_lock:
-            memo = _read_json(memo_path) or {}
-        if isinstance(memo.get(key), str):
-            return memo[key]
-        hashed_at = time.time()
-        digest = file_sha256(path)
-        if hashed_at - st.st_mtime_ns / 1e9 >= RACY_SECONDS:
-            with _memo_lock:
-                memo = _read_json(memo_path) or {}
-                memo = {k: v for k, v in memo.items() if _memo_key_current(k)}
-                memo[key] = digest
-                atomic_write_text(memo_path, json.dumps(memo, indent=0))
-        return digest
+        return memoised_sha256(path, self.root / MEMO_NAME)
 
     # -- validation ------------------------------------------------------------------
     def _validate(
@@ -1043,13 +1023,3 @@ def _take_rows(
     image = np.concatenate([t[0] for t in taken])
     text = np.concatenate([t[1] for t in taken])
     return image, text, rest
-
-
-def _memo_key_current(key: str) -> bool:
-    """Whether a memo key still describes an existing, unchanged file."""
-    try:
-        path, size, mtime = key.rsplit("|", 2)
-        st = os.stat(path)
-    except (ValueError, OSError):
-        return False
-    return str(st.st_size) == size and str(st.st_mtime_ns) == mtime

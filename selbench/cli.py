@@ -308,6 +308,19 @@ def methods() -> None:
             info.cls.reference,
         )
     console.print(table)
+    broken = get_registry().broken
+    if broken:
+        failed = Table(title="broken plugins (not loaded; a run asking for them fails)")
+        for column in ("entry point", "package", "module", "error"):
+            failed.add_column(column, overflow="fold")
+        for plugin in broken:
+            failed.add_row(
+                plugin.entry_point,
+                f"{plugin.package} {plugin.version}".strip(),
+                plugin.module,
+                plugin.error,
+            )
+        console.print(failed)
     embedders = Table(title="selbench embedders (--embedder / -p embedder=SPEC)")
     for column in ("name", "package", "spec", "reference"):
         embedders.add_column(column, overflow="fold")
@@ -511,9 +524,9 @@ def cache_rm(entry_ids) -> None:
     "--metric",
     "metrics",
     multiple=True,
-    default=("mean_R1", "zeroshot_acc1"),
-    show_default=True,
-    help="Metric column(s) to aggregate, repeatable; the first one is plotted.",
+    help="Metric column(s) to aggregate, repeatable; the first one is plotted. Default: "
+    "mean_R1 and zeroshot_acc1, then the summary columns of every evaluation suite the runs "
+    "used (`summary:` in configs/evals/NAME.yaml, e.g. DataComp's average).",
 )
 @click.option(
     "--where",
@@ -535,10 +548,19 @@ def cache_rm(entry_ids) -> None:
     "experiment:NAME or pool:NAME when a name is both. --where filters apply to both "
     "sides except pool=; each side must come down to one pool, scale and protocol.",
 )
+@click.option(
+    "--baseline",
+    default="random",
+    show_default=True,
+    metavar="METHOD",
+    help="The method every row is paired with (its method label, as in the tables, e.g. "
+    "clip_score or clip_score(mode=threshold)); its budget-1.0 runs are the full-pool row.",
+)
 @friendly_errors
-def leaderboard(experiment, out, name, metrics, where, plots, compare_with) -> None:
+def leaderboard(experiment, out, name, metrics, where, plots, compare_with, baseline) -> None:
     """Aggregate finished runs: one table per budget with each method's mean and 95% CI
-    over seeds, its paired difference from random, and its selection cost; counts the
+    over seeds, its paired difference from the baseline (--baseline, default random),
+    and its selection cost; counts the
     method pairs that differ beyond their paired 95% CI; writes markdown, CSV, HTML and
     plots.
 
@@ -550,7 +572,7 @@ def leaderboard(experiment, out, name, metrics, where, plots, compare_with) -> N
     filters = _parse_assignments(where, "--where")
     _write_leaderboard(
         experiment, out, name or experiment, tuple(metrics), filters, plots,
-        compare_with=compare_with,
+        compare_with=compare_with, baseline=baseline,
     )  # fmt: skip
 
 
@@ -565,6 +587,7 @@ def _write_leaderboard(
     run_ids: set[str] | None = None,
     source: str | None = None,
     compare_with: str | None = None,
+    baseline: str = "random",
 ) -> None:
     from selbench import leaderboard as lb
 
@@ -574,12 +597,17 @@ def _write_leaderboard(
     other = None
     if compare_with:
         runs, other, other_name = lb.comparison_runs(compare_with, experiment, filters, runs)
-    board = lb.summarise(runs, metrics)
+    board = lb.summarise(runs, metrics or lb.default_metrics(runs), baseline)
     if board.table.empty:
         raise SelbenchError(
             f"no finished runs in MLflow experiment {experiment!r}"
             + (f" matching {filters}" if filters else "")
             + "; start one with `selbench run --method random --budget 0.25`"
+        )
+    if baseline != "random" and baseline not in set(board.table["method"]):
+        raise SelbenchError(
+            f"--baseline {baseline!r} has no finished runs in experiment {experiment!r}; "
+            f"methods with runs: {', '.join(sorted(set(board.table['method'])))}"
         )
     if other is not None:
         lb.compare(board, other, other_name)
@@ -783,7 +811,7 @@ def sweep(
             experiment,
             out,
             board_name,
-            ("mean_R1", "zeroshot_acc1"),
+            (),  # R@1, zero-shot and the suite's summary columns
             {},
             True,
             intro,

@@ -76,12 +76,13 @@ class ScaleConfig(BaseModel):
 
 
 class EvalSetConfig(BaseModel):
-    """One evaluation set in CLIP_benchmark ``wds`` layout."""
+    """One evaluation set: CLIP_benchmark ``wds`` layout for retrieval and classification,
+    NLVR2's layout for ``reasoning`` (the nlvr2-probe, :mod:`selbench.probe`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    task: Literal["retrieval", "classification"]
+    task: Literal["retrieval", "classification", "reasoning"]
     path: str
     main_metric: Literal["acc1", "mean_per_class_recall", "mean_R1", "f1_macro"] | None = Field(
         default=None,
@@ -97,6 +98,9 @@ class EvalSuiteConfig(BaseModel):
 
     name: str
     sets: list[EvalSetConfig] = Field(min_length=1)
+    # The metrics a leaderboard of runs on this suite shows beside R@1 and zero-shot top-1
+    # (its headline columns, e.g. DataComp's average), as MLflow metric names.
+    summary: list[str] = Field(default_factory=list)
 
 
 class PoolConfig(BaseModel):

@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -149,6 +149,22 @@ def preprocess_batch(images: Sequence[Any], preprocess: Any) -> torch.Tensor:
             return batch.permute(0, 3, 1, 2)
     pil = [Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in images]
     return torch.stack([preprocess(im) for im in pil])
+
+
+def image_batches(
+    images: Iterable[Any], preprocess: Any, batch_size: int = 256
+) -> Iterator[torch.Tensor]:
+    """``(B, 3, H, W)`` batches of ``images`` (PIL images, e.g. ``ctx.target().images`` or
+    the images of ``ctx.pool.iter_images()``), for scoring with a model. Images already at
+    the model's size skip the per-image transforms (equal within 1e-6)."""
+    batch: list[Any] = []
+    for image in images:
+        batch.append(image)
+        if len(batch) == batch_size:
+            yield preprocess_batch(batch, preprocess)
+            batch = []
+    if batch:
+        yield preprocess_batch(batch, preprocess)
 
 
 def _as_rgb_array(image: Any, size: int) -> np.ndarray | None:
@@ -440,13 +456,19 @@ class EmbeddingService:
     def embed_images(self, spec: str, images: Sequence[Any]) -> np.ndarray:
         """L2-normalised float32 image embeddings of ``images`` (e.g. target images)."""
         embedder = self.embedder(spec)
+        if embedder.model is None:  # precomputed features of the pool only (e.g. datacomp)
+            raise ConfigError(
+                f"embedder {spec!r} has no model, only precomputed features of the pool's "
+                "pairs, so it cannot embed other images; name a model embedder "
+                "(open_clip:ARCH:/path/to/weights.pt) for them"
+            )
         rows = []
-        for start in range(0, len(images), ENCODE_BATCH):
-            batch = preprocess_batch(images[start : start + ENCODE_BATCH], embedder.preprocess)
+        for batch in image_batches(images, embedder.preprocess, ENCODE_BATCH):
             with torch.inference_mode():
                 rows.append(embedder.model.encode_image(batch.to(embedder.device)).float().cpu())
-        out = torch.cat(rows).numpy()
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        from selbench.neighbours import unit_rows  # faiss: imported when first needed
+
+        return unit_rows(torch.cat(rows).numpy())
 
     def embedder(self, spec: str = "proxy") -> Embedder:
         """The prepared embedder for ``spec`` (trained or loaded on first use)."""
@@ -468,6 +490,10 @@ class EmbeddingService:
         bar = self.progress.counter(f"Embedding pool ({spec})")
 
         def produce(start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            precomputed = getattr(embedder, "precomputed_batches", None)
+            if precomputed is not None:  # features shipped with the pool: nothing to decode
+                yield from precomputed(self.pool, start, ENCODE_BATCH)
+                return
             # ``workers`` also serves a pass that finds the helpers busy or unable to start.
             workers = decode_workers()
             if helpers_enabled():

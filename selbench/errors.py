@@ -24,3 +24,7 @@ class PluginError(SelbenchError):
 class StorageError(SelbenchError):
     """A file could not be written (disk full, quota, file size limit); nothing half-written
     is left behind, and the next run redoes the work."""
+
+
+class UndeclaredNeedError(PluginError):
+    """A strategy used a context service (embeddings, proxy, target) it did not declare."""

@@ -36,6 +36,11 @@ RECALL_KS = (1, 5, 10)
 def expected_layout(eval_set: EvalSetConfig) -> str:
     """The files CLIP_benchmark's exporter writes for a set of this task."""
     root = eval_set.path
+    if eval_set.task == "reasoning":
+        return (
+            f"NLVR2's layout: {root}/train.json, {root}/test1.json or dev.json, "
+            f"images under {root}/images/<split>/"
+        )
     shards = f"{root}/test/nshards.txt and {root}/test/0.tar .. (nshards-1).tar"
     if eval_set.task == "retrieval":
         return f"{shards}, {root}/dataset_type.txt reading 'retrieval'"
@@ -48,7 +53,11 @@ def check_eval_set(eval_set: EvalSetConfig) -> None:
     root = Path(eval_set.path)
     problem = None
     nshards_file = root / "test" / "nshards.txt"
-    if not root.is_dir():
+    if eval_set.task == "reasoning":
+        from selbench.probe import check_nlvr2
+
+        problem = check_nlvr2(root)
+    elif not root.is_dir():
         problem = f"{root} does not exist"
     elif not nshards_file.is_file():
         problem = f"{nshards_file} is missing"
@@ -75,8 +84,9 @@ def check_eval_set(eval_set: EvalSetConfig) -> None:
                     break
     if problem:
         raise PoolError(
-            f"eval set {eval_set.name!r}: {problem}; expected CLIP_benchmark's wds layout "
-            f"({expected_layout(eval_set)})"
+            f"eval set {eval_set.name!r}: {problem}; expected "
+            + ("" if eval_set.task == "reasoning" else "CLIP_benchmark's wds layout ")
+            + f"({expected_layout(eval_set)})"
         )
 
 
@@ -293,6 +303,13 @@ def evaluate(
             if eval_set.task == "retrieval":
                 got = evaluate_retrieval(model, eval_set, preprocess, tokenizer, batch_size, device)
                 r1 += [got[f"{eval_set.name}/i2t_R1"], got[f"{eval_set.name}/t2i_R1"]]
+            elif eval_set.task == "reasoning":
+                from selbench.probe import evaluate_reasoning
+
+                got = evaluate_reasoning(
+                    model, eval_set.name, Path(eval_set.path), preprocess, tokenizer,
+                    batch_size, device,
+                )  # fmt: skip
             else:
                 got = evaluate_classification(
                     model, eval_set, preprocess, tokenizer, batch_size, device

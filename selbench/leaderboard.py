@@ -1,10 +1,11 @@
 """Leaderboards built from MLflow runs.
 
 Per (pool, scale, protocol) and method x budget: each metric's mean over seeds with a
-95% confidence interval (Student's t over seeds), the paired difference from ``random``
-at the same budget and seed (mean and 95% CI of the per-seed differences), and the
-selection cost (seconds, and as a share of training time). The full pool (``random`` at
-budget 1.0) is the reference row of every budget's table.
+95% confidence interval (Student's t over seeds), the paired difference from the baseline
+method (``baseline``, default ``random``) at the same budget and seed (mean and 95% CI of
+the per-seed differences), and the selection cost (seconds, and as a share of training
+time). The full pool (the baseline at budget 1.0) is the reference row of every budget's
+table.
 
 Per budget, every two methods are compared the same paired way (:func:`pairwise`); the
 page counts the pairs whose 95% CI excludes zero, i.e. how far the leaderboard separates
@@ -39,11 +40,18 @@ GROUP_KEYS = ("pool", "pool_fingerprint", "scale", "protocol", "method_label", "
 SETTING_KEYS = ("pool", "pool_fingerprint", "scale", "protocol")
 DEFAULT_METRICS = ("mean_R1", "zeroshot_acc1")
 COST_METRICS = ("selection_seconds", "training_seconds")
-BASELINE = "random"
+DEFAULT_BASELINE = "random"
 # How the page names the metrics it knows; any other metric keeps its MLflow name.
 METRIC_NAMES = {
     "mean_R1": "R@1",
     "zeroshot_acc1": "zero-shot top-1",
+    "datacomp/imagenet": "ImageNet",
+    "datacomp/imagenet_dist_shifts": "ImageNet dist. shifts",
+    "datacomp/vtab": "VTAB",
+    "datacomp/retrieval": "retrieval",
+    "datacomp/average": "average (38)",
+    "reasoning-probe/acc": "reasoning probe",
+    "nlvr2-probe/acc": "NLVR2 probe",
 }
 
 
@@ -68,6 +76,7 @@ class Leaderboard:
     runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # the per-run frame used
     pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # pairwise(): method pairs
     comparison: Comparison | None = None
+    baseline: str = DEFAULT_BASELINE  # the method label every row is paired with
 
 
 def load_runs(
@@ -85,6 +94,66 @@ def load_runs(
         output_format="pandas",
     )
     return split_mixed_parameters(filter_runs(runs, where or {}))
+
+
+def default_metrics(runs: pd.DataFrame) -> tuple[str, ...]:
+    """The columns a page shows when none are asked for: :data:`DEFAULT_METRICS`, the
+    reasoning probes' accuracies the runs logged (``*-probe/acc``), then the ``summary``
+    metrics of every evaluation suite the runs used (``params.eval_suite``;
+    ``configs/evals/NAME.yaml``). A suite whose config is not on this machine adds nothing
+    (its runs may come from elsewhere); its metrics can still be named with ``--metric``."""
+    from selbench.configs import EvalSuiteConfig, find_config, load_yaml_model
+    from selbench.errors import ConfigError
+
+    metrics = list(DEFAULT_METRICS)
+    # The reasoning probe's accuracy wherever runs logged one (SynthWeb's reasoning set).
+    metrics += sorted(
+        c.removeprefix("metrics.")
+        for c in runs.columns
+        if c.startswith("metrics.") and c.endswith("-probe/acc") and runs[c].notna().any()
+    )
+    column = "params.eval_suite"
+    suites = sorted(set(runs[column].dropna())) if column in runs.columns else []
+    for suite in suites:
+        if suite == "pool":  # the pool's own eval sets: no suite config
+            continue
+        try:
+            config = load_yaml_model(find_config("evals", suite), EvalSuiteConfig)
+        except ConfigError:
+            continue
+        metrics += [m for m in config.summary if m not in metrics]
+    return tuple(metrics)
+
+
+def export_commands(board: Leaderboard) -> dict[tuple, list[tuple[int, str]]]:
+    """Per leaderboard row (its :data:`GROUP_KEYS` values, with ``method`` for
+    ``method_label``), the command that exports each seed's subset, in seed order."""
+    from selbench.export import export_command
+
+    out: dict[tuple, list[tuple[int, str]]] = {}
+    if board.runs.empty:
+        return out
+    for key, group in board.runs.groupby(list(GROUP_KEYS), sort=True):
+        ordered = group.sort_values(["seed", "run_id"])
+        out[key] = [(int(r.seed), export_command(r.run_id)) for r in ordered.itertuples()]
+    return out
+
+
+def _row_key(row: pd.Series) -> tuple:
+    return tuple(row["method" if k == "method_label" else k] for k in GROUP_KEYS)
+
+
+def export_lines(board: Leaderboard) -> list[str]:
+    """One markdown line per row: its label and budget, then each seed's export command."""
+    commands = export_commands(board)
+    lines = []
+    for _, row in board.table.iterrows():
+        runs = commands.get(_row_key(row), [])
+        if not runs:
+            continue
+        listed = ", ".join(f"`{cmd}` (seed {seed})" for seed, cmd in runs)
+        lines.append(f"- {row['method']} at budget {row['budget']:g}: {listed}")
+    return lines
 
 
 # --- method labels ------------------------------------------------------------------
@@ -234,21 +303,26 @@ def per_run_frame(runs: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
     return frame
 
 
-def summarise(runs: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) -> Leaderboard:
-    """Aggregate runs per :data:`GROUP_KEYS` (module docstring)."""
+def summarise(
+    runs: pd.DataFrame,
+    metrics: tuple[str, ...] = DEFAULT_METRICS,
+    baseline: str = DEFAULT_BASELINE,
+) -> Leaderboard:
+    """Aggregate runs per :data:`GROUP_KEYS` (module docstring); every row is paired with
+    the runs of method label ``baseline`` (columns ``<metric>_vs_<baseline>_...``)."""
     wanted = tuple(dict.fromkeys(metrics + COST_METRICS))
     frame = per_run_frame(runs, wanted)
     if frame.empty:
-        return Leaderboard(pd.DataFrame(), metrics)
+        return Leaderboard(pd.DataFrame(), metrics, baseline=baseline)
     metrics = tuple(m for m in metrics if m in frame.columns)
-    baseline = frame[frame["method_label"] == BASELINE]
+    base_runs = frame[frame["method_label"] == baseline]
     rows = []
     for key, group in frame.groupby(list(GROUP_KEYS), sort=True):
         row = dict(zip(GROUP_KEYS, key, strict=True))
         row["seeds"] = int(group["seed"].nunique())
         row["runs"] = len(group)
-        row["reference"] = row["method_label"] == BASELINE and row["budget"] == 1.0
-        same = baseline
+        row["reference"] = row["method_label"] == baseline and row["budget"] == 1.0
+        same = base_runs
         for k in SETTING_KEYS + ("budget",):
             same = same[same[k] == row[k]]
         for metric in metrics:
@@ -256,15 +330,16 @@ def summarise(runs: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) ->
             row[f"{metric}_mean"] = values.mean()
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else float("nan")
             row[f"{metric}_ci95"] = ci95(values)
-            # paired with random at the same budget and seed (one run per seed each side)
+            # paired with the baseline at the same budget and seed (one run per seed each)
             mean, half, pairs = float("nan"), float("nan"), 0
-            if row["method_label"] != BASELINE:
+            if row["method_label"] != baseline:
                 mine = group.groupby("seed")[metric].mean()
                 mean, half, pairs = paired(mine, same.groupby("seed")[metric].mean())
-            row[f"{metric}_vs_random_mean"] = mean
-            row[f"{metric}_vs_random_ci95"] = half
-            row[f"{metric}_vs_random_pairs"] = pairs
-            row[f"{metric}_vs_random_separated"] = separated(mean, half)
+            vs = f"{metric}_vs_{baseline}"
+            row[f"{vs}_mean"] = mean
+            row[f"{vs}_ci95"] = half
+            row[f"{vs}_pairs"] = pairs
+            row[f"{vs}_separated"] = separated(mean, half)
         for cost in COST_METRICS:
             row[f"{cost}_mean"] = group[cost].mean() if cost in group else float("nan")
         train = row["training_seconds_mean"]
@@ -276,7 +351,7 @@ def summarise(runs: pd.DataFrame, metrics: tuple[str, ...] = DEFAULT_METRICS) ->
         ["pool", "scale", "protocol", "budget", sort_metric],
         ascending=[True, True, True, True, False],
     ).reset_index(drop=True)
-    return Leaderboard(table, metrics, frame, pairwise(frame, metrics))
+    return Leaderboard(table, metrics, frame, pairwise(frame, metrics), baseline=baseline)
 
 
 def pairwise(frame: pd.DataFrame, metrics: tuple[str, ...]) -> pd.DataFrame:
@@ -431,7 +506,7 @@ def comparison_runs(
 
 def compare(board: Leaderboard, other_runs: pd.DataFrame, name: str) -> Leaderboard:
     """``board`` with :func:`rank_agreement` against ``other_runs`` attached."""
-    other = summarise(other_runs, board.metrics)
+    other = summarise(other_runs, board.metrics, board.baseline)
     board.comparison = Comparison(name, rank_agreement(board, other))
     return board
 
@@ -468,23 +543,28 @@ def columns(board: Leaderboard) -> list[str]:
     the header above the tables states it once)."""
     out = ["method"] + (["seeds"] if board.table["seeds"].nunique() > 1 else [])
     for m in board.metrics:
-        out += [f"{metric_name(m)} (mean ± 95% CI)", f"{metric_name(m)} vs random (paired)"]
+        out += [
+            f"{metric_name(m)} (mean ± 95% CI)",
+            f"{metric_name(m)} vs {board.baseline} (paired)",
+        ]
     return out + ["selection s", "selection / training"]
 
 
 def cells(board: Leaderboard, row: pd.Series, with_seeds: bool) -> list[Cell]:
     """One row as display cells: the method, per metric mean ± 95% CI and the paired
-    difference from random (marked when it clears its interval), then the cost."""
-    method = "full pool (random, budget 1)" if row.get("reference", False) else row["method"]
+    difference from the baseline (marked when it clears its interval), then the cost."""
+    reference = f"full pool ({board.baseline}, budget 1)"
+    method = reference if row.get("reference", False) else row["method"]
     out = [Cell(str(method), str(method))]
     if with_seeds:
         out.append(Cell(str(row["seeds"]), float(row["seeds"])))
     for m in board.metrics:
         mean = row[f"{m}_mean"]
         out.append(Cell(_fmt(mean, row[f"{m}_ci95"]), None if pd.isna(mean) else mean))
-        delta = row.get(f"{m}_vs_random_mean", float("nan"))
-        half = row.get(f"{m}_vs_random_ci95", float("nan"))
-        mark = int(row.get(f"{m}_vs_random_separated", 0) or 0)
+        vs = f"{m}_vs_{board.baseline}"
+        delta = row.get(f"{vs}_mean", float("nan"))
+        half = row.get(f"{vs}_ci95", float("nan"))
+        mark = int(row.get(f"{vs}_separated", 0) or 0)
         if pd.isna(delta):
             out.append(Cell("—"))
         else:
@@ -602,7 +682,7 @@ def comparison_lines(board: Leaderboard) -> tuple[str, list[str], list[list[str]
 def rich_tables(board: Leaderboard, title: str = "selbench leaderboard") -> list:
     """The terminal view: a line of the settings every row shares, then one table per
     setting and budget, with the separation counts as its caption; paired differences
-    that clear their interval are green (ahead of random) or red (behind)."""
+    that clear their interval are green (ahead of the baseline) or red (behind)."""
     from rich.text import Text
 
     out: list = [Text(title, style="bold")]
@@ -640,7 +720,7 @@ def rich_tables(board: Leaderboard, title: str = "selbench leaderboard") -> list
 
 FOOTNOTE = (
     "Mean over seeds ± half-width of the 95% Student-t confidence interval (one seed: "
-    "its value alone). 'vs random (paired)': mean difference from `random` at the same "
+    "its value alone). 'vs {baseline} (paired)': mean difference from `{baseline}` at the same "
     "budget and seed, ± its 95% CI; ▲ / ▼: that interval lies above / below zero. Method "
     "pairs are compared the same way (per-seed differences over the seeds both have). "
     "Selection cost: mean seconds spent choosing the "
@@ -698,12 +778,17 @@ def provenance(runs: pd.DataFrame) -> list[str]:
     return lines
 
 
+EXPORT_NOTE = (
+    "Each command writes that run's subset (uid, caption, training caption, score) as "
+    "parquet; `--format datacomp` writes DataComp's uid file and `--format shards` "
+    "webdataset shards (docs/real-data.md)."
+)
 LEADERBOARD_SOURCE = "`selbench leaderboard`"  # the command named in a page's footnote
 
 
-def footnote(source: str = LEADERBOARD_SOURCE) -> str:
-    """The note under a table, naming the command that wrote it."""
-    return FOOTNOTE.format(source=source)
+def footnote(source: str = LEADERBOARD_SOURCE, baseline: str = DEFAULT_BASELINE) -> str:
+    """The note under a table, naming the command that wrote it and the baseline."""
+    return FOOTNOTE.format(source=source, baseline=baseline)
 
 
 def _md_row(values: list[str]) -> str:
@@ -740,7 +825,10 @@ def to_markdown(
                     texts = [f"*{t}*" for t in texts]
                 lines.append(_md_row(texts))
             lines.append("")
-    lines.append(footnote(source))
+    lines.append(footnote(source, board.baseline))
+    exports = export_lines(board)
+    if exports:
+        lines += ["", "## Export a row's subset", "", EXPORT_NOTE, "", *exports]
     if board.comparison is not None:
         sentence, header, rows = comparison_lines(board)
         lines += ["", f"## Ranking stability vs {board.comparison.name}", "", sentence, ""]
@@ -860,7 +948,14 @@ def to_html(
                     f"<details><summary>Pairs that differ beyond their paired 95% CI "
                     f"({len(separated_pairs)})</summary><ul>{items}</ul></details>"
                 )
-    parts.append(f'<p class="note">{_inline_markdown(footnote(source))}</p>')
+    parts.append(f'<p class="note">{_inline_markdown(footnote(source, board.baseline))}</p>')
+    exports = export_lines(board)
+    if exports:
+        items = "".join(f"<li>{_inline_markdown(line[2:])}</li>" for line in exports)
+        parts.append(
+            f"<details><summary>Export a row's subset ({len(exports)} rows)</summary>"
+            f"<p>{_inline_markdown(EXPORT_NOTE)}</p><ul>{items}</ul></details>"
+        )
     if board.comparison is not None:
         sentence, header, rows = comparison_lines(board)
         parts.append(
@@ -925,7 +1020,14 @@ def write(
     md_path, csv_path = out_dir / f"{name}.md", out_dir / f"{name}.csv"
     html_path, pairs_path = out_dir / f"{name}.html", out_dir / f"{name}_pairs.csv"
     atomic_write_text(md_path, to_markdown(board, title, plots, intro, source))
-    atomic_write_text(csv_path, board.table.to_csv(index=False))
+    commands = export_commands(board)
+    table = board.table.copy()
+    if not table.empty:
+        table["export"] = [
+            "; ".join(cmd for _, cmd in commands.get(_row_key(row), []))
+            for _, row in table.iterrows()
+        ]
+    atomic_write_text(csv_path, table.to_csv(index=False))
     atomic_write_text(html_path, to_html(board, title, plots, intro, source))
     atomic_write_text(pairs_path, board.pairs.to_csv(index=False))
     return md_path, csv_path, html_path, pairs_path

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from selbench.errors import PoolError, SelbenchError
-from selbench.fileutil import atomic_write_text, temp_sibling
+from selbench.fileutil import atomic_write_text, tar_member, temp_sibling
 
 DEFAULT_SHARD_SIZE = 10_000  # DataComp resharder's --shard-size default
 MANIFEST = "manifest.json"
@@ -147,16 +147,6 @@ def plan_rows(
     ]
 
 
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info, io.BytesIO(data)
-
-
 def write_shard(out_path: str, sources: Sequence[str], rows: Sequence[tuple], first_key: int):
     """Write one output shard from ``rows`` (see :func:`plan_rows`); returns its size.
 
@@ -181,7 +171,7 @@ def write_shard(out_path: str, sources: Sequence[str], rows: Sequence[tuple], fi
                     (f"{key}.txt", train_caption.encode("utf-8")),
                     (f"{key}.json", meta.encode("utf-8")),
                 ):
-                    tar.addfile(*_tar_member(name, payload))
+                    tar.addfile(tar_member(name, payload), io.BytesIO(payload))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -116,6 +116,7 @@ def kmeans(
     spherical: bool = False,
     use_gpu: bool | None = None,
     return_scores: bool = False,
+    max_points_per_centroid: int = 256,
 ) -> tuple[np.ndarray, ...]:
     """Cluster the rows of ``x`` into ``k`` clusters with faiss k-means.
 
@@ -127,7 +128,8 @@ def kmeans(
     else the squared L2 distance to it. ``x`` may be any float array or
     memory map; it is converted to contiguous float32. ``k`` larger than ``n`` is clipped
     to ``n`` with a warning. ``use_gpu=None`` uses a GPU when faiss has one. ``seed`` is
-    taken modulo 2**31.
+    taken modulo 2**31. faiss trains on a seeded subsample of ``max_points_per_centroid
+    * k`` rows when there are more (faiss's default, 256).
     """
     data = as_float32_matrix(x)
     n, d = data.shape
@@ -145,6 +147,7 @@ def kmeans(
         gpu=use_faiss_gpu(use_gpu),
         verbose=False,
         min_points_per_centroid=1,  # only silences faiss's "too few points" stderr warning
+        max_points_per_centroid=int(max_points_per_centroid),
     )
     clustering.train(data)
     scores, assignment = clustering.index.search(data, 1)

@@ -1,8 +1,14 @@
 """Plugin loading: every strategy, built-in or third-party, arrives through the
-``selbench`` entry-point group and the ``register_strategies`` hook."""
+``selbench`` entry-point group and the ``register_strategies`` hook.
+
+A plugin that fails to import, or whose hook raises or registers something invalid, is
+recorded as broken (:class:`BrokenPlugin`, listed by ``selbench methods``) instead of
+breaking every command: only a run that asks for one of its methods fails, with its error.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass
 from functools import cache
 
@@ -11,7 +17,7 @@ import pluggy
 from selbench import hookspecs
 from selbench.embedders import Embedder, parse_spec
 from selbench.errors import ConfigError, PluginError, UnknownMethodError
-from selbench.strategy import Strategy
+from selbench.strategy import Strategy, check_needs
 
 ENTRY_POINT_GROUP = "selbench"
 
@@ -30,6 +36,57 @@ class StrategyInfo:
         return self.cls.name
 
 
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """A plugin that could not be loaded or registered, and why."""
+
+    entry_point: str  # the entry-point name (by convention the method it provides)
+    module: str  # the entry point's target, e.g. "my_package.plugin"
+    package: str
+    version: str
+    error: str  # "ImportError: No module named 'x'"
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager, loading entry points one at a time so a broken one is recorded
+    in :attr:`broken` while the others load."""
+
+    def __init__(self) -> None:
+        super().__init__(ENTRY_POINT_GROUP)
+        self.add_hookspecs(hookspecs)
+        self.broken: list[BrokenPlugin] = []
+        self.distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (package, version)
+
+    def load_entry_points(self) -> None:
+        """Import and register every plugin of the ``selbench`` entry-point group (the
+        same walk as pluggy's ``load_setuptools_entrypoints``, with a failure recorded
+        per plugin instead of raised)."""
+        for dist in importlib.metadata.distributions():
+            package, version = dist.metadata["name"] or "", dist.version or ""
+            for entry in dist.entry_points:
+                if entry.group != ENTRY_POINT_GROUP or self.get_plugin(entry.name):
+                    continue
+                if self.is_blocked(entry.name) or entry.name in self.distributions:
+                    continue
+                if any(b.entry_point == entry.name for b in self.broken):
+                    continue  # the same distribution found twice on sys.path
+                try:
+                    plugin = entry.load()
+                except Exception as exc:
+                    self.broken.append(
+                        BrokenPlugin(
+                            entry.name,
+                            entry.value,
+                            package,
+                            version,
+                            f"{type(exc).__name__}: {exc}",
+                        )
+                    )
+                    continue
+                self.register(plugin, name=entry.name)
+                self.distributions[entry.name] = (package, version)
+
+
 class Registry:
     """Strategies registered by the loaded plugins, by name."""
 
@@ -37,31 +94,34 @@ class Registry:
         self.plugin_manager = plugin_manager
         self._strategies: dict[str, StrategyInfo] = {}
         self._embedders: dict[str, StrategyInfo] = {}
-        dist_of = {
-            id(plugin): (dist.project_name, dist.version)
-            for plugin, dist in plugin_manager.list_plugin_distinfo()
-        }
+        self.broken: list[BrokenPlugin] = list(getattr(plugin_manager, "broken", []))
+        dists = getattr(plugin_manager, "distributions", {})
+        for name, plugin in plugin_manager.list_name_plugin():
+            if plugin is None:  # blocked
+                continue
+            package, version = dists.get(name, (name, ""))
+            try:
+                self._collect_plugin(name, package, version)
+            except PluginError as exc:
+                module = getattr(plugin, "__name__", name)
+                self.broken.append(BrokenPlugin(name, module, package, version, str(exc)))
+
+    def _collect_plugin(self, name: str, package: str, version: str) -> None:
+        """Run the plugin's hooks and add what it registers, all or nothing."""
+        found: list[tuple[str, type, str]] = []
         for hook in ("register_strategies", "register_embedders"):
-            for impl in getattr(plugin_manager.hook, hook).get_hookimpls():
-                package, version = dist_of.get(id(impl.plugin), (impl.plugin_name, ""))
-                self._collect(hook, impl, package, version)
-
-    def _collect(self, hook: str, impl: pluggy.HookImpl, package: str, version: str) -> None:
-        plugin_name = getattr(impl.plugin, "__name__", impl.plugin_name)
-        add = self._add if hook == "register_strategies" else self._add_embedder
-
-        def register(cls: type) -> None:
-            add(cls, plugin_name, package, version)
-
+            for impl in getattr(self.plugin_manager.hook, hook).get_hookimpls():
+                if impl.plugin_name == name:
+                    plugin_name = getattr(impl.plugin, "__name__", impl.plugin_name)
+                    found += [(hook, cls, plugin_name) for cls in _call(hook, impl, package)]
+        strategies, embedders = dict(self._strategies), dict(self._embedders)
         try:
-            impl.function(register=register)
+            for hook, cls, plugin_name in found:
+                add = self._add if hook == "register_strategies" else self._add_embedder
+                add(cls, plugin_name, package, version)
         except PluginError:
+            self._strategies, self._embedders = strategies, embedders
             raise
-        except Exception as exc:
-            raise PluginError(
-                f"plugin {plugin_name!r} (package {package!r}) failed in "
-                f"{hook}: {type(exc).__name__}: {exc}"
-            ) from exc
 
     def _add_embedder(self, cls: type, plugin: str, package: str, version: str) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Embedder)):
@@ -98,10 +158,7 @@ class Registry:
         plugin would do.
         """
         name = self.plugin_manager.register(plugin)
-        for hook in ("register_strategies", "register_embedders"):
-            for impl in getattr(self.plugin_manager.hook, hook).get_hookimpls():
-                if impl.plugin_name == name:
-                    self._collect(hook, impl, package, version)
+        self._collect_plugin(name, package, version)
 
     def _add(self, cls: type, plugin: str, package: str, version: str) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
@@ -111,6 +168,7 @@ class Registry:
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {plugin!r} registered {cls.__name__} without a name")
+        check_needs(cls, plugin)
         if name in self._strategies:
             other = self._strategies[name]
             raise PluginError(
@@ -126,25 +184,49 @@ class Registry:
         return [self._strategies[n] for n in self.names()]
 
     def get(self, name: str) -> StrategyInfo:
+        """The strategy registered as ``name``. Unknown: UnknownMethodError listing the known
+        ones; provided by a broken plugin (its entry-point name): PluginError with its error."""
         try:
             return self._strategies[name]
         except KeyError:
-            known = ", ".join(self.names()) or "none (is selbench installed?)"
-            raise UnknownMethodError(f"unknown method {name!r}; known methods: {known}") from None
+            pass
+        for broken in self.broken:
+            if broken.entry_point == name:
+                raise PluginError(
+                    f"method {name!r} comes from plugin {broken.module!r} (package "
+                    f"{broken.package!r} {broken.version}), which failed to load: {broken.error}"
+                )
+        known = ", ".join(self.names()) or "none (is selbench installed?)"
+        message = f"unknown method {name!r}; known methods: {known}"
+        if self.broken:
+            message += "; broken plugins (see `selbench methods`): " + ", ".join(
+                f"{b.entry_point} ({b.package})" for b in self.broken
+            )
+        raise UnknownMethodError(message)
 
 
-def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
-    """A plugin manager with selbench's hookspecs and, by default, every installed plugin."""
-    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
-    pm.add_hookspecs(hookspecs)
+def _call(hook: str, impl: pluggy.HookImpl, package: str) -> list[type]:
+    """What one hook implementation registers; its exceptions as PluginError."""
+    registered: list[type] = []
+    plugin_name = getattr(impl.plugin, "__name__", impl.plugin_name)
+    try:
+        impl.function(register=registered.append)
+    except PluginError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {plugin_name!r} (package {package!r}) failed in "
+            f"{hook}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return registered
+
+
+def make_plugin_manager(load_entry_points: bool = True) -> PluginManager:
+    """A plugin manager with selbench's hookspecs and, by default, every installed plugin
+    (those that fail to import are in its ``broken`` list)."""
+    pm = PluginManager()
     if load_entry_points:
-        try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except Exception as exc:
-            raise PluginError(
-                f"a plugin in entry-point group {ENTRY_POINT_GROUP!r} failed to import: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        pm.load_entry_points()
     return pm
 
 

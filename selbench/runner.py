@@ -230,6 +230,12 @@ def _prepare(request: RunRequest, progress: Any) -> dict[str, Any]:
     resolved = resolve_pool(request.pool, progress=progress.counter("Generating SynthWeb"))
     if eval_sets is not None:
         resolved.eval_sets = eval_sets
+    if not resolved.eval_sets:
+        raise ConfigError(
+            f"pool {request.pool!r} has no evaluation sets: pass --eval SUITE "
+            "(configs/evals/), or list sets under 'eval:' or name one with 'eval_suite:' "
+            "in the pool's config"
+        )
     count = budget_count(request.budget, len(resolved.pool))
     defaults = info.cls.Params().model_dump()
     return dict(
@@ -532,6 +538,8 @@ def _stage_select(run: _Run) -> dict[str, Any]:
         device=run.device,
         work_dir=run.rundir.select_dir,
         progress=run.progress,
+        strategy=run.info.name,
+        needs=frozenset(run.info.cls.needs),
         services=EmbeddingService(
             pool.strategy_view(),
             run.device,

@@ -11,15 +11,26 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from selbench.errors import ConfigError, PluginError
+from selbench.errors import ConfigError, PluginError, UndeclaredNeedError
 from selbench.progress import NullProgress
 
+if TYPE_CHECKING:  # heavy (torch, open_clip); only the annotations need them
+    from selbench.embedders import Embedder, Embeddings
+    from selbench.target import TargetSet
+
 T = TypeVar("T")
+
+# What a strategy may declare in ``needs``, and the context methods each one unlocks.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "embeddings": ("embeddings", "embed_images"),
+    "proxy": ("proxy",),
+    "target": ("target",),
+}
 
 
 class NoParams(BaseModel):
@@ -33,10 +44,13 @@ class Strategy:
 
     Subclasses set ``name`` (the ``--method`` value), ``summary`` (one line),
     ``reference`` (the paper, with the equation or table its defaults come from),
-    ``stochastic`` (whether the seed changes the selection), ``needs`` (what the
-    strategy uses from the context beyond the pool) and ``Params`` (a pydantic model
-    with ``extra="forbid"``; every field has a default and a description naming its
-    source). They implement :meth:`select`.
+    ``stochastic`` (whether the seed changes the selection under the default parameters;
+    override :meth:`is_stochastic` when a parameter changes that), ``needs`` (what the
+    strategy uses from the context beyond the pool: a subset of :data:`NEEDS`, enforced
+    at run time) and ``Params`` (a pydantic model with ``extra="forbid"``; every field
+    has a default and a description naming its source). ``expected_check_failures`` maps
+    a conformance check's name (:mod:`selbench.testing`) to the reason this strategy is
+    expected to fail it. They implement :meth:`select`.
     """
 
     name: ClassVar[str]
@@ -45,6 +59,7 @@ class Strategy:
     stochastic: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset()
     Params: ClassVar[type[BaseModel]] = NoParams
+    expected_check_failures: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: BaseModel | Mapping[str, Any] | None = None) -> None:
         if isinstance(params, BaseModel):
@@ -52,8 +67,35 @@ class Strategy:
         else:
             self.params = parse_params(type(self), dict(params or {}))
 
+    def is_stochastic(self) -> bool:
+        """Whether the seed changes the selection with these parameters (default: the
+        class's ``stochastic``)."""
+        return bool(self.stochastic)
+
+    def expected_failures(self) -> dict[str, str]:
+        """Conformance checks expected to fail with these parameters, with the reason
+        (default: the class's ``expected_check_failures``)."""
+        return dict(self.expected_check_failures)
+
     def select(self, ctx: SelectionContext) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError(f"strategy {self.name!r} does not implement select()")
+
+
+def check_needs(strategy_cls: type, plugin: str) -> frozenset[str]:
+    """``strategy_cls.needs`` as a frozenset of known needs; else PluginError naming both."""
+    needs = getattr(strategy_cls, "needs", frozenset())
+    if isinstance(needs, str) or not isinstance(needs, (set, frozenset, list, tuple)):
+        raise PluginError(
+            f"strategy {getattr(strategy_cls, 'name', strategy_cls)!r} (plugin {plugin!r}) "
+            f"declares needs={needs!r}; use a frozenset such as frozenset({{'embeddings'}})"
+        )
+    unknown = sorted(str(n) for n in set(needs) - set(NEEDS))
+    if unknown:
+        raise PluginError(
+            f"strategy {strategy_cls.name!r} (plugin {plugin!r}) declares unknown needs "
+            f"{unknown}; known needs: {', '.join(sorted(NEEDS))}"
+        )
+    return frozenset(needs)
 
 
 def parse_params(strategy_cls: type[Strategy], values: Mapping[str, Any]) -> BaseModel:
@@ -105,7 +147,10 @@ class SelectionContext:
 
     ``budget_count`` is the exact number of uids to return. ``rng`` is seeded from
     ``seed``; use it (or ``seed``) for every random choice so selections reproduce.
-    ``work_dir`` is private scratch space for this run.
+    ``work_dir`` is private scratch space for this run. ``strategy`` and ``needs`` are
+    set by the harness: a context method whose need (:data:`NEEDS`) is not in ``needs``
+    raises :class:`~selbench.errors.UndeclaredNeedError`; ``needs=None`` checks nothing
+    (a context built by hand in a test).
     """
 
     pool: PoolView
@@ -116,12 +161,22 @@ class SelectionContext:
     work_dir: Path
     progress: Progress = field(default_factory=NullProgress)
     services: Any = None  # the harness's EmbeddingService; strategies use the methods below
+    strategy: str = ""
+    needs: frozenset[str] | None = None
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
-    def _service(self) -> Any:
+    def _service(self, method: str) -> Any:
+        if self.needs is not None:
+            need = next(n for n, methods in NEEDS.items() if method in methods)
+            if need not in self.needs:
+                raise UndeclaredNeedError(
+                    f"strategy {self.strategy or '<unnamed>'!r} called ctx.{method}() without "
+                    f"declaring {need!r} in `needs` (declared: {sorted(self.needs)}); add "
+                    f"needs = frozenset({{{need!r}, ...}}) to the strategy class"
+                )
         if self.services is None:
             raise RuntimeError(
                 "this SelectionContext has no embedding service; build it with "
@@ -129,23 +184,26 @@ class SelectionContext:
             )
         return self.services
 
-    def embeddings(self, embedder: str = "proxy") -> Any:
+    def embeddings(self, embedder: str = "proxy") -> Embeddings:
         """The pool's cached image and text embeddings (``.image``, ``.text``: float16,
-        L2-normalised, rows in ``pool.uids`` order), computed on first request."""
-        return self._service().embeddings(embedder)
+        L2-normalised, rows in ``pool.uids`` order), computed on first request.
+        Declare ``"embeddings"`` in ``needs``."""
+        return self._service("embeddings").embeddings(embedder)
 
-    def target(self) -> Any:
+    def target(self) -> TargetSet:
         """The run's target data (``.images``: PIL images, ``.path``), already checked to
         share no image with the evaluation sets. Declare ``"target"`` in ``needs``."""
-        return self._service().target()
+        return self._service("target").target()
 
-    def embed_images(self, images: Any, embedder: str = "proxy") -> Any:
-        """L2-normalised float32 embeddings of extra images (e.g. the target's) by ``embedder``."""
-        return self._service().embed_images(embedder, images)
+    def embed_images(self, images: Sequence[Any], embedder: str = "proxy") -> np.ndarray:
+        """L2-normalised float32 embeddings of extra images (e.g. the target's) by
+        ``embedder``, rows in the images' order. Declare ``"embeddings"`` in ``needs``."""
+        return self._service("embed_images").embed_images(embedder, images)
 
-    def proxy(self, embedder: str = "proxy") -> Any:
-        """The prepared proxy model (``.model``, ``.preprocess``, ``.tokenizer``, ``.encode``)."""
-        return self._service().embedder(embedder)
+    def proxy(self, embedder: str = "proxy") -> Embedder:
+        """The prepared proxy model (``.model``, ``.preprocess``, ``.tokenizer``,
+        ``.encode``, ``.weights_digest``). Declare ``"proxy"`` in ``needs``."""
+        return self._service("proxy").embedder(embedder)
 
 
 @dataclass
@@ -203,48 +261,25 @@ def validate_selection(
             f"strategy {plugin!r} returned {type(selection).__name__}, expected selbench.Selection"
         )
     uids = list(selection.uids)
-    bad_type = [u for u in uids if not isinstance(u, str)]
-    if bad_type:
-        raise PluginError(
-            f"strategy {plugin!r} returned {len(bad_type)} non-string uids, e.g. {bad_type[0]!r}"
-        )
+    _refuse(plugin, [u for u in uids if not isinstance(u, str)], "returned {n} non-string uids")
     seen: set[str] = set()
     duplicates = sorted({u for u in uids if u in seen or seen.add(u)})
-    if duplicates:
-        raise PluginError(
-            f"strategy {plugin!r} returned {len(duplicates)} duplicate uids, e.g. {duplicates[:3]}"
-        )
+    _refuse(plugin, duplicates, "returned {n} duplicate uids", 3)
     known = known_uids if isinstance(known_uids, (set, frozenset)) else set(known_uids)
     unknown = [u for u in uids if u not in known]
-    if unknown:
-        raise PluginError(
-            f"strategy {plugin!r} returned {len(unknown)} uids that are not in the pool, "
-            f"e.g. {unknown[:3]}"
-        )
+    _refuse(plugin, unknown, "returned {n} uids that are not in the pool", 3)
     if len(uids) != expected_count:
         raise PluginError(
             f"strategy {plugin!r} returned {len(uids)} uids, the budget is exactly {expected_count}"
         )
-    if selection.captions:
-        stray = [u for u in selection.captions if u not in seen]
-        if stray:
-            raise PluginError(
-                f"strategy {plugin!r} rewrote captions of {len(stray)} unselected uids, "
-                f"e.g. {stray[:3]}"
-            )
-        empty = [u for u, c in selection.captions.items() if not isinstance(c, str) or not c]
-        if empty:
-            raise PluginError(
-                f"strategy {plugin!r} returned {len(empty)} empty caption rewrites, "
-                f"e.g. {empty[:3]}"
-            )
-    if selection.scores:
-        stray = [u for u in selection.scores if u not in known]
-        if stray:
-            raise PluginError(
-                f"strategy {plugin!r} returned scores for {len(stray)} uids not in the pool, "
-                f"e.g. {stray[:3]}"
-            )
+    captions = selection.captions or {}
+    _refuse(
+        plugin, [u for u in captions if u not in seen], "rewrote captions of {n} unselected uids", 3
+    )
+    empty = [u for u, c in captions.items() if not isinstance(c, str) or not c]
+    _refuse(plugin, empty, "returned {n} empty caption rewrites", 3)
+    stray = [u for u in selection.scores or {} if u not in known]
+    _refuse(plugin, stray, "returned scores for {n} uids not in the pool", 3)
     _check_report(selection, plugin)
     return Selection(
         uids=uids,
@@ -254,6 +289,13 @@ def validate_selection(
         series=selection.series,
         artifacts=selection.artifacts,
     )
+
+
+def _refuse(plugin: str, found: list, problem: str, examples: int = 0) -> None:
+    """PluginError ``strategy 'x' <problem with {n}>, e.g. <examples>`` if ``found``."""
+    if found:
+        shown = found[:examples] if examples else found[0]
+        raise PluginError(f"strategy {plugin!r} {problem.format(n=len(found))}, e.g. {shown!r}")
 
 
 def _check_report(selection: Selection, plugin: str) -> None:

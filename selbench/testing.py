@@ -1,30 +1,40 @@
-"""The conformance kit: ``check_strategy(MyStrategy)`` runs the battery every built-in
-strategy passes, against an in-memory pool, in a few seconds.
+"""The conformance kit: the battery every built-in strategy passes, against in-memory
+pools, as one pytest item per check (scikit-learn's ``parametrize_with_checks``)::
 
-    from selbench.testing import check_strategy
+    from selbench.testing import parametrize_with_checks
 
-    def test_my_strategy_conforms():
-        check_strategy(MyStrategy)
+    @parametrize_with_checks([MyStrategy(), MyStrategy({"k": 3})])
+    def test_my_strategy_conforms(strategy, check):
+        check(strategy)
 
-Checks (each failure is an ``AssertionError`` naming the strategy and the case):
+or all at once with ``check_strategy(MyStrategy)``. The checks (each failure is an
+``AssertionError`` naming the strategy and the case):
 
-1. exact budget: ``round(budget x N)`` unique uids, all from the pool, for several budgets
-   and pool sizes (the harness's own :func:`~selbench.strategy.validate_selection`);
-2. determinism: the same seed gives the same selection;
-3. seed sensitivity: a strategy declared ``stochastic`` selects differently under
-   different seeds (one that is not declared stochastic must not);
-4. declared needs: a strategy that calls ``ctx.embeddings()`` / ``ctx.proxy()`` /
-   ``ctx.target()`` declares ``"embeddings"`` / ``"proxy"`` / ``"target"`` in ``needs``;
-5. parameters: every ``Params`` field has a default and a description, and the defaults
-   survive the trip through strings (CLI ``-p key=value``, MLflow params) and JSON.
+- ``check_params``: every ``Params`` field has a default and a description, and the
+  defaults survive the trip through strings (CLI ``-p key=value``, MLflow params) and JSON;
+- ``check_needs``: ``needs`` holds only known needs, and ``select`` calls no context
+  service (``ctx.embeddings()``, ``ctx.embed_images()``, ``ctx.proxy()``, ``ctx.target()``)
+  it did not declare;
+- ``check_budget``: ``round(budget x N)`` unique uids, all from the pool, for several budgets
+  and pool sizes (the harness's own :func:`~selbench.strategy.validate_selection`);
+- ``check_deterministic``: the same seed gives the same selection;
+- ``check_seed``: a strategy stochastic with its parameters
+  (:meth:`~selbench.strategy.Strategy.is_stochastic`) selects differently under another
+  seed; one that is not never does.
+
+A strategy declares the checks it is expected to fail, with the reason, in
+``expected_check_failures = {"check_seed": "why"}`` (or, when that depends on the
+parameters, by overriding :meth:`~selbench.strategy.Strategy.expected_failures`); they are
+marked ``xfail(strict=True)``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +43,9 @@ import numpy as np
 from PIL import Image
 
 from selbench.embedders import Embeddings
-from selbench.errors import PluginError
+from selbench.errors import PluginError, UndeclaredNeedError
 from selbench.strategy import (
+    NEEDS,
     SelectionContext,
     Strategy,
     budget_count,
@@ -182,10 +193,11 @@ def context_with_embeddings(
 
 
 def _run(
-    strategy_cls: type[Strategy], params: dict, pool: MemoryPool, budget: float, seed: int
+    strategy: Strategy, pool: MemoryPool, budget: float, seed: int
 ) -> tuple[list[str], set[str]]:
     count = budget_count(budget, len(pool))
     services = RecordingServices(pool)
+    name = type(strategy).name
     with tempfile.TemporaryDirectory() as work:
         ctx = SelectionContext(
             pool=pool,
@@ -195,19 +207,62 @@ def _run(
             device="cpu",
             work_dir=Path(work),
             services=services,
+            strategy=name,
+            needs=frozenset(type(strategy).needs),
         )
-        selection = strategy_cls(params).select(ctx)
+        try:
+            selection = type(strategy)(strategy.params).select(ctx)
+        except UndeclaredNeedError as exc:
+            raise AssertionError(
+                f"{name}: uses a service without declaring it in `needs`: {exc}"
+            ) from None
         try:  # inside the work dir: reported artifacts must still exist
-            checked = validate_selection(selection, set(pool.uids), count, strategy_cls.name)
+            checked = validate_selection(selection, set(pool.uids), count, name)
         except PluginError as exc:
             raise AssertionError(
-                f"{strategy_cls.name}: budget {budget}, pool of {len(pool)}, seed {seed}: {exc}"
+                f"{name}: budget {budget}, pool of {len(pool)}, seed {seed}: {exc}"
             ) from None
     return checked.uids, services.used
 
 
-def check_params(strategy_cls: type[Strategy]) -> None:
+@dataclass(frozen=True)
+class KitOptions:
+    """The cases the checks run: pool sizes, budgets and seeds (the first is the base)."""
+
+    pool_sizes: tuple[int, ...] = (40, 157)
+    budgets: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+    seeds: tuple[int, ...] = (0, 1)
+
+
+# First runs (pool size, budget, seed) of a configuration, shared by the checks that
+# compare against them: one pytest item per check must not re-run every selection.
+_first_runs: dict[tuple, tuple[list[str], set[str]]] = {}
+
+
+def _first_run(strategy: Strategy, size: int, budget: float, seed: int) -> list[str]:
+    key = (
+        type(strategy),
+        json.dumps(strategy.params.model_dump(), sort_keys=True, default=str),
+        size,
+        budget,
+        seed,
+    )
+    if key not in _first_runs:
+        _first_runs[key] = _run(strategy, make_memory_pool(size, seed=size), budget, seed)
+    return _first_runs[key][0]
+
+
+def _as_instance(strategy: Strategy | type[Strategy], params: dict | None = None) -> Strategy:
+    if isinstance(strategy, type):
+        assert issubclass(strategy, Strategy), f"{strategy!r} is not a selbench.Strategy subclass"
+        return strategy(params or {})
+    assert isinstance(strategy, Strategy), f"{strategy!r} is not a selbench.Strategy"
+    return strategy
+
+
+def check_params(strategy: Strategy | type[Strategy], options: KitOptions = KitOptions()) -> None:
     """Every parameter has a default and a description; defaults round-trip via str and JSON."""
+    strategy_cls = strategy if isinstance(strategy, type) else type(strategy)
     name = strategy_cls.name
     fields = strategy_cls.Params.model_fields
     for key, info in fields.items():
@@ -224,42 +279,144 @@ def check_params(strategy_cls: type[Strategy]) -> None:
     assert from_json == defaults, f"{name}: parameters do not survive JSON: {from_json}"
 
 
-def check_strategy(
-    strategy_cls: type[Strategy],
-    params: dict | None = None,
-    pool_sizes: Sequence[int] = (40, 157),
-    budgets: Sequence[float] = (0.1, 0.25, 0.5, 1.0),
-    seeds: Sequence[int] = (0, 1),
-) -> None:
-    """Run the conformance battery (module docstring) against ``strategy_cls``."""
-    params = dict(params or {})
-    name = getattr(strategy_cls, "name", strategy_cls.__name__)
-    assert isinstance(strategy_cls, type) and issubclass(strategy_cls, Strategy), (
-        f"{name} is not a selbench.Strategy subclass"
-    )
-    check_params(strategy_cls)
-    declared = set(strategy_cls.needs)
-    differs = False
-    for size in pool_sizes:
+def check_needs(strategy: Strategy, options: KitOptions = KitOptions()) -> None:
+    """``needs`` holds only known needs, and the strategy uses nothing it did not declare
+    (the context refuses an undeclared service, as the harness's does)."""
+    strategy_cls = type(strategy)
+    unknown = set(strategy_cls.needs) - set(NEEDS)
+    assert not unknown, f"{strategy_cls.name}: unknown needs {sorted(unknown)}; known: {NEEDS}"
+    size = options.pool_sizes[0]
+    _run(strategy, make_memory_pool(size, seed=size), options.budgets[0], options.seeds[0])
+
+
+def check_budget(strategy: Strategy, options: KitOptions = KitOptions()) -> None:
+    """Exactly ``round(budget x N)`` unique pool uids for every pool size and budget (the
+    harness's own :func:`~selbench.strategy.validate_selection`)."""
+    for size in options.pool_sizes:
+        for budget in options.budgets:
+            _first_run(strategy, size, budget, options.seeds[0])
+
+
+def check_deterministic(strategy: Strategy, options: KitOptions = KitOptions()) -> None:
+    """The same seed gives the same selection."""
+    name = type(strategy).name
+    for size in options.pool_sizes:
         pool = make_memory_pool(size, seed=size)
-        for budget in budgets:
-            first, used = _run(strategy_cls, params, pool, budget, seeds[0])
-            undeclared = used - declared
-            assert not undeclared, (
-                f"{name}: uses {sorted(undeclared)} without declaring it in `needs` "
-                f"(declared: {sorted(declared)})"
-            )
-            again, _ = _run(strategy_cls, params, pool, budget, seeds[0])
+        for budget in options.budgets:
+            first = _first_run(strategy, size, budget, options.seeds[0])
+            again, _ = _run(strategy, pool, budget, options.seeds[0])
             assert first == again, (
                 f"{name}: the same seed gave different selections (budget {budget}, pool {size})"
             )
-            for other_seed in seeds[1:]:
-                other, _ = _run(strategy_cls, params, pool, budget, other_seed)
-                if other != first:
+
+
+def check_seed(strategy: Strategy, options: KitOptions = KitOptions()) -> None:
+    """A strategy that is stochastic with these parameters (:meth:`Strategy.is_stochastic`)
+    selects differently under some other seed; one that is not never does."""
+    name = type(strategy).name
+    stochastic = strategy.is_stochastic()
+    differs = False
+    for size in options.pool_sizes:
+        for budget in options.budgets:
+            first = _first_run(strategy, size, budget, options.seeds[0])
+            for other_seed in options.seeds[1:]:
+                if _first_run(strategy, size, budget, other_seed) != first:
                     differs = True
-                    assert strategy_cls.stochastic, (
+                    assert stochastic, (
                         f"{name}: not declared stochastic, but seed {other_seed} changed the "
                         f"selection (budget {budget}, pool {size})"
                     )
-    if strategy_cls.stochastic and len(seeds) > 1:
+    if stochastic and len(options.seeds) > 1:
         assert differs, f"{name}: declared stochastic, but no seed changed the selection"
+
+
+CHECKS: tuple[Callable[..., None], ...] = (
+    check_params,
+    check_needs,
+    check_budget,
+    check_deterministic,
+    check_seed,
+)
+
+
+def _checks(
+    strategy: Strategy, options: KitOptions, expected_failures: Mapping[str, str] | None
+) -> Iterator[tuple[Callable[[Strategy], None], str | None]]:
+    expected = {**strategy.expected_failures(), **(expected_failures or {})}
+    unknown = set(expected) - {c.__name__ for c in CHECKS}
+    assert not unknown, (
+        f"{type(strategy).name}: expected failures of unknown checks {sorted(unknown)}; "
+        f"checks: {[c.__name__ for c in CHECKS]}"
+    )
+    for check in CHECKS:
+        bound = functools.partial(check, options=options)
+        functools.update_wrapper(bound, check)
+        yield bound, expected.get(check.__name__)
+
+
+def parametrize_with_checks(
+    strategies: Sequence[Strategy | type[Strategy]],
+    pool_sizes: Sequence[int] = KitOptions.pool_sizes,
+    budgets: Sequence[float] = KitOptions.budgets,
+    seeds: Sequence[int] = KitOptions.seeds,
+    expected_failures: Mapping[str, str] | None = None,
+) -> Any:
+    """A ``pytest.mark.parametrize`` decorator: one test item per (strategy, check), with
+    ids like ``clip_score-check_budget``, as scikit-learn's ``parametrize_with_checks``.
+
+    ``strategies`` are instances (their ``params`` are used) or classes (default
+    parameters). A check named in the strategy's ``expected_check_failures`` (or in
+    ``expected_failures``) is marked ``xfail(strict=True)`` with that reason: it must
+    fail, so a stale expectation shows up. The test receives ``(strategy, check)`` and
+    calls ``check(strategy)``::
+
+        @parametrize_with_checks([MyStrategy(), MyStrategy({"k": 3})])
+        def test_conforms(strategy, check):
+            check(strategy)
+    """
+    import pytest
+
+    options = KitOptions(tuple(pool_sizes), tuple(budgets), tuple(seeds))
+    cases = []
+    for given in strategies:
+        strategy = _as_instance(given)
+        label = type(strategy).name
+        changed = {
+            k: v
+            for k, v in strategy.params.model_dump().items()
+            if v != type(strategy).Params.model_fields[k].default
+        }
+        if changed:
+            label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
+        for check, reason in _checks(strategy, options, expected_failures):
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            cases.append(pytest.param(strategy, check, id=f"{label}-{check.__name__}", marks=marks))
+    return pytest.mark.parametrize("strategy, check", cases)
+
+
+def check_strategy(
+    strategy_cls: Strategy | type[Strategy],
+    params: dict | None = None,
+    pool_sizes: Sequence[int] = KitOptions.pool_sizes,
+    budgets: Sequence[float] = KitOptions.budgets,
+    seeds: Sequence[int] = KitOptions.seeds,
+    expected_failures: Mapping[str, str] | None = None,
+) -> None:
+    """Run every check (module docstring) in one call; each failure is an AssertionError
+    naming the strategy and the case. A check the strategy expects to fail
+    (``expected_check_failures``, ``expected_failures``) must fail."""
+    name = getattr(strategy_cls, "name", type(strategy_cls).__name__)
+    assert isinstance(strategy_cls, Strategy) or (
+        isinstance(strategy_cls, type) and issubclass(strategy_cls, Strategy)
+    ), f"{name} is not a selbench.Strategy subclass"
+    strategy = _as_instance(strategy_cls, params)
+    options = KitOptions(tuple(pool_sizes), tuple(budgets), tuple(seeds))
+    for check, reason in _checks(strategy, options, expected_failures):
+        if reason is None:
+            check(strategy)
+            continue
+        try:
+            check(strategy)
+        except AssertionError:
+            continue
+        raise AssertionError(f"{name}: {check.__name__} was expected to fail ({reason}) but passed")

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -122,6 +122,21 @@ def build_training_data(
     return TrainingData(images=torch.stack(tensors), tokens=tokenizer(texts))
 
 
+def load_training_data(
+    pool: Any,
+    preprocess: Any,
+    tokenizer: Any,
+    progress: Any = None,
+    description: str = "Loading pool",
+) -> TrainingData:
+    """A whole pool (``uids``, ``captions``, ``iter_images()``) as :class:`TrainingData`,
+    in pool order, with a progress bar."""
+    progress = progress or NullProgress()
+    captions = dict(zip(pool.uids, pool.captions, strict=True))
+    images = progress.track(pool.iter_images(), description, total=len(pool))
+    return build_training_data(images, captions, preprocess, tokenizer)
+
+
 def planned_samples_seen(
     scale: ScaleConfig, protocol: str, pool_size: int, subset_size: int
 ) -> int:
@@ -167,16 +182,25 @@ def load_checkpoint(model: torch.nn.Module, path: Path, device: str = "cpu") -> 
     model.to(device).eval()
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # open_clip's rule: no weight decay on gains, biases, norms and the logit scale.
-    decay, no_decay = [], []
+def open_clip_no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """open_clip's rule: no weight decay on gains, biases, norms and the logit scale."""
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def weight_decay_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    no_decay: Callable[[str, torch.nn.Parameter], bool] = open_clip_no_decay,
+) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on every trainable parameter except those
+    ``no_decay(name, param)`` exempts (default: open_clip's rule)."""
+    decay, exempt = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name
-        (no_decay if exempt or "logit_scale" in name else decay).append(param)
+        (exempt if no_decay(name, param) else decay).append(param)
     return [
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": exempt, "weight_decay": 0.0},
         {"params": decay, "weight_decay": weight_decay},
     ]
 
@@ -218,6 +242,93 @@ def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterable[n
         yield batch
 
 
+@dataclass
+class LoopResult:
+    """What :func:`training_loop` ran: steps, wall seconds, the final running average of
+    every loss term (exponential, 0.95) and ``curve``: ``(step, loss)`` every 10 steps."""
+
+    steps: int
+    seconds: float
+    running: dict[str, float]
+    curve: list[tuple[int, float]]
+
+
+def training_loop(
+    model: torch.nn.Module,
+    batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    n_samples: int,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    lr: float,
+    warmup_steps: int,
+    weight_decay: float,
+    no_decay: Callable[[str, torch.nn.Parameter], bool] = open_clip_no_decay,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    grad_clip_norm: float | None = None,
+    amp: bool = False,
+    after_step: Callable[[], None] | None = None,
+    device: str = "cpu",
+    progress: Any = None,
+    description: str = "Training",
+    curve_key: str = "loss",
+) -> LoopResult:
+    """The one training loop: every model selbench trains (the recipe's CLIP, proxies,
+    EL2N's and DFN's scorers, TL;DR's captioner) goes through it.
+
+    AdamW (:func:`weight_decay_groups` with ``no_decay``) with linear warmup and cosine
+    decay (open_clip_train's ``cosine_lr``), batches of ``batch_size`` indices from
+    successive seeded permutations of ``range(n_samples)``. ``batch_loss(indices)`` returns
+    the batch's loss and its named terms as floats (``curve_key`` is the one plotted);
+    ``after_step()`` runs after each optimiser step. ``amp`` (CUDA only) scales the loss.
+    A non-finite term stops training with FloatingPointError.
+    """
+    progress = progress or NullProgress()
+    torch.manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(
+        weight_decay_groups(model, weight_decay, no_decay), lr=lr, betas=betas, eps=eps
+    )
+    schedule = cosine_lr(optimizer, lr, warmup_steps, steps)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    curve: list[tuple[int, float]] = []
+    running: dict[str, float] = {}
+    start = time.perf_counter()
+    batches = _batch_indices(n_samples, batch_size, steps, seed)
+    for step, idx in enumerate(progress.track(batches, description, total=steps)):
+        schedule(step)
+        with torch.autocast(device_type="cuda", enabled=amp):
+            loss, values = batch_loss(torch.from_numpy(idx))
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        if after_step is not None:
+            after_step()
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(
+                f"{description}: loss became non-finite at step {step}: {values}"
+            )
+        for key, value in values.items():
+            running[key] = value if key not in running else 0.95 * running[key] + 0.05 * value
+        if step % 10 == 0 or step == steps - 1:
+            curve.append((step, values[curve_key]))
+            if hasattr(progress, "set_info"):
+                progress.set_info(description, f"loss {running[curve_key]:.3f}")
+    model.eval()
+    return LoopResult(steps, time.perf_counter() - start, running, curve)
+
+
 def train_clip(
     model: torch.nn.Module,
     data: TrainingData,
@@ -227,70 +338,53 @@ def train_clip(
     device: str = "cpu",
     progress: Any = None,
 ) -> TrainResult:
-    """Train ``model`` contrastively on ``data`` for ``samples_seen`` samples."""
-    progress = progress or NullProgress()
+    """Train ``model`` contrastively on ``data`` for ``samples_seen`` samples (open_clip's
+    ``ClipLoss``, the scale's optimiser and crop, through :func:`training_loop`)."""
     batch_size = min(scale.batch_size, len(data))
     steps = max(1, math.ceil(samples_seen / batch_size))
     warmup = (
         scale.warmup_steps if scale.warmup_steps is not None else int(scale.warmup_fraction * steps)
     )
-    torch.manual_seed(seed)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(
-        _param_groups(model, scale.weight_decay),
-        lr=scale.lr,
-        betas=(scale.beta1, scale.beta2),
-        eps=scale.eps,
-    )
-    schedule = cosine_lr(optimizer, scale.lr, warmup, steps)
     loss_fn = ClipLoss()
-    use_amp = scale.precision == "amp" and device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    curve: list[tuple[int, float]] = []
-    running = float("nan")
-    start = time.perf_counter()
-    batches = _batch_indices(len(data), batch_size, steps, seed)
     crop_rng = torch.Generator().manual_seed(seed)
-    for step, idx in enumerate(progress.track(batches, "Training", total=steps)):
-        schedule(step)
-        index = torch.from_numpy(idx)
+
+    def batch_loss(index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         images = data.images[index].to(device, non_blocking=True)
         if scale.random_resized_crop_scale is not None:
             images = random_resized_crop(images, scale.random_resized_crop_scale, crop_rng)
         tokens = data.tokens[index].to(device, non_blocking=True)
-        with torch.autocast(device_type="cuda", enabled=use_amp):
-            image_features, text_features, logit_scale = model(images, tokens)[:3]
-            loss = loss_fn(image_features, text_features, logit_scale)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if scale.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), scale.grad_clip_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        image_features, text_features, logit_scale = model(images, tokens)[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+        return loss, {"loss": float(loss.detach())}
+
+    def clamp_temperature() -> None:
         # open_clip clamps the learnable temperature at 100 after each step.
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {step}")
-        running = value if math.isnan(running) else 0.95 * running + 0.05 * value
-        if step % 10 == 0 or step == steps - 1:
-            curve.append((step, value))
-            if hasattr(progress, "set_info"):
-                progress.set_info("Training", f"loss {running:.3f}")
-    model.eval()
+
+    result = training_loop(
+        model,
+        batch_loss,
+        len(data),
+        batch_size,
+        steps,
+        seed,
+        lr=scale.lr,
+        warmup_steps=warmup,
+        weight_decay=scale.weight_decay,
+        betas=(scale.beta1, scale.beta2),
+        eps=scale.eps,
+        grad_clip_norm=scale.grad_clip_norm,
+        amp=scale.precision == "amp" and device.startswith("cuda"),
+        after_step=clamp_temperature,
+        device=device,
+        progress=progress,
+    )
     return TrainResult(
         steps=steps,
         samples_seen=steps * batch_size,
         batch_size=batch_size,
-        seconds=time.perf_counter() - start,
-        final_loss=running,
-        loss_curve=curve,
+        seconds=result.seconds,
+        final_loss=result.running["loss"],
+        loss_curve=result.curve,
     )

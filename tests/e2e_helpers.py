@@ -11,6 +11,8 @@ TINY_POOL = dict(
     n_retrieval=60,
     n_classification=50,
     n_target=20,
+    n_reasoning_train=60,
+    n_reasoning_test=30,
 )
 
 TINY_SCALE = """\

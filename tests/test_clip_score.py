@@ -2,25 +2,11 @@
 
 import numpy as np
 import pytest
-from selbench_plugins.clip_score import ClipScore, clip_scores, top_k
+from selbench_plugins.clip_score import ClipScore
 
 from selbench.errors import PluginError
 from selbench.testing import RecordingServices, make_memory_pool
-
-
-def test_clip_score_is_the_per_pair_cosine():
-    s = np.sqrt(0.5)
-    image = np.array([[1.0, 0.0], [0.0, 1.0], [s, s]])
-    text = np.array([[1.0, 0.0], [1.0, 0.0], [s, -s]])
-    # pair 0 identical -> 1; pair 1 orthogonal -> 0; pair 2 at 90 degrees too -> 0
-    assert clip_scores(image, text) == pytest.approx([1.0, 0.0, 0.0])
-
-
-def test_top_k_keeps_the_highest_and_breaks_ties_by_pool_position():
-    scores = np.array([0.2, 0.9, 0.5, 0.9, 0.1])
-    assert top_k(scores, 2).tolist() == [1, 3]
-    assert top_k(scores, 3).tolist() == [1, 2, 3]
-    assert top_k(np.array([0.5, 0.5, 0.5]), 2).tolist() == [0, 1]
+from selbench.toolbox import clip_scores
 
 
 def _ctx(tmp_path, budget_count, seed=0):

@@ -1,23 +1,40 @@
-"""selbench.testing.check_strategy: every built-in passes, broken strategies are caught."""
+"""selbench.testing: every built-in passes the kit, one pytest item per check; broken
+strategies are caught; expected failures are declared check by check."""
 
 import pytest
 
 import selbench
 from selbench.registry import get_registry
-from selbench.testing import check_strategy
+from selbench.testing import CHECKS, check_strategy, parametrize_with_checks
 
-# TL;DR's presets run the kit in tests/test_tldr.py with a one-epoch captioner (the
-# default three epochs, 24 times over, would dominate the suite) and, for the release
-# preset, with the seed check on the uniform rule: its evenly spaced rule only varies
-# with the seed through k-means, which finds the same clusters on pools this small.
-# dfn runs it in tests/test_dfn.py: it trains on a captioned target set, which the kit's
-# memory target (images only) is not, and a two-epoch recipe keeps it short.
-OWN_KIT_TEST = {"tldr", "tldr-release", "dfn"}
+# These run the kit in their own test modules with short-training parameters (a one-epoch
+# captioner, a two-epoch filter, one EL2N run): their defaults train for minutes, dozens
+# of times over. dfn also needs a captioned target set, which tests/test_dfn.py writes.
+FAST_KIT_ELSEWHERE = {"tldr", "tldr-release", "dfn", "el2n"}
 
 
-@pytest.mark.parametrize("name", sorted(set(get_registry().names()) - OWN_KIT_TEST))
-def test_every_installed_strategy_passes_the_kit(name):
-    check_strategy(get_registry().get(name).cls)
+@parametrize_with_checks(
+    [info.cls() for info in get_registry().infos() if info.name not in FAST_KIT_ELSEWHERE]
+    + [get_registry().get("clip_score").cls({"mode": "threshold", "threshold": -1.0})]
+    + [get_registry().get("semdedup").cls({"keep": "random"})]
+)
+def test_every_installed_strategy_passes_the_kit(strategy, check):
+    check(strategy)
+
+
+def test_one_item_per_check_with_its_own_id():
+    mark = parametrize_with_checks([Duplicates])
+    params = mark.args[1]
+    assert [p.id.rsplit("-", 1)[1] for p in params] == [c.__name__ for c in CHECKS]
+
+
+def test_stochastic_may_depend_on_parameters():
+    clip_score = get_registry().get("clip_score").cls
+    assert not clip_score().is_stochastic()
+    assert clip_score({"mode": "threshold"}).is_stochastic()
+    semdedup = get_registry().get("semdedup").cls
+    assert not semdedup().is_stochastic()
+    assert semdedup({"keep": "random"}).is_stochastic()
 
 
 class Duplicates(selbench.Strategy):
@@ -66,6 +83,37 @@ def test_broken_strategies_fail_with_a_message_naming_them(cls, message):
     with pytest.raises(AssertionError, match=message) as info:
         check_strategy(cls)
     assert cls.name in str(info.value)
+
+
+class DeclaresIgnoringSeed(IgnoresSeed):
+    name = "declares_ignoring_seed"
+    expected_check_failures = {"check_seed": "reads only the pool order"}
+
+
+@parametrize_with_checks([DeclaresIgnoringSeed])
+def test_a_declared_expected_failure_is_an_xfail_item(strategy, check):
+    check(strategy)
+
+
+def test_expected_failures_are_strict():
+    class Honest(DeclaresIgnoringSeed):
+        name = "honest"
+        stochastic = False  # now check_seed passes, so the declaration is stale
+
+    with pytest.raises(AssertionError, match="check_seed was expected to fail"):
+        check_strategy(Honest)
+    mark = parametrize_with_checks([Honest])
+    seed_case = next(p for p in mark.args[1] if p.id.endswith("check_seed"))
+    assert seed_case.marks[0].kwargs == {"strict": True, "reason": "reads only the pool order"}
+
+
+def test_expected_failures_must_name_a_check():
+    class Typo(Duplicates):
+        name = "typo"
+        expected_check_failures = {"check_sead": "?"}
+
+    with pytest.raises(AssertionError, match="unknown checks"):
+        check_strategy(Typo)
 
 
 def test_parameters_without_description_are_reported():

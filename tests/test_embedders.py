@@ -137,7 +137,13 @@ def test_kill_9_during_embedding_then_the_same_command_resumes(tmp_path, weights
     generate_synthweb(
         pool_dir,
         SynthWebConfig(
-            n_samples=4000, shard_size=500, n_retrieval=20, n_classification=20, n_target=10
+            n_samples=4000,
+            shard_size=500,
+            n_retrieval=20,
+            n_classification=20,
+            n_target=10,
+            n_reasoning_train=0,
+            n_reasoning_test=0,
         ),
     )
     spec = f"open_clip:selbench-tiny:{weights}"

@@ -96,6 +96,8 @@ def test_run_is_visible_in_mlflow_with_params_metrics_and_artifacts(tiny, tmp_pa
         "retrieval/t2i_R10",
         "shape/acc1",
         "colour/acc1",
+        "reasoning-probe/acc",
+        "reasoning-probe/text_only_acc",
         "subset_size",
         "selection_seconds",
         "training_seconds",

@@ -69,6 +69,21 @@ def test_summary_matches_a_recomputation_from_raw_metrics():
     assert table.loc[("random", 1.0), "reference"] and not tldr["reference"]
 
 
+def test_the_baseline_is_a_setting_not_random_written_into_the_core():
+    board = lb.summarise(fake_runs(), baseline="tldr")
+    table = board.table.set_index(["method", "budget"])
+    # random minus tldr at the same seeds: -0.05, -0.15, 0.0
+    diffs = pd.Series([-0.05, -0.15, 0.0])
+    random = table.loc[("random", 0.25)]
+    assert random["mean_R1_vs_tldr_mean"] == pytest.approx(diffs.mean())
+    assert random["mean_R1_vs_tldr_pairs"] == 3
+    assert pd.isna(table.loc[("tldr", 0.25), "mean_R1_vs_tldr_mean"])
+    assert "mean_R1_vs_random_mean" not in board.table.columns
+    assert not table["reference"].any()  # tldr has no budget-1.0 runs
+    assert "R@1 vs tldr (paired)" in lb.columns(board)
+    assert "mean difference from `tldr` at the same budget" in lb.to_markdown(board, "board")
+
+
 def test_rows_sorted_by_budget_then_best_first():
     board = lb.summarise(fake_runs())
     assert board.table[["method", "budget"]].values.tolist() == [
@@ -356,3 +371,40 @@ def test_leaderboard_command_compares_with_another_pool_or_experiment(tmp_path):
         "--compare-with EXPERIMENT_OR_POOL"
         in CliRunner().invoke(main, ["leaderboard", "-h"]).output
     )
+
+
+def test_suite_summary_columns_join_the_default_metrics():
+    runs = fake_runs()
+    runs["params.eval_suite"] = "pool"
+    assert lb.default_metrics(runs) == lb.DEFAULT_METRICS
+    runs.loc[runs["params.method_label"] == "tldr", "params.eval_suite"] = "datacomp-38"
+    runs.loc[runs["params.method_label"] == "random", "params.eval_suite"] = "seed"
+    metrics = lb.default_metrics(runs)
+    assert metrics[:2] == lb.DEFAULT_METRICS
+    assert {"datacomp/average", "datacomp/vtab", "mscoco/mean_R1", "imagenet1k/acc1"} <= set(
+        metrics
+    )
+    # a suite whose config is not on this machine adds nothing and does not fail
+    runs["params.eval_suite"] = "a-suite-from-another-lab"
+    assert lb.default_metrics(runs) == lb.DEFAULT_METRICS
+    # the summary columns reach the page under DataComp's names
+    runs["params.eval_suite"] = "datacomp-38"
+    runs["metrics.datacomp/average"] = runs["metrics.mean_R1"] / 2
+    board = lb.summarise(runs, lb.default_metrics(runs))
+    assert "datacomp/average" in board.metrics
+    assert "average (38) (mean ± 95% CI)" in lb.columns(board)
+
+
+def test_every_row_names_the_commands_that_export_its_subsets(tmp_path):
+    board = lb.summarise(fake_runs())
+    md, csv, html, _ = lb.write(board, tmp_path, "synthweb")
+    text = md.read_text()
+    assert "## Export a row's subset" in text
+    line = next(x for x in text.splitlines() if x.startswith("- tldr at budget 0.25"))
+    for seed in range(3):
+        assert f"`selbench export tldr-0.25-{seed} --format parquet` (seed {seed})" in line
+    table = pd.read_csv(csv)
+    exported = table.set_index("method")["export"].to_dict()
+    assert exported["clip(k=3)"] == "selbench export clip(k=3)-0.25-0 --format parquet"
+    assert exported["tldr"].count("selbench export") == 3
+    assert "selbench export random-1.0-1 --format parquet" in html.read_text()

@@ -6,15 +6,12 @@ import numpy as np
 import pytest
 import selbench_plugins.prototypes as prototypes
 from e2e_helpers import make_tiny_pool, make_tiny_scale
-from selbench_plugins.prototypes import (
-    Prototypes,
-    prototype_distances,
-    select_by_score,
-)
+from selbench_plugins.prototypes import Prototypes
 
 from selbench.neighbours import scaled_cluster_count
 from selbench.strategy import validate_selection
 from selbench.testing import context_with_embeddings
+from selbench.toolbox import centroid_distances
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -27,35 +24,6 @@ def run(image: np.ndarray, count: int, tmp_path, seed: int = 0, **params):
     uids = list(ctx.pool.uids)
     selection = Prototypes(params).select(ctx)
     return validate_selection(selection, set(uids), count, "prototypes"), uids
-
-
-def test_cosine_distance_to_assigned_prototype_worked_by_hand():
-    # 2-D unit vectors; centroids need not be unit length (the metric is a cosine).
-    x = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0], [0.8, 0.6]])
-    centroids = np.array([[1.0, 0.0], [0.0, 2.0]])
-    assignment = np.array([0, 1, 1, 0, 1])
-    # x0 on c0: cos 1 -> 0; x1 on c1: cos 1 -> 0; x2.(0,1) = 0.8 -> 0.2;
-    # x3 opposite c0: cos -1 -> 2; x4.(0,1) = 0.6 -> 0.4
-    expected = [0.0, 0.0, 0.2, 2.0, 0.4]
-    np.testing.assert_allclose(prototype_distances(x, centroids, assignment), expected, atol=1e-6)
-
-
-def test_distance_ignores_the_length_of_the_embedding():
-    x = np.array([[3.0, 4.0]])  # direction (0.6, 0.8), length 5
-    np.testing.assert_allclose(
-        prototype_distances(x, np.array([[1.0, 0.0]]), np.array([0])), [0.4], atol=1e-6
-    )
-
-
-def test_hard_keeps_the_largest_distances_easy_the_smallest_ties_by_position():
-    scores = np.array([0.5, 0.2, 0.5, 0.9, 0.1])
-    # hard: 0.9 (index 3), then 0.5 tied between 0 and 2 -> the earlier, 0
-    assert select_by_score(scores, 2, "hard").tolist() == [0, 3]
-    assert select_by_score(scores, 3, "hard").tolist() == [0, 2, 3]
-    # easy: 0.1 (index 4), 0.2 (index 1), then the 0.5 tie goes to index 0
-    assert select_by_score(scores, 2, "easy").tolist() == [1, 4]
-    assert select_by_score(scores, 3, "easy").tolist() == [0, 1, 4]
-    assert select_by_score(scores, 5, "easy").tolist() == [0, 1, 2, 3, 4]
 
 
 def test_cluster_count_is_scaled_down_for_small_pools():
@@ -134,21 +102,8 @@ def test_end_to_end_on_tiny_synthweb(tmp_path):
     assert outcome.metrics["subset_size"] == 80
 
 
-def test_distances_in_blocks_equal_the_whole_pool_at_once(monkeypatch):
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((1000, 12)).astype(np.float16)
-    centroids = rng.standard_normal((7, 12)).astype(np.float32)
-    assignment = rng.integers(0, 7, 1000)
-    whole = prototype_distances(x, centroids, assignment)
-    monkeypatch.setattr(prototypes, "ROWS_AT_ONCE", 64)
-    assert np.array_equal(prototype_distances(x, centroids, assignment), whole)
-    rows = x.astype(np.float32) / np.linalg.norm(x.astype(np.float32), axis=1, keepdims=True)
-    protos = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
-    assert np.allclose(whole, 1 - (rows * protos[assignment]).sum(axis=1), atol=1e-6)
-
-
 def test_logged_scores_are_the_papers_cosine_distance_to_the_prototype(tmp_path):
-    """select reuses faiss's search scores; they equal prototype_distances (Sec. 5)."""
+    """select reuses faiss's search scores; they equal centroid_distances (Sec. 5)."""
     from selbench.neighbours import kmeans_scaled, unit_rows
 
     image = unit_vectors(400, 16, seed=4)
@@ -157,6 +112,6 @@ def test_logged_scores_are_the_papers_cosine_distance_to_the_prototype(tmp_path)
     centroids, assignment = kmeans_scaled(
         unit, 100, prototypes.MIN_POINTS_PER_CLUSTER, 3, 20, "test"
     )
-    expected = prototype_distances(unit, centroids, assignment)
+    expected = centroid_distances(unit, centroids, assignment)
     logged = np.array([checked.scores[u] for u in uids])
     np.testing.assert_allclose(logged, expected, atol=1e-5)

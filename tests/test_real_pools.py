@@ -7,6 +7,10 @@ import hashlib
 import http.server
 import io
 import json
+import math
+import os
+import shutil
+import subprocess
 import threading
 from functools import partial
 from pathlib import Path
@@ -52,11 +56,28 @@ def loopback_server(tmp_path):
         thread.join(timeout=10)
 
 
-def test_pool_written_by_img2dataset_reads_as_written(tmp_path, loopback_server, monkeypatch):
-    img2dataset = pytest.importorskip("img2dataset")
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    www, base = loopback_server
+REPO = Path(__file__).resolve().parents[1]
+
+
+def img2dataset_command() -> str:
+    """img2dataset's command line, from ``$SELBENCH_IMG2DATASET``, the environment that
+    ``tests/tools/install-img2dataset.sh`` makes, or the PATH. It lives in an environment of
+    its own because it pins pandas<3 (see the script)."""
+    for candidate in (
+        os.environ.get("SELBENCH_IMG2DATASET"),
+        str(REPO / ".venv-img2dataset" / "bin" / "img2dataset"),
+        shutil.which("img2dataset"),
+    ):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.skip("img2dataset is not installed: run tests/tools/install-img2dataset.sh")
+
+
+def download_with_img2dataset(tmp_path: Path, server: tuple[Path, str]) -> tuple[Path, list]:
+    """img2dataset's command line run on a url list served by ``server``: ten images, an
+    undecodable file and two dead links. Returns the output folder and the url rows."""
+    command = img2dataset_command()
+    www, base = server
     rows = []
     for i in range(10):
         (www / f"img{i}.jpg").write_bytes(jpeg_bytes((25 * i, 100, 200 - 10 * i)))
@@ -70,23 +91,39 @@ def test_pool_written_by_img2dataset_reads_as_written(tmp_path, loopback_server,
     pd.DataFrame(rows).to_parquet(urls, index=False)
 
     out = tmp_path / "pool"
-    img2dataset.download(
-        url_list=str(urls),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption",
-        save_additional_columns=["uid"],
-        output_format="webdataset",
-        output_folder=str(out),
-        processes_count=1,
-        thread_count=4,
-        number_sample_per_shard=6,
-        image_size=24,
-        resize_mode="no",
-        timeout=5,
-        retries=0,
-        enable_wandb=False,
-    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env["NO_ALBUMENTATIONS_UPDATE"] = "1"  # albumentations checks PyPI on import otherwise
+    env["WANDB_MODE"] = "disabled"
+    # img2dataset's command line (python-fire): one --flag=value per keyword of download().
+    flags = {
+        "url_list": urls,
+        "input_format": "parquet",
+        "url_col": "url",
+        "caption_col": "caption",
+        "save_additional_columns": "[uid]",
+        "output_format": "webdataset",
+        "output_folder": out,
+        "processes_count": 1,
+        "thread_count": 4,
+        "number_sample_per_shard": 6,
+        "image_size": 24,
+        "resize_mode": "no",
+        "timeout": 5,
+        "retries": 0,
+        "enable_wandb": False,
+    }
+    argv = [command] + [f"--{k}={v}" for k, v in flags.items()]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out, rows
+
+
+def test_pool_written_by_img2dataset_reads_as_written(tmp_path, loopback_server):
+    out, rows = download_with_img2dataset(tmp_path, loopback_server)
     written = sorted(p.name for p in out.iterdir())
     assert "00000.tar" in written and "00000_stats.json" in written
     assert "00000.parquet" in written and "sizes.json" not in written
@@ -246,3 +283,62 @@ def test_decodability_check_catches_cut_and_corrupt_images():
     Image.effect_noise((64, 48), 60).save(noisy, format="PNG")
     assert not is_decodable(noisy.getvalue()[: len(noisy.getvalue()) // 2])
     assert not is_decodable(b"\xff\xd8\xff\xe0 not a jpeg")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+def test_clip_score_runs_end_to_end_on_an_img2dataset_pool_with_an_eval_suite(
+    tmp_path, loopback_server
+):
+    """Issue 18's acceptance: `selbench run --pool <YAML over img2dataset's output> --method
+    clip_score --budget 0.25 --eval <a suite>`, every stage on the real tools' files: the pool
+    from img2dataset, the suite's sets from CLIP_benchmark's exporter."""
+    from clip_benchmark.webdataset_builder import convert_dataset, convert_retrieval_dataset
+    from e2e_helpers import make_tiny_scale
+    from test_eval_suites import TinyClassification, TinyRetrieval, write_suite
+
+    out, _ = download_with_img2dataset(tmp_path, loopback_server)
+    sets = tmp_path / "evalsets"
+    convert_dataset(
+        TinyClassification(), "test", str(sets / "wds_colours"), image_format="png", max_count=4
+    )
+    convert_retrieval_dataset(
+        TinyRetrieval(), "test", str(sets / "wds_squares"), image_format="png", max_count=4
+    )
+    suite = write_suite(tmp_path / "tiny-suite.yaml", sets)
+    pool_yaml = tmp_path / "i2dpool.yaml"
+    pool_yaml.write_text(f"name: i2dpool\nkind: shards\npath: {out}\n")
+    argv = [
+        "selbench", "run", "--pool", str(pool_yaml), "--method", "clip_score",
+        "--budget", "0.25", "--eval", str(suite), "--scale", str(make_tiny_scale(tmp_path)),
+        "--experiment", "i2d",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "R@1 (mean of image->text and text->image)" in done.stdout
+
+    import mlflow
+
+    from selbench import tracking
+
+    tracking.setup("i2d")
+    run = mlflow.search_runs(experiment_names=["i2d"]).iloc[0]
+    assert run["status"] == "FINISHED"
+    assert run["params.method"] == "clip_score" and run["params.budget_count"] == "2"
+    assert run["params.eval_suite"] == str(suite)
+    for metric in ("squares/mean_R1", "squares/main", "colours/acc1", "mean_R1"):
+        assert math.isfinite(run[f"metrics.{metric}"]), metric
+
+
+def test_a_pool_without_evaluation_sets_needs_eval(datacomp_pool_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from selbench.cli import main
+
+    pool_yaml = tmp_path / "bare.yaml"
+    pool_yaml.write_text(f"name: bare\nkind: shards\npath: {datacomp_pool_dir}\n")
+    result = CliRunner().invoke(
+        main, ["run", "--pool", str(pool_yaml), "--method", "random", "--budget", "0.5"]
+    )
+    assert result.exit_code != 0
+    assert "has no evaluation sets: pass --eval SUITE" in result.output

@@ -65,3 +65,49 @@ def test_registering_a_non_strategy_is_an_error():
     registry = Registry(make_plugin_manager(load_entry_points=False))
     with pytest.raises(PluginError, match="not a selbench.Strategy"):
         registry.add_plugin(_plugin(dict))
+
+
+def test_unknown_needs_are_refused_at_registration():
+    class Greedy(Mine):
+        name = "greedy"
+        needs = frozenset({"embeddings", "gpu"})
+
+    registry = Registry(make_plugin_manager(load_entry_points=False))
+    with pytest.raises(PluginError, match=r"'greedy'.*unknown needs \['gpu'\].*embeddings"):
+        registry.add_plugin(_plugin(Greedy))
+    assert "greedy" not in registry.names()
+
+
+def test_a_plugin_registers_all_or_nothing():
+    class Good(Mine):
+        name = "good"
+
+    registry = Registry(make_plugin_manager(load_entry_points=False))
+    with pytest.raises(PluginError):
+        registry.add_plugin(_plugin(Good, dict))
+    assert "good" not in registry.names()
+
+
+def test_needs_are_enforced_at_run_time(tmp_path):
+    from selbench.errors import UndeclaredNeedError
+    from selbench.strategy import SelectionContext
+    from selbench.testing import RecordingServices, make_memory_pool
+
+    class Sneaky(Mine):
+        name = "sneaky"
+        needs = frozenset({"embeddings"})
+
+        def select(self, ctx):
+            ctx.embeddings()
+            ctx.target()
+            return super().select(ctx)
+
+    pool = make_memory_pool(20)
+    services = RecordingServices(pool)
+    ctx = SelectionContext(
+        pool, 5, 0.25, 0, "cpu", tmp_path, services=services, strategy="sneaky",
+        needs=Sneaky.needs,
+    )  # fmt: skip
+    with pytest.raises(UndeclaredNeedError, match=r"'sneaky' called ctx.target\(\) without "):
+        Sneaky().select(ctx)
+    assert services.used == {"embeddings"}  # refused before the target was loaded

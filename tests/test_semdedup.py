@@ -179,8 +179,9 @@ def test_exact_budget_on_random_unit_vectors(tmp_path, count):
     checked, uids, strategy = run(image, count, tmp_path)
     assert len(checked.uids) == count
     assert set(checked.scores) == set(uids)
-    assert 0.0 <= strategy.epsilon_used <= 2.0
-    assert strategy.clusters_used == 3  # 300 // 100
+    assert 0.0 <= checked.metrics["epsilon_used"] <= 2.0
+    assert checked.metrics["clusters_used"] == 3  # 300 // 100
+    assert checked.metrics["kept_at_epsilon"] >= count
 
 
 @pytest.mark.parametrize("keep", ["farthest", "closest", "random"])
@@ -195,7 +196,7 @@ def test_planted_near_duplicates_keep_at_most_one_per_group(tmp_path, keep):
         if count == 320:  # room for every distinct content: exactly one copy of each group
             assert per_group.min() == 1
             # the threshold 1 - eps sits below the copies' similarity (about 0.9999)
-            assert 1.0 - strategy.epsilon_used < 0.99
+            assert 1.0 - checked.metrics["epsilon_used"] < 0.99
 
 
 def test_keep_farthest_and_closest_keep_opposite_ends_of_a_group(tmp_path):

@@ -34,7 +34,10 @@ from selbench.synthweb.scene import (
     zipf_probabilities,
 )
 
-SMALL = dict(n_samples=200, n_retrieval=50, n_classification=40, n_target=30, shard_size=64)
+SMALL = dict(
+    n_samples=200, n_retrieval=50, n_classification=40, n_target=30, shard_size=64,
+    n_reasoning_train=24, n_reasoning_test=12,
+)  # fmt: skip
 POOL_JSON_FIELDS = {
     "key",
     "status",
@@ -135,10 +138,14 @@ def test_top_level_layout_and_manifest(dataset: Path) -> None:
         "retrieval": "eval/retrieval",
         "shape": "eval/shape",
         "colour": "eval/colour",
+        "reasoning-probe": "eval/reasoning",
     }
     assert manifest["target"] == "target"
     assert manifest["counts"]["pool"] == 200
     for rel in [*manifest["eval_sets"].values(), manifest["target"]]:
+        if rel == "eval/reasoning":  # NLVR2's layout, tests/test_probe.py
+            assert (dataset / rel / "train.json").is_file()
+            continue
         assert (dataset / rel / "test" / "nshards.txt").is_file()
     assert not list(dataset.parent.glob(".*tmp-*"))
 
@@ -399,7 +406,7 @@ def test_progress_reports_every_image(tmp_path: Path) -> None:
     config = small_config(n_samples=20, n_retrieval=3, n_classification=4, n_target=2)
     seen: list[tuple[int, int]] = []
     generate_synthweb(tmp_path / "p", config, progress=lambda d, t: seen.append((d, t)))
-    total = 20 + 3 + 2 * 4 + 2
+    total = 20 + 3 + 2 * 4 + 2 + 2 * (24 + 12)  # two images per reasoning statement
     assert seen == [(i, total) for i in range(1, total + 1)]
 
 

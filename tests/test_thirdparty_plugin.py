@@ -1,4 +1,5 @@
-"""A third-party plugin package, pip-installed from its own folder, shows up and runs."""
+"""Third-party plugin packages, pip-installed from their own folders, show up, pass the
+conformance kit (their own kit test, run against the installed package) and run."""
 
 from __future__ import annotations
 
@@ -11,16 +12,22 @@ from pathlib import Path
 import pytest
 from e2e_helpers import make_tiny_pool, make_tiny_scale
 
-FIXTURE = Path(__file__).parent / "fixtures" / "example_plugin"
+FIXTURES = Path(__file__).parent / "fixtures"
 SELBENCH = [sys.executable, "-m", "selbench.cli"]
+# fixture folder -> (distribution, method, a parameter `selbench methods` must list)
+PLUGINS = {
+    "example_plugin": ("selbench-example-plugin", "longest_captions", "min_words"),
+    "example_cluster_plugin": ("selbench-cluster-plugin", "cluster_balanced", "clusters"),
+}
 
 
-@pytest.fixture(scope="module")
-def installed_plugin(tmp_path_factory):
-    """pip-install the fixture package into a private target dir (the venv is untouched)."""
+@pytest.fixture(scope="module", params=sorted(PLUGINS))
+def installed_plugin(request, tmp_path_factory):
+    """pip-install a fixture package into a private target dir (the venv is untouched);
+    returns (fixture name, environment that sees it)."""
     target = tmp_path_factory.mktemp("site")
-    source = tmp_path_factory.mktemp("src") / "example_plugin"
-    shutil.copytree(FIXTURE, source)  # setuptools writes build/ into the source folder
+    source = tmp_path_factory.mktemp("src") / request.param
+    shutil.copytree(FIXTURES / request.param, source)  # setuptools writes build/ there
     subprocess.run(
         [
             sys.executable,
@@ -38,51 +45,54 @@ def installed_plugin(tmp_path_factory):
         check=True,
     )
     path = os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])
-    return dict(os.environ, PYTHONPATH=path, COLUMNS="200")
+    return request.param, dict(os.environ, PYTHONPATH=path, COLUMNS="250")
 
 
 def test_installed_plugin_is_listed_with_its_package(installed_plugin):
-    out = subprocess.run(
-        SELBENCH + ["methods"],
-        env=installed_plugin,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    assert "longest_captions" in out
-    assert "selbench-example-plugin" in out
-    assert "min_words" in out  # parameters and defaults are listed
-    assert "random" in out
-
-
-def test_methods_without_the_plugin_does_not_list_it():
-    env = dict(os.environ, COLUMNS="200")
+    fixture, env = installed_plugin
+    package, method, parameter = PLUGINS[fixture]
     out = subprocess.run(
         SELBENCH + ["methods"], env=env, capture_output=True, text=True, check=True, timeout=120
     ).stdout
-    assert "longest_captions" not in out
+    assert method in out and package in out
+    assert parameter in out  # parameters and defaults are listed
+    assert "random" in out and "broken plugins" not in out
+
+
+def test_installed_plugin_passes_its_own_kit_test(installed_plugin, tmp_path):
+    fixture, env = installed_plugin
+    # The kit test alone, away from the package's source: it imports the installed module.
+    checks = shutil.copy(FIXTURES / fixture / "plugin_checks.py", tmp_path / "plugin_checks.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(checks)],
+        env=dict(env, SELBENCH_HOME=str(tmp_path / "home")),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "10 passed" in done.stdout  # two configurations x five checks, one item each
+
+
+def test_methods_without_the_plugins_does_not_list_them():
+    env = dict(os.environ, COLUMNS="250")
+    out = subprocess.run(
+        SELBENCH + ["methods"], env=env, capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert "longest_captions" not in out and "cluster_balanced" not in out
 
 
 @pytest.mark.slow
 def test_installed_plugin_runs_end_to_end(installed_plugin, tmp_path):
+    fixture, env = installed_plugin
     pool = make_tiny_pool(tmp_path)
     scale = make_tiny_scale(tmp_path)
-    env = dict(installed_plugin, SELBENCH_HOME=str(tmp_path / "home"))
     done = subprocess.run(
         SELBENCH
-        + [
-            "run",
-            "--method",
-            "longest_captions",
-            "--budget",
-            "0.25",
-            "--pool",
-            str(pool),
-            "--scale",
-            str(scale),
-        ],
-        env=env,
+        + ["run", "--method", PLUGINS[fixture][1], "--budget", "0.25", "--pool", str(pool)]
+        + ["--scale", str(scale)],
+        env=dict(env, SELBENCH_HOME=str(tmp_path / "home")),
         capture_output=True,
         text=True,
         timeout=600,

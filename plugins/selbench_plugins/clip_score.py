@@ -12,19 +12,15 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.errors import PluginError
-
-
-def clip_scores(image: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """Per-pair cosine similarity ``<f_img(x_i), f_txt(t_i)>`` of L2-normalised rows (float32)."""
-    return np.einsum("ij,ij->i", image.astype(np.float32), text.astype(np.float32))
-
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest scores; ties go to the earlier pool position."""
-    order = np.lexsort((np.arange(len(scores)), -scores))
-    return np.sort(order[:k])
+from selbench.toolbox import (
+    PluginError,
+    Selection,
+    SelectionContext,
+    Strategy,
+    clip_scores,
+    hookimpl,
+    top_k,
+)
 
 
 class ClipScoreParams(BaseModel):
@@ -57,9 +53,12 @@ class ClipScore(Strategy):
     reference = (
         "Gadre et al., DataComp (NeurIPS 2023), Sec. 4 and Table 3; Schuhmann et al., LAION-400M"
     )
-    stochastic = False  # top_k is deterministic; threshold mode samples with ctx.rng
+    stochastic = False  # top_k (the default) is deterministic
     needs = frozenset({"embeddings"})
     Params = ClipScoreParams
+
+    def is_stochastic(self) -> bool:
+        return self.params.mode == "threshold"  # samples the budget with ctx.rng
 
     def select(self, ctx: SelectionContext) -> Selection:
         found = ctx.embeddings(self.params.embedder)

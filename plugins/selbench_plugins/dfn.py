@@ -31,19 +31,28 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import filelock
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.configs import load_scale
 from selbench.embedders import preprocess_batch
-from selbench.errors import PluginError
 from selbench.fileutil import temp_sibling
-from selbench.paths import selbench_home
 from selbench.target import pixel_hash
-from selbench.train import build_model, build_training_data, train_clip
+from selbench.toolbox import (
+    PluginError,
+    Selection,
+    SelectionContext,
+    Strategy,
+    build_model,
+    build_training_data,
+    cached_directory,
+    checkpoint_in,
+    hookimpl,
+    load_scale,
+    selbench_home,
+    top_k,
+    train_clip,
+)
 
 SCORE_BATCH = 512  # pool pairs encoded at once when scoring
 
@@ -208,32 +217,27 @@ class Dfn(Strategy):
         )
         folder = selbench_home() / "dfn" / f"{recipe.name}-{key}"
         model, preprocess, tokenizer = build_model(recipe.model, p.filter_seed, ctx.device)
-        checkpoint = folder / "model.pt"
         metrics: dict[str, float] = {"hq_images": float(len(target.images)), "filter_trained": 0.0}
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with filelock.FileLock(str(folder) + ".lock"):
-            if not checkpoint.is_file():
-                if start_from is not None:
-                    model.load_state_dict(copy.deepcopy(start_from.state_dict()))
-                metrics.update(
-                    self._train(ctx, model, preprocess, tokenizer, target, captions, recipe, folder)
-                )
-            model.load_state_dict(
-                torch.load(checkpoint, map_location=ctx.device, weights_only=True)
+
+        def build(tmp: Path) -> None:
+            if start_from is not None:
+                model.load_state_dict(copy.deepcopy(start_from.state_dict()))
+            metrics.update(
+                self._train(ctx, model, preprocess, tokenizer, target, captions, recipe, tmp)
             )
-            scores_file = folder / f"scores-{ctx.pool.fingerprint}.npy"
-            if scores_file.is_file():
-                scores = np.load(scores_file)
-            else:
-                scores = self._score_pool(ctx, model, preprocess, tokenizer)
-                tmp = temp_sibling(scores_file).with_suffix(".npy")
-                np.save(tmp, scores)
-                os.replace(tmp, scores_file)
+
+        checkpoint, _ = cached_directory(folder, checkpoint_in, build)
+        model.load_state_dict(torch.load(checkpoint, map_location=ctx.device, weights_only=True))
+        scores_file = folder / f"scores-{ctx.pool.fingerprint}.npy"
+        if scores_file.is_file():
+            scores = np.load(scores_file)
+        else:  # two processes at once may both score; the file is written atomically
+            scores = self._score_pool(ctx, model, preprocess, tokenizer)
+            tmp = temp_sibling(scores_file).with_suffix(".npy")
+            np.save(tmp, scores)
+            os.replace(tmp, scores_file)
         uids = list(ctx.pool.uids)
-        # Top scores, ties to the earlier pool position (clip_score's lexsort rule, inline:
-        # plugins do not import each other).
-        order = np.lexsort((np.arange(len(scores)), -scores))
-        chosen = np.sort(order[: ctx.budget_count])
+        chosen = top_k(scores, ctx.budget_count)
         return Selection(
             uids=[uids[i] for i in chosen],
             scores={u: float(s) for u, s in zip(uids, scores, strict=True)},
@@ -241,6 +245,7 @@ class Dfn(Strategy):
         )
 
     def _train(self, ctx, model, preprocess, tokenizer, target, captions, recipe, folder: Path):
+        """Train the filtering network; write ``model.pt`` and ``meta.json`` into ``folder``."""
         pair_images, pair_texts = expand_pairs(list(target.images), captions)
         keys = [str(i) for i in range(len(pair_images))]
         data = build_training_data(
@@ -255,11 +260,8 @@ class Dfn(Strategy):
             model, data, recipe, samples, self.params.filter_seed, ctx.device, ctx.progress
         )
         seconds = time.perf_counter() - started
-        # Written under a temporary name and renamed: a checkpoint exists only when complete.
-        tmp = temp_sibling(folder)
-        tmp.mkdir(parents=True)
-        torch.save(model.state_dict(), tmp / "model.pt")
-        (tmp / "meta.json").write_text(
+        torch.save(model.state_dict(), folder / "model.pt")
+        (folder / "meta.json").write_text(
             json.dumps(
                 {
                     "recipe": recipe.model_dump(),
@@ -274,11 +276,6 @@ class Dfn(Strategy):
                 indent=2,
             )
         )
-        if folder.exists():  # a damaged earlier attempt without model.pt
-            import shutil
-
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
         return {
             "filter_trained": 1.0,
             "filter_train_seconds": seconds,

@@ -23,9 +23,18 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.configs import load_scale
-from selbench.train import TrainingData, build_model, build_training_data, train_clip
+from selbench.toolbox import (
+    Selection,
+    SelectionContext,
+    Strategy,
+    TrainingData,
+    build_model,
+    hookimpl,
+    load_scale,
+    load_training_data,
+    rank,
+    train_clip,
+)
 
 SEED_STRIDE = 1000  # run r of a selection with seed s trains with seed s * 1000 + r
 
@@ -69,7 +78,7 @@ def window_indices(scores: np.ndarray, budget: int, offset: float) -> np.ndarray
         raise ValueError(f"budget must be in [1, {n}], got {budget}")
     if not 0.0 <= offset < 1.0:
         raise ValueError(f"offset must be in [0, 1), got {offset}")
-    order = np.lexsort((np.arange(n), -scores))
+    order = rank(scores)
     start = min(int(round(offset * n)), n - budget)
     return np.sort(order[start : start + budget])
 
@@ -160,12 +169,8 @@ class El2n(Strategy):
         # Every seed of one architecture has the same preprocess and tokenizer: load the
         # pool once with run 0's and reuse the tensors for every run.
         model, preprocess, tokenizer = build_model(p.model, ctx.seed * SEED_STRIDE, ctx.device)
-        captions = dict(zip(uids, ctx.pool.captions, strict=True))
-        data = build_training_data(
-            ctx.progress.track(ctx.pool.iter_images(), "EL2N: loading pool", total=n),
-            captions,
-            preprocess,
-            tokenizer,
+        data = load_training_data(
+            ctx.pool, preprocess, tokenizer, ctx.progress, "EL2N: loading pool"
         )
         # Fixed negatives: M + 1 distinct pool samples drawn once, shared by all runs.
         # Each sample drops itself if it is among them, else the last one, leaving M.

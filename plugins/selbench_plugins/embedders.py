@@ -1,25 +1,31 @@
-"""Built-in embedders: ``proxy`` (trained on the pool, offline default) and ``open_clip``
-(any open_clip architecture with weights from a local file)."""
+"""Built-in embedders: ``proxy`` (trained on the pool, offline default), ``open_clip``
+(any open_clip architecture with weights from a local file) and ``datacomp`` (DataComp
+CommonPool's precomputed CLIP features, :mod:`selbench.datacomp_metadata`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-import filelock
 import torch
 
 from selbench import hookimpl
 from selbench.configs import find_config, load_scale
+from selbench.datacomp_metadata import DataCompFeaturesEmbedder
 from selbench.embedders import Embedder
 from selbench.errors import ConfigError
-from selbench.fileutil import file_sha256
 from selbench.paths import selbench_home
-from selbench.train import build_model, build_training_data, train_clip
+from selbench.toolbox import (
+    build_model,
+    cached_directory,
+    checkpoint_in,
+    file_sha256,
+    load_training_data,
+    train_clip,
+)
 
 PROXY_SEED = 0  # one proxy per (pool, recipe), shared by every strategy seed
 
@@ -55,15 +61,14 @@ class ProxyEmbedder(Embedder):
     def prepare(self, pool: Any, device: str, progress: Any) -> None:
         self.device = device
         model, preprocess, tokenizer = build_model(self.recipe.model, PROXY_SEED, device)
-        folder = self.checkpoint_dir(pool.fingerprint)
-        checkpoint = folder / "model.pt"
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with filelock.FileLock(str(folder) + ".lock"):
-            if not checkpoint.is_file():
-                self.details["trained"] = True
-                self._train(model, preprocess, tokenizer, pool, device, progress, folder)
-            else:
-                self.details["trained"] = False
+
+        def build(folder: Path) -> None:
+            self._train(model, preprocess, tokenizer, pool, device, progress, folder)
+
+        checkpoint, hit = cached_directory(
+            self.checkpoint_dir(pool.fingerprint), checkpoint_in, build
+        )
+        self.details["trained"] = not hit
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state)
         model.eval()
@@ -72,19 +77,15 @@ class ProxyEmbedder(Embedder):
         self.details["checkpoint"] = str(checkpoint)
 
     def _train(self, model, preprocess, tokenizer, pool, device, progress, folder: Path) -> None:
-        captions = dict(zip(pool.uids, pool.captions, strict=True))
-        images = progress.track(pool.iter_images(), "Proxy: loading pool", total=len(pool))
-        data = build_training_data(images, captions, preprocess, tokenizer)
+        """Train the proxy on the pool; write ``model.pt`` and ``meta.json`` into ``folder``."""
+        data = load_training_data(pool, preprocess, tokenizer, progress, "Proxy: loading pool")
         samples = int(round(len(data) * self.recipe.epochs))
         started = time.perf_counter()
         result = train_clip(model, data, self.recipe, samples, PROXY_SEED, device, progress)
         self.details["train_seconds"] = time.perf_counter() - started
         self.details["train_final_loss"] = result.final_loss
-        # Written under a temporary name and renamed: a checkpoint exists only when complete.
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), tmp / "model.pt")
-        (tmp / "meta.json").write_text(
+        torch.save(model.state_dict(), folder / "model.pt")
+        (folder / "meta.json").write_text(
             json.dumps(
                 {
                     "recipe": self.recipe.model_dump(),
@@ -97,11 +98,6 @@ class ProxyEmbedder(Embedder):
                 indent=2,
             )
         )
-        if folder.exists():  # a damaged earlier attempt without model.pt
-            import shutil
-
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
 
 
 class OpenClipEmbedder(Embedder):
@@ -159,3 +155,4 @@ class OpenClipEmbedder(Embedder):
 def register_embedders(register):
     register(ProxyEmbedder)
     register(OpenClipEmbedder)
+    register(DataCompFeaturesEmbedder)

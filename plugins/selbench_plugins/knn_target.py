@@ -15,8 +15,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.neighbours import knn
+from selbench.toolbox import Selection, SelectionContext, Strategy, hookimpl, knn, rank
 
 
 def round_robin(neighbours: np.ndarray, budget: int) -> np.ndarray | None:
@@ -28,8 +27,8 @@ def round_robin(neighbours: np.ndarray, budget: int) -> np.ndarray | None:
     """
     chosen: list[int] = []
     taken: set[int] = set()
-    for rank in range(neighbours.shape[1]):
-        for index in neighbours[:, rank].tolist():
+    for column in range(neighbours.shape[1]):
+        for index in neighbours[:, column].tolist():
             if index not in taken:
                 taken.add(index)
                 chosen.append(index)
@@ -79,8 +78,7 @@ class KnnTarget(Strategy):
         uids = list(ctx.pool.uids)
         best = max_similarity(pool, target)
         if self.params.rule == "max_similarity":
-            order = np.lexsort((np.arange(len(best)), -best))
-            chosen = order[: ctx.budget_count]
+            chosen = rank(best)[: ctx.budget_count]
         else:
             k = min(len(uids), max(1, -(-ctx.budget_count // len(target))))
             while (chosen := round_robin(knn(target, pool, k)[1], ctx.budget_count)) is None:

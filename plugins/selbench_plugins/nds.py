@@ -42,8 +42,14 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.neighbours import kmeans_scaled, unit_rows
+from selbench.toolbox import (
+    Selection,
+    SelectionContext,
+    Strategy,
+    hookimpl,
+    kmeans_scaled,
+    unit_rows,
+)
 
 log = logging.getLogger(__name__)
 

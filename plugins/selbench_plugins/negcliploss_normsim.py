@@ -33,15 +33,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.errors import ConfigError
+from selbench.toolbox import (
+    ConfigError,
+    Selection,
+    SelectionContext,
+    Strategy,
+    clip_scores,
+    hookimpl,
+    top_k,
+)
 
 ROW_CHUNK = 2048  # similarity rows held at once: a 32768-wide batch is 256 MiB per chunk
-
-
-def clip_scores(image: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """Per-pair cosine ``<f_img(x_i), f_txt(t_i)>`` of L2-normalised rows (float32)."""
-    return np.einsum("ij,ij->i", image.astype(np.float32), text.astype(np.float32))
 
 
 def batch_normaliser(image: np.ndarray, text: np.ndarray, temperature: float) -> np.ndarray:
@@ -103,15 +105,6 @@ def normsim(pool: np.ndarray, target: np.ndarray, p: float) -> np.ndarray:
         @ torch.from_numpy(np.asarray(target, dtype=np.float32)).T
     )
     return torch.linalg.vector_norm(similarities, ord=p, dim=1).numpy()
-
-
-def top_k(scores: np.ndarray, k: int, among: np.ndarray | None = None) -> np.ndarray:
-    """Sorted indices of the ``k`` highest ``scores`` (restricted to ``among`` if given);
-    ties go to the earlier pool position (the same lexsort rule as ``clip_score``,
-    written inline because plugins do not import each other)."""
-    candidates = np.arange(len(scores)) if among is None else np.asarray(among)
-    order = np.lexsort((candidates, -scores[candidates]))
-    return np.sort(candidates[order[:k]])
 
 
 def teacher_temperature(ctx: SelectionContext, params: BaseModel) -> float:

@@ -16,43 +16,18 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.neighbours import kmeans_scaled, unit_rows
+from selbench.toolbox import (
+    Selection,
+    SelectionContext,
+    Strategy,
+    hookimpl,
+    kmeans_scaled,
+    top_k,
+    unit_rows,
+)
 
 # Small pools: at least this many points per prototype on average.
 MIN_POINTS_PER_CLUSTER = 20
-# Rows scored at once: the scoring needs two float32 copies of these rows, not of the pool.
-ROWS_AT_ONCE = 65536
-
-
-def prototype_distances(x: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
-    """Cosine distance of every row of ``x`` to its assigned centroid (float32).
-
-    ``d_i = 1 - <x_i, c_{a_i}> / (|x_i| |c_{a_i}|)``, in ``[0, 2]``: the self-supervised
-    prototype metric of Sorscher et al. (NeurIPS 2022, Sec. 5), where ``a_i`` is the nearest
-    prototype of ``x_i``. Rows and centroids need not be normalised.
-    """
-    assignment = np.asarray(assignment, dtype=np.int64)
-    unit_protos = unit_rows(centroids)
-    distances = np.empty(len(x), dtype=np.float32)
-    for lo in range(0, len(x), ROWS_AT_ONCE):  # row by row math: blocks bound the memory only
-        rows = unit_rows(x[lo : lo + ROWS_AT_ONCE])
-        protos = unit_protos[assignment[lo : lo + ROWS_AT_ONCE]]
-        distances[lo : lo + len(rows)] = 1.0 - np.einsum("ij,ij->i", rows, protos)
-    return distances
-
-
-def select_by_score(scores: np.ndarray, k: int, keep: Literal["hard", "easy"]) -> np.ndarray:
-    """Indices (sorted) of the ``k`` largest (``keep="hard"``) or smallest (``"easy"``) scores.
-
-    Ties go to the earlier pool position.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if keep not in ("hard", "easy"):
-        raise ValueError(f"keep must be 'hard' or 'easy', got {keep!r}")
-    key = -scores if keep == "hard" else scores
-    order = np.lexsort((np.arange(len(scores)), key))
-    return np.sort(order[:k])
 
 
 class PrototypesParams(BaseModel):
@@ -99,7 +74,7 @@ class Prototypes(Strategy):
         image = unit_rows(np.asarray(found.image))
         n = len(image)
         # The assignment's search already computed each row's inner product with its
-        # (unit) centroid: for unit rows, the cosine similarity of prototype_distances.
+        # (unit) centroid: for unit rows, the cosine similarity of centroid_distances.
         # Reusing it saves three passes over the pool (benchmarks/cluster_scale.py).
         _, _, similarity = kmeans_scaled(
             image,
@@ -111,7 +86,8 @@ class Prototypes(Strategy):
             return_scores=True,
         )
         scores = (1.0 - similarity).astype(np.float32)
-        chosen = select_by_score(scores, ctx.budget_count, self.params.keep)
+        # hard: the largest distances; easy: the smallest; ties to the earlier position.
+        chosen = top_k(scores, ctx.budget_count, largest=self.params.keep == "hard")
         uids = list(ctx.pool.uids)
         return Selection(
             uids=[uids[i] for i in chosen],

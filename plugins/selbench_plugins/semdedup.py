@@ -23,8 +23,15 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.neighbours import kmeans_scaled, one_blas_thread, unit_rows
+from selbench.toolbox import (
+    Selection,
+    SelectionContext,
+    Strategy,
+    hookimpl,
+    kmeans_scaled,
+    one_blas_thread,
+    unit_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +222,10 @@ class SemDeDup(Strategy):
     """Remove semantic duplicates within k-means clusters until the budget is met.
 
     ``eps`` is chosen per run so the kept set is the smallest one that still holds the
-    budget (:func:`choose_epsilon`); :func:`exact_budget` then trims ties. After
-    :meth:`select`, ``self.epsilon_used`` holds that ``eps`` and ``self.clusters_used`` the
-    number of clusters. ``Selection.scores`` holds every sample's ``M``.
+    budget (:func:`choose_epsilon`); :func:`exact_budget` then trims ties.
+    ``Selection.metrics`` holds that ``eps`` (``epsilon_used``), the number of clusters
+    (``clusters_used``) and how many samples ``eps`` keeps before the trim
+    (``kept_at_epsilon``); ``Selection.scores`` holds every sample's ``M``.
     """
 
     name = "semdedup"
@@ -226,12 +234,12 @@ class SemDeDup(Strategy):
         "Abbas et al., SemDeDup: Data-efficient learning at web-scale through semantic "
         "deduplication (arXiv 2303.09540), Sec. 3, Algorithm 1"
     )
-    stochastic = False  # k-means uses kmeans_seed; keep=random draws from ctx.rng
+    stochastic = False  # k-means uses kmeans_seed, not the run seed
     needs = frozenset({"embeddings"})
     Params = SemDeDupParams
 
-    epsilon_used: float | None = None
-    clusters_used: int | None = None
+    def is_stochastic(self) -> bool:
+        return self.params.keep == "random"  # the visiting order draws from ctx.rng
 
     def select(self, ctx: SelectionContext) -> Selection:
         found = ctx.embeddings(self.params.embedder)
@@ -249,8 +257,6 @@ class SemDeDup(Strategy):
         epsilon = choose_epsilon(scores, ctx.budget_count)
         kept = kept_mask(scores, epsilon)
         chosen = exact_budget(scores, kept, ctx.budget_count)
-        self.epsilon_used = epsilon
-        self.clusters_used = len(centroids)
         log.info(
             "semdedup: eps=%.6g keeps %d of %d samples (budget %d)",
             epsilon,
@@ -262,6 +268,11 @@ class SemDeDup(Strategy):
         return Selection(
             uids=[uids[i] for i in chosen],
             scores={uids[i]: float(scores[i]) for i in range(n)},
+            metrics={
+                "epsilon_used": epsilon,
+                "clusters_used": float(len(centroids)),
+                "kept_at_epsilon": float(kept.sum()),
+            },
         )
 
 

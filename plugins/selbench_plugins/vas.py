@@ -28,8 +28,15 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.errors import ConfigError
+from selbench.toolbox import (
+    ConfigError,
+    Selection,
+    SelectionContext,
+    Strategy,
+    clip_scores,
+    hookimpl,
+    top_k,
+)
 
 
 def second_moment(rows: np.ndarray) -> np.ndarray:
@@ -42,15 +49,6 @@ def variance_alignment(rows: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """``VAS_i = f_i^T Sigma f_i`` for every row."""
     rows = np.asarray(rows, dtype=np.float64)
     return np.einsum("ij,ij->i", rows @ sigma, rows)
-
-
-def top_k(scores: np.ndarray, k: int, among: np.ndarray | None = None) -> np.ndarray:
-    """Sorted indices of the ``k`` highest ``scores`` (within ``among`` if given); ties go to
-    the earlier pool position (clip_score's lexsort rule, inline: plugins do not import
-    each other)."""
-    candidates = np.arange(len(scores)) if among is None else np.asarray(among)
-    order = np.lexsort((candidates, -scores[candidates]))
-    return np.sort(candidates[order[:k]])
 
 
 def vas_d(
@@ -66,15 +64,10 @@ def vas_d(
     chunk = max(1, math.ceil((len(kept) - k) / steps))
     while len(kept) > k:
         size = max(k, len(kept) - chunk)
-        order = np.lexsort((kept, -variance_alignment(rows[kept], sigma)))
-        kept = np.sort(kept[order[:size]])  # ties to the earlier pool position
+        # kept is ascending, so ties among its positions go to the earlier pool position
+        kept = kept[top_k(variance_alignment(rows[kept], sigma), size)]
         sigma = second_moment(rows[kept])
     return kept, variance_alignment(rows, sigma)
-
-
-def clip_scores(image: np.ndarray, text: np.ndarray) -> np.ndarray:
-    """Per-pair cosine of L2-normalised rows (the prefilter's CLIP score)."""
-    return np.einsum("ij,ij->i", image.astype(np.float32), text.astype(np.float32))
 
 
 class VasParams(BaseModel):

@@ -115,11 +115,8 @@ def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) 
 
         # Not checked here: a run given --eval SUITE never reads the pool's own suite.
         eval_sets = resolve_eval_suite(config.eval_suite, check=False)
-    if not eval_sets:
-        raise ConfigError(
-            f"config file {config_path}: key 'eval' must list at least one set, "
-            f"or 'eval_suite' name a suite in configs/evals/"
-        )
+    # No sets is allowed here (embedding, export, or a run given --eval SUITE need none);
+    # a run that would evaluate on nothing is refused by the runner, naming the fix.
     return ResolvedPool(
         pool=ShardPool(config.path, name=config.name),
         eval_sets=eval_sets,

@@ -52,7 +52,7 @@ from PIL import Image
 
 from selbench.decoding import decode_image_bytes
 from selbench.errors import PoolError
-from selbench.fileutil import atomic_write_text, file_sha256, writing
+from selbench.fileutil import atomic_write_text, memoised_sha256, writing
 from selbench.paths import index_home
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -354,21 +354,9 @@ class ShardPool:
     def _fingerprint(self) -> str:
         """sha256 over shard names and contents (content digests memoised by size+mtime)."""
         memo_path = index_home() / "shard-digests.json"
-        try:
-            memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
-            memo = {}
         digest = hashlib.sha256()
-        changed = False
         for shard in self.shards:
-            st = shard.stat()
-            memo_key = f"{shard.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-            if memo_key not in memo:
-                memo[memo_key] = file_sha256(shard)
-                changed = True
-            digest.update(f"{shard.name}:{memo[memo_key]}\n".encode())
-        if changed:
-            atomic_write_text(memo_path, json.dumps(memo))
+            digest.update(f"{shard.name}:{memoised_sha256(shard, memo_path)}\n".encode())
         return digest.hexdigest()[:16]
 
     # -- index -----------------------------------------------------------------------

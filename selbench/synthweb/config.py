@@ -98,6 +98,24 @@ class SynthWebConfig(BaseModel):
     n_target: int = Field(
         1000, ge=1, description="Images in the target split (clean, balanced, retrieval layout)."
     )
+    n_reasoning_train: int = Field(
+        2000,
+        ge=0,
+        description="Statements in the two-image reasoning set's train split (NLVR2 layout; "
+        "the nlvr2-probe's head trains on it). 0 with n_reasoning_test 0: no reasoning set.",
+    )
+    n_reasoning_test: int = Field(
+        1000, ge=0, description="Statements in the reasoning set's test split (test1)."
+    )
+
+    @model_validator(mode="after")
+    def _check_reasoning(self) -> SynthWebConfig:
+        if (self.n_reasoning_train == 0) != (self.n_reasoning_test == 0):
+            raise ValueError(
+                "n_reasoning_train and n_reasoning_test must both be 0 (no reasoning set) or "
+                f"both positive, got {self.n_reasoning_train} and {self.n_reasoning_test}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_rates(self) -> SynthWebConfig:
@@ -132,5 +150,10 @@ class SynthWebConfig(BaseModel):
         return counts
 
     def n_images_total(self) -> int:
-        """Number of images written in all splits (pool, retrieval, 2 classification, target)."""
-        return self.n_samples + self.n_retrieval + 2 * self.n_classification + self.n_target
+        """Number of images written in all splits (pool, retrieval, 2 classification, target,
+        and two per reasoning statement)."""
+        reasoning = 2 * (self.n_reasoning_train + self.n_reasoning_test)
+        return (
+            self.n_samples + self.n_retrieval + 2 * self.n_classification + self.n_target
+            + reasoning
+        )  # fmt: skip

@@ -22,8 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from selbench.fileutil import tar_member
+
 from .captions import boilerplate_caption, distinct_captions, make_caption
 from .config import CLEAN, PATHOLOGIES, SynthWebConfig
+from .reasoning import write_reasoning_set
 from .scene import (
     COLOUR_NAMES,
     POSITIONS,
@@ -55,6 +58,8 @@ SPLIT_IDS: dict[str, int] = {
     "pool_captions": 6,
     "pathology_assignment": 7,
     "pathology_details": 8,
+    "reasoning-train": 9,
+    "reasoning-test": 10,
 }
 """Second element of the seed sequence of each independent RNG stream."""
 
@@ -63,6 +68,7 @@ EVAL_SETS: dict[str, str] = {
     "shape": "eval/shape",
     "colour": "eval/colour",
 }
+REASONING_SET = ("reasoning-probe", "eval/reasoning")  # name, folder (NLVR2 layout)
 TARGET_DIR = "target"
 
 CLASSIFICATION_TEMPLATES: dict[str, tuple[str, ...]] = {
@@ -281,18 +287,6 @@ def plan_pool(config: SynthWebConfig) -> list[PoolSample]:
 # --------------------------------------------------------------------------- tar writing
 
 
-def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
-    """A regular-file tar header with fixed metadata (mtime 0, root-less ids, mode 0644)."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
-
-
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> None:
     """Write ``members`` (name, bytes) in the given order into a deterministic tar."""
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -496,7 +490,7 @@ def build_manifest(config: SynthWebConfig, samples: Sequence[PoolSample]) -> dic
         "config": config.model_dump(mode="json"),
         "counts": {"pool": len(samples), "pathologies": counts},
         "generator": GENERATOR,
-        "eval_sets": dict(EVAL_SETS),
+        "eval_sets": dict(EVAL_SETS) | (dict([REASONING_SET]) if config.n_reasoning_train else {}),
         "target": TARGET_DIR,
     }
 
@@ -512,6 +506,14 @@ def write_dataset(root: Path, config: SynthWebConfig, progress: ProgressFn | Non
     for split in ("shape", "colour"):
         write_classification_set(root / EVAL_SETS[split], config, split, seen, tracker)
     write_retrieval_set(root / TARGET_DIR, config, "target", config.n_target, seen, tracker)
+    if config.n_reasoning_train:
+        write_reasoning_set(
+            root / REASONING_SET[1],
+            lambda split: split_rng(config.seed, split),
+            {"train": config.n_reasoning_train, "test": config.n_reasoning_test},
+            lambda sample_fn: render_unique(sample_fn, config.image_size, seen),
+            tracker.step,
+        )
     manifest = json.dumps(build_manifest(config, samples), indent=2, sort_keys=True) + "\n"
     write_text(root / "manifest.json", manifest)
 

@@ -29,10 +29,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from selbench import Selection, SelectionContext, Strategy, hookimpl
-from selbench.errors import ConfigError
-from selbench.neighbours import scaled_cluster_count
-from selbench_plugins.clip_score import clip_scores, top_k
+from selbench.toolbox import (
+    ConfigError,
+    Selection,
+    SelectionContext,
+    Strategy,
+    clip_scores,
+    hookimpl,
+    pool_image_tensor,
+    scaled_cluster_count,
+    top_k,
+)
 
 from .captioner import (
     CaptionerConfig,
@@ -346,8 +353,7 @@ class Tldr(Strategy):
         timings["proxy"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         tokenizer = proxy.tokenizer
-        loading = ctx.progress.track(pool.iter_images(), "TL;DR: loading pool", total=n)
-        images = torch.stack([proxy.preprocess(image) for _, image in loading])
+        images = pool_image_tensor(pool, proxy.preprocess, ctx.progress, "TL;DR: loading pool")
         vocab = CaptionVocab.from_captions(captions, tokenizer, p.prompt)
         prompt_length = len(vocab.prompt_ids)
         timings["loading"] = time.perf_counter() - t0

@@ -24,27 +24,21 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import filelock
 import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.coca_model import MultimodalCfg, _build_text_decoder_tower
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
-from open_clip_train.scheduler import cosine_lr
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
-from selbench.paths import selbench_home
 from selbench.progress import NullProgress
-from selbench.train import model_config
+from selbench.toolbox import cached_directory, model_config, selbench_home, training_loop
 
 PAD = 0  # compact id of padding (open_clip pads with token id 0)
 SOT = 1  # compact id of the start-of-text token
@@ -436,62 +430,49 @@ def deterministic_algorithms():
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
+def captioner_no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """The captioner's weight-decay exemptions: gains and biases (``ndim < 2``), token
+    embeddings, the codebook and LayerNorms."""
+    return param.ndim < 2 or "embedding" in name or "codebook" in name or "ln" in name
+
+
 def _train(model, images, tokens, config, device, progress, prompt_length) -> dict[str, Any]:
     n = len(images)
     batch_size = min(config.batch_size, n)
     steps = max(1, math.ceil(n * config.epochs / batch_size))
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        exempt = param.ndim < 2 or "embedding" in name or "codebook" in name or "ln" in name
-        (no_decay if exempt else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": config.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=config.lr,
-    )
-    schedule = cosine_lr(optimizer, config.lr, int(config.warmup_fraction * steps), steps)
-    rng = np.random.default_rng(config.seed)
-    torch.manual_seed(config.seed)
-    model.to(device).train()
-    order = np.empty(0, dtype=np.int64)
-    running: dict[str, float] = {}
-    curve: list[tuple[int, float]] = []
-    started = time.perf_counter()
-    for step in progress.track(range(steps), "TL;DR: training captioner", total=steps):
-        schedule(step)
-        if len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(n)])
-        index, order = torch.from_numpy(order[:batch_size]), order[batch_size:]
+
+    def batch_loss(index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         z, z_q, codes = model.quantize(images[index].to(device))
         caption = model.caption_loss(z_q, tokens[index].to(device), prompt_length=prompt_length)
         commitment, codebook = model.vq_losses(z, codes)
         loss = caption + config.commitment_weight * commitment + config.codebook_weight * codebook
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        values = {
+        return loss, {
             "caption_loss": float(caption.detach()),
             "commitment_loss": float(commitment.detach()),
             "codebook_loss": float(codebook.detach()),
         }
-        if not all(math.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"captioner loss became non-finite at step {step}: {values}")
-        for key, value in values.items():
-            running[key] = value if key not in running else 0.95 * running[key] + 0.05 * value
-        if step % 10 == 0 or step == steps - 1:
-            curve.append((step, values["caption_loss"]))
-            if hasattr(progress, "set_info"):
-                progress.set_info(
-                    "TL;DR: training captioner", f"loss {running['caption_loss']:.3f}"
-                )
-    model.eval()
+
+    result = training_loop(
+        model,
+        batch_loss,
+        n,
+        batch_size,
+        steps,
+        config.seed,
+        lr=config.lr,
+        warmup_steps=int(config.warmup_fraction * steps),
+        weight_decay=config.weight_decay,
+        no_decay=captioner_no_decay,
+        device=device,
+        progress=progress,
+        description="TL;DR: training captioner",
+        curve_key="caption_loss",
+    )
     return {
         "steps": steps,
-        "seconds": time.perf_counter() - started,
-        "final": running,
-        "caption_loss_curve": curve,
+        "seconds": result.seconds,
+        "final": result.running,
+        "caption_loss_curve": result.curve,
     }
 
 
@@ -528,20 +509,6 @@ def checkpoint_dir(pool_fingerprint: str, key: str) -> Path:
     return selbench_home() / "captioners" / f"{pool_fingerprint}-{key}"
 
 
-def save_checkpoint(folder: Path, model: CodebookCaptioner, meta: dict[str, Any]) -> None:
-    """Write ``model.pt`` and ``meta.json`` under a temporary name, then rename: a
-    checkpoint folder exists only when complete."""
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if folder.exists():  # a damaged earlier attempt
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
 def load_checkpoint(folder: Path, model: CodebookCaptioner) -> dict[str, Any] | None:
     """Load weights into ``model`` and return the meta, or None if the entry is missing
     or damaged (it is then retrained)."""
@@ -560,13 +527,12 @@ def cached_captioner(
     folder: Path, model: CodebookCaptioner, train: Any
 ) -> tuple[dict[str, Any], bool]:
     """Load the checkpoint in ``folder`` into ``model``, or call ``train()`` (which
-    returns the meta to store) and save; a file lock keeps two processes from training
-    the same captioner. Returns ``(meta, hit)``."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(folder) + ".lock"):
-        meta = load_checkpoint(folder, model) if folder.exists() else None
-        if meta is not None:
-            return meta, True
+    returns the meta to store) and save, through selbench's directory cache (a file lock
+    keeps two processes from training the same captioner). Returns ``(meta, hit)``."""
+
+    def build(tmp: Path) -> None:
         meta = {"format_version": FORMAT_VERSION, **train()}
-        save_checkpoint(folder, model, meta)
-        return meta, False
+        torch.save(model.state_dict(), tmp / "model.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+    return cached_directory(folder, lambda entry: load_checkpoint(entry, model), build)

@@ -14,8 +14,7 @@ import faiss
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer
 
-from selbench.neighbours import as_float32_matrix, faiss_seed, unit_rows, use_faiss_gpu
-from selbench_plugins.prototypes import prototype_distances
+from selbench.toolbox import centroid_distances, kmeans, rank, top_k, unit_rows
 
 WITHIN_CLUSTER_RULES = ("uniform", "hard", "far", "caption_loss", "stride")
 
@@ -46,7 +45,7 @@ def largest_remainder_quotas(sizes: Sequence[int], total: int) -> np.ndarray:
         left = remaining - int(share.sum())
         if left > 0:
             fraction = np.where(open_ & (share < room), ideal - np.floor(ideal), -1.0)
-            order = np.lexsort((np.arange(len(sizes)), -fraction))
+            order = rank(fraction)
             for index in order[:left]:
                 if fraction[index] < 0:
                     break
@@ -93,8 +92,7 @@ def pick_within_cluster(
     values = {"hard": hardness, "far": distance, "caption_loss": caption_loss}[rule]
     if values is None:
         raise ValueError(f"within-cluster rule {rule!r} needs per-sample values")
-    order = np.lexsort((members, -values[members]))
-    return np.sort(members[order[:quota]])
+    return top_k(values, quota, among=members)
 
 
 def sample_then_filter(
@@ -147,31 +145,17 @@ def kmeans_all_points(
     niter: int = 20,
     max_points_per_centroid: int = 256,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """faiss k-means that trains on at most ``max_points_per_centroid * k`` points (faiss
-    draws a seeded subsample above that; faiss's default is 256 per centroid, the release's
-    ``fast_cluster.py`` sets 10,000,000 so that every point is used). Returns
-    ``(centroids, assignment of every row, number of training points)``.
-
-    Written here rather than with ``selbench.neighbours.kmeans`` because that helper keeps
-    faiss's subsampling default and does not expose it.
+    """faiss k-means (:func:`selbench.toolbox.kmeans`) that trains on at most
+    ``max_points_per_centroid * k`` points (faiss draws a seeded subsample above that;
+    faiss's default is 256 per centroid, the release's ``fast_cluster.py`` sets 10,000,000
+    so that every point is used). Returns ``(centroids, assignment of every row, number of
+    training points)``.
     """
-    data = as_float32_matrix(x)
-    n, d = data.shape
-    k = max(1, min(int(k), n))
-    clustering = faiss.Kmeans(
-        d,
-        k,
-        niter=int(niter),
-        seed=faiss_seed(seed),
-        gpu=use_faiss_gpu(None),
-        verbose=False,
-        min_points_per_centroid=1,  # only silences faiss's "too few points" warning
-        max_points_per_centroid=int(max_points_per_centroid),
+    k = max(1, min(int(k), len(x)))
+    centroids, assignment = kmeans(
+        x, k, seed=seed, niter=niter, max_points_per_centroid=max_points_per_centroid
     )
-    clustering.train(data)
-    _, assignment = clustering.index.search(data, 1)
-    centroids = np.ascontiguousarray(clustering.centroids, dtype=np.float32)
-    return centroids, assignment.reshape(-1).astype(np.int64), min(n, k * max_points_per_centroid)
+    return centroids, assignment, min(len(x), k * max_points_per_centroid)
 
 
 def whiten(features: np.ndarray, dim: int) -> tuple[np.ndarray, int]:
@@ -197,7 +181,7 @@ def cluster_prototype_distances(
     assignment = np.asarray(assignment, dtype=np.int64)
     sums = np.zeros((n_clusters, embeddings.shape[1]), dtype=np.float64)
     np.add.at(sums, assignment, unit_rows(embeddings))
-    return prototype_distances(embeddings, sums.astype(np.float32), assignment).astype(np.float64)
+    return centroid_distances(embeddings, sums.astype(np.float32), assignment).astype(np.float64)
 
 
 def centre_distances(

@@ -1,0 +1,176 @@
+"""DataComp CommonPool's precomputed CLIP features, imported as an embedding-cache entry.
+
+DataComp ships, beside its pool, a metadata folder of file pairs ``NAME.parquet`` and
+``NAME.npz`` with the same rows in the same order (Gadre et al., DataComp, NeurIPS 2023,
+Sec. 3.2 and its ``download_upstream.py --download_npz``). The parquet holds ``uid``,
+``text`` and the precomputed ``clip_b32_similarity_score`` / ``clip_l14_similarity_score``;
+the npz holds OpenAI CLIP features of every pair: ``b32_img``, ``b32_txt`` (ViT-B/32) and
+``l14_img``, ``l14_txt`` (ViT-L/14). DataComp's CLIP-score baselines threshold those
+scores, which are the cosine similarities of these features.
+
+The ``datacomp`` embedder (spec ``datacomp:l14:/path/to/metadata`` or ``datacomp:b32:...``)
+hands these features to the embedding cache in the pool's order instead of running a
+model, so ``clip_score -p embedder=datacomp:l14:PATH`` scores every pool pair with
+DataComp's own L/14 features, and every other strategy that takes an embedder (SemDeDup,
+prototypes, ...) can use them too. Nothing is recomputed and no weights are needed; the
+features cover the pool's pairs only, so a strategy that embeds other images (a target
+set) still needs a model (``open_clip:ViT-L-14:/path/to/weights.pt``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from selbench.embedders import Embedder
+from selbench.errors import ConfigError, PoolError
+from selbench.paths import selbench_home
+
+MODELS = {"b32": "OpenAI CLIP ViT-B/32", "l14": "OpenAI CLIP ViT-L/14"}
+
+
+class MetadataDir:
+    """A DataComp metadata folder: ``NAME.parquet`` + ``NAME.npz`` pairs, rows aligned."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ConfigError(f"DataComp metadata folder {self.root} does not exist")
+        self.parquets = sorted(p for p in self.root.glob("*.parquet") if not p.name.startswith("."))
+        if not self.parquets:
+            raise ConfigError(
+                f"DataComp metadata folder {self.root} holds no .parquet files (expected "
+                "NAME.parquet + NAME.npz pairs, as download_upstream.py --download_npz writes)"
+            )
+
+    def npz(self, parquet: Path) -> Path:
+        path = parquet.with_suffix(".npz")
+        if not path.is_file():
+            raise ConfigError(
+                f"{parquet.name} in {self.root} has no {path.name} beside it: DataComp's "
+                "features come with download_upstream.py --download_npz"
+            )
+        return path
+
+    def digest(self, model: str) -> str:
+        """sha256 over the model key and every file's name and size: names are DataComp's
+        content hashes, so this identifies the features without reading terabytes."""
+        h = hashlib.sha256(model.encode())
+        for parquet in self.parquets:
+            for path in (parquet, self.npz(parquet)):
+                h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        return h.hexdigest()
+
+    def fill(
+        self, pool_uids: Sequence[str], model: str, image: np.ndarray, text: np.ndarray
+    ) -> None:
+        """Write the ``model`` features of every pool uid into row ``i`` of ``image`` and
+        ``text`` (``pool_uids[i]``); every pool uid must be in the metadata."""
+        index = pd.Index(pool_uids)
+        if not index.is_unique:
+            first = index[index.duplicated()][0]
+            raise PoolError(f"pool uid {first!r} appears more than once; uids must be unique")
+        found = np.zeros(len(index), dtype=bool)
+        for parquet in self.parquets:
+            uids = pq.read_table(parquet, columns=["uid"]).column("uid").to_pylist()
+            rows = index.get_indexer(uids)
+            mine = rows >= 0
+            if not mine.any():
+                continue
+            with np.load(self.npz(parquet)) as arrays:  # allow_pickle stays False
+                for kind, out in (("img", image), ("txt", text)):
+                    key = f"{model}_{kind}"
+                    if key not in arrays.files:
+                        raise PoolError(f"{self.npz(parquet)} has no {key!r} array")
+                    values = arrays[key]
+                    if len(values) != len(uids):
+                        raise PoolError(
+                            f"{self.npz(parquet).name} has {len(values)} rows of {key!r} but "
+                            f"{parquet.name} has {len(uids)} uids; the pair must align"
+                        )
+                    out[rows[mine]] = values[mine]
+            found[rows[mine]] = True
+        if not found.all():
+            missing = int((~found).sum())
+            raise PoolError(
+                f"{missing} pool uid(s) have no DataComp features in {self.root}, e.g. "
+                f"{index[np.flatnonzero(~found)[0]]!r}: is this the metadata of the same pool?"
+            )
+
+    def dim(self, model: str) -> int:
+        with np.load(self.npz(self.parquets[0])) as arrays:
+            key = f"{model}_img"
+            if key not in arrays.files:
+                raise PoolError(f"{self.npz(self.parquets[0])} has no {key!r} array")
+            return int(arrays[key].shape[1])
+
+
+class DataCompFeaturesEmbedder(Embedder):
+    """DataComp's precomputed OpenAI CLIP features of the pool (module docstring).
+
+    Spec: ``datacomp:l14:/path/to/metadata`` or ``datacomp:b32:/path/to/metadata``.
+    """
+
+    name = "datacomp"
+    summary = "DataComp CommonPool's precomputed CLIP features: datacomp:l14|b32:/path/to/metadata"
+    reference = "Gadre et al., DataComp (NeurIPS 2023), Sec. 3.2: metadata with CLIP features"
+
+    def __init__(self, args: str = "") -> None:
+        super().__init__(args)
+        model, _, folder = args.partition(":")
+        if model not in MODELS or not folder:
+            raise ConfigError(
+                f"embedder 'datacomp:{args}' needs a feature set ({' or '.join(MODELS)}) and "
+                "the metadata folder: datacomp:l14:/path/to/metadata"
+            )
+        self.key = model
+        self.metadata = MetadataDir(folder)
+
+    @property
+    def architecture(self) -> str:
+        return self.key
+
+    def prepare(self, pool: Any, device: str, progress: Any) -> None:
+        self.device = device
+        self.weights_digest = self.metadata.digest(self.key)
+        self.details = {"features": MODELS[self.key], "metadata": str(self.metadata.root)}
+
+    def encode(self, images: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        raise ConfigError(
+            "the datacomp embedder holds DataComp's features of the pool's own pairs and "
+            "cannot embed other images or captions (e.g. a target set); use "
+            "open_clip:ViT-L-14:/path/to/weights.pt for those"
+        )
+
+    def precomputed_batches(
+        self, pool: Any, start: int, batch_size: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The pool's features from row ``start`` on, in pool order, ``batch_size`` rows at
+        a time. The metadata files are not in pool order, so the features are gathered
+        once into a scratch memory map under the selbench home (removed afterwards)."""
+        n, dim = len(pool), self.metadata.dim(self.key)
+        scratch = Path(tempfile.mkdtemp(prefix=".datacomp-import-", dir=_scratch_root()))
+        try:
+            image = np.lib.format.open_memmap(scratch / "img.npy", "w+", np.float16, (n, dim))
+            text = np.lib.format.open_memmap(scratch / "txt.npy", "w+", np.float16, (n, dim))
+            self.metadata.fill(pool.uids, self.key, image, text)
+            for first in range(start, n, batch_size):
+                last = min(first + batch_size, n)
+                yield np.asarray(image[first:last]), np.asarray(text[first:last])
+            del image, text
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _scratch_root() -> Path:
+    root = selbench_home() / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root

@@ -1,0 +1,172 @@
+"""The toolbox for strategy authors: everything a selection plugin needs beyond the pool,
+in one documented module (``docs/plugins.md``). The built-in strategies use it too.
+
+Ranking (ties always go to the earlier pool position, so selections reproduce):
+    :func:`rank`, :func:`top_k`, :func:`clip_scores`
+Normalisation and distances:
+    :func:`unit_rows`, :func:`centroid_distances`
+faiss (on every GPU faiss sees, else CPU; deterministic for a seed):
+    :func:`kmeans`, :func:`kmeans_scaled`, :func:`scaled_cluster_count`, :func:`knn`,
+    :func:`faiss_gpu_count`, :func:`one_blas_thread`
+Images as tensors:
+    :func:`pool_image_tensor`, :func:`image_batches`
+Training a proxy or a small model with selbench's one training loop:
+    :func:`build_model`, :func:`model_config`, :func:`load_scale`, :func:`load_training_data`,
+    :func:`build_training_data`, :func:`train_clip`, :func:`training_loop`,
+    :func:`weight_decay_groups`
+Caching:
+    :func:`cached_directory` (a checkpoint folder built once, under a lock),
+    :func:`checkpoint_in`, :func:`selbench_home` (where caches live),
+    :func:`memoised_sha256`, :func:`file_sha256`
+The contract's types:
+    :class:`Strategy`, :class:`Selection`, :class:`SelectionContext`, :class:`Embeddings`,
+    :class:`TargetSet`, :class:`Embedder`, :data:`NEEDS`, :data:`hookimpl`, and the errors
+    :class:`ConfigError` (bad parameters) and :class:`PluginError` (anything else).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selbench.configs import ScaleConfig, load_scale
+from selbench.embedders import Embedder, Embeddings, image_batches
+from selbench.errors import ConfigError, PluginError
+from selbench.fileutil import cached_directory, file_sha256, memoised_sha256
+from selbench.hookspecs import hookimpl
+from selbench.neighbours import (
+    faiss_gpu_count,
+    kmeans,
+    kmeans_scaled,
+    knn,
+    one_blas_thread,
+    scaled_cluster_count,
+    unit_rows,
+)
+from selbench.paths import selbench_home
+from selbench.progress import NullProgress
+from selbench.strategy import NEEDS, Selection, SelectionContext, Strategy
+from selbench.target import TargetSet
+from selbench.train import (
+    LoopResult,
+    TrainingData,
+    TrainResult,
+    build_model,
+    build_training_data,
+    load_training_data,
+    model_config,
+    open_clip_no_decay,
+    train_clip,
+    training_loop,
+    weight_decay_groups,
+)
+
+__all__ = [
+    "NEEDS",
+    "ConfigError",
+    "Embedder",
+    "Embeddings",
+    "LoopResult",
+    "PluginError",
+    "ScaleConfig",
+    "Selection",
+    "SelectionContext",
+    "Strategy",
+    "TargetSet",
+    "TrainResult",
+    "TrainingData",
+    "build_model",
+    "build_training_data",
+    "cached_directory",
+    "checkpoint_in",
+    "centroid_distances",
+    "clip_scores",
+    "faiss_gpu_count",
+    "file_sha256",
+    "hookimpl",
+    "image_batches",
+    "kmeans",
+    "kmeans_scaled",
+    "knn",
+    "load_scale",
+    "load_training_data",
+    "memoised_sha256",
+    "model_config",
+    "one_blas_thread",
+    "open_clip_no_decay",
+    "pool_image_tensor",
+    "rank",
+    "scaled_cluster_count",
+    "selbench_home",
+    "top_k",
+    "train_clip",
+    "training_loop",
+    "unit_rows",
+    "weight_decay_groups",
+]
+
+# Rows scored at once where scoring makes float32 copies: bounds memory, not the math.
+ROWS_AT_ONCE = 65536
+
+
+# -- ranking -------------------------------------------------------------------------
+def rank(scores: np.ndarray, among: np.ndarray | None = None, largest: bool = True) -> np.ndarray:
+    """Indices of ``scores`` best first (highest when ``largest``, else lowest); ties go to
+    the earlier pool position. With ``among`` (indices), only those are ranked."""
+    scores = np.asarray(scores)
+    candidates = np.arange(len(scores)) if among is None else np.asarray(among, dtype=np.int64)
+    values = scores[candidates]
+    return candidates[np.lexsort((candidates, -values if largest else values))]
+
+
+def top_k(
+    scores: np.ndarray, k: int, among: np.ndarray | None = None, largest: bool = True
+) -> np.ndarray:
+    """The ``k`` best indices of :func:`rank`, in ascending (pool) order."""
+    return np.sort(rank(scores, among, largest)[:k])
+
+
+def clip_scores(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Per-pair cosine similarity ``<f_img(x_i), f_txt(t_i)>`` of L2-normalised rows
+    (float32): the CLIP score of DataComp (Gadre et al., 2023, Sec. 4)."""
+    return np.einsum("ij,ij->i", image.astype(np.float32), text.astype(np.float32))
+
+
+# -- distances -----------------------------------------------------------------------
+def centroid_distances(x: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+    """Cosine distance of every row of ``x`` to its assigned centroid (float32).
+
+    ``d_i = 1 - <x_i, c_{a_i}> / (|x_i| |c_{a_i}|)``, in ``[0, 2]``: the self-supervised
+    prototype metric of Sorscher et al. (NeurIPS 2022, Sec. 5), where ``a_i`` is the
+    nearest prototype of ``x_i``. Rows and centroids need not be normalised.
+    """
+    assignment = np.asarray(assignment, dtype=np.int64)
+    unit_protos = unit_rows(centroids)
+    distances = np.empty(len(x), dtype=np.float32)
+    for lo in range(0, len(x), ROWS_AT_ONCE):  # row by row math: blocks bound the memory only
+        rows = unit_rows(x[lo : lo + ROWS_AT_ONCE])
+        protos = unit_protos[assignment[lo : lo + ROWS_AT_ONCE]]
+        distances[lo : lo + len(rows)] = 1.0 - np.einsum("ij,ij->i", rows, protos)
+    return distances
+
+
+# -- caching -------------------------------------------------------------------------
+def checkpoint_in(folder: Path, name: str = "model.pt") -> Path | None:
+    """``folder / name`` if that file exists, else None: the ``load`` of a
+    :func:`cached_directory` entry that holds one checkpoint file."""
+    path = folder / name
+    return path if path.is_file() else None
+
+
+# -- images --------------------------------------------------------------------------
+def pool_image_tensor(
+    pool: Any, preprocess: Any, progress: Any = None, description: str = "Loading pool"
+) -> torch.Tensor:
+    """Every pool image through ``preprocess`` (a model's, e.g. ``ctx.proxy().preprocess``),
+    stacked as one ``(N, 3, H, W)`` tensor in pool order: what a model is trained on."""
+    progress = progress or NullProgress()
+    loading = progress.track(pool.iter_images(), description, total=len(pool))
+    return torch.stack([preprocess(image) for _, image in loading])
