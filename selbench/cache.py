@@ -17,6 +17,7 @@ then recomputed: a bad entry is never used silently. See ``docs/cache.md``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ import filelock
 import numpy as np
 
 from selbench.errors import ConfigError, SelbenchError
-from selbench.fileutil import atomic_write_text, file_sha256, memoised_sha256
+from selbench.fileutil import atomic_write_text, file_sha256, memoised_sha256, storage_error
 from selbench.paths import selbench_home
 
 log = logging.getLogger(__name__)
@@ -250,11 +251,18 @@ def _versions() -> dict[str, str]:
 
 
 def _write_chunk(path: Path, image: np.ndarray, text: np.ndarray) -> None:
-    """Write one chunk so that ``path`` exists only once it is complete."""
+    """Write one chunk so that ``path`` exists only once it is complete; a failed write
+    (a full disk) removes its temporary file and raises StorageError."""
     tmp = path.with_name(f".{path.name}.{_token()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, image=image, text=text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, image=image, text=text)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise storage_error("embedding cache chunk", path, exc) from exc
+        raise
 
 
 def _read_chunk(path: Path, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -915,6 +923,7 @@ class EmbeddingCache:
         entry_id, n, chunk = spec["entry_id"], spec["n_samples"], spec["chunk_size"]
         partial = self._partial_dir(entry_id)
         tmp = self.root / f"{TMP_PREFIX}{entry_id}-{_token()}"
+        final_path = self._entry_dir(entry_id)
         tmp.mkdir(parents=True)
         try:
             outputs = {
@@ -923,6 +932,8 @@ class EmbeddingCache:
                 )
                 for name in ARRAY_NAMES
             }
+            for name in ARRAY_NAMES:
+                _reserve(tmp / f"{name}.npy")
             for index in range(n_chunks(n, chunk)):
                 loaded = _read_chunk(partial / chunk_name(index), chunk_rows(index, n, chunk), dim)
                 if loaded is None:
@@ -955,12 +966,32 @@ class EmbeddingCache:
             final = self._entry_dir(entry_id)
             _remove(final)
             os.rename(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             _remove(tmp)
+            if isinstance(exc, OSError):
+                raise storage_error("embedding cache entry", final_path, exc) from exc
             raise
         _remove(partial)
         image, text = (np.load(final / f"{name}.npy", mmap_mode="r") for name in ARRAY_NAMES)
         return CacheEntry(entry_id, final, image, text, manifest)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the blocks of the sparse file ``path`` now, where the system supports it.
+
+    A memory map writing into a hole of a full disk does not get an error: the kernel
+    kills the process with SIGBUS. Reserved first, a full disk is an OSError here instead.
+    """
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None:
+        return
+    with open(path, "r+b") as handle:
+        try:
+            allocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return  # a filesystem without fallocate: the map writes as before
+            raise
 
 
 def _batch_dim(batch: Any) -> int | None:

@@ -42,6 +42,12 @@ import numpy as np
 from PIL import Image
 
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # None before OpenCV 4.10
+# OpenCV turns an image by its EXIF orientation unless told not to; PIL (the trainer, the
+# evaluator, and webdataset's decoder in open_clip_train) never does. Ignoring it here
+# keeps the embedding pass on the pixels training sees (docs/reliability.md).
+_NO_ROTATION = cv2.IMREAD_IGNORE_ORIENTATION
+#: PIL modes holding more than 8 bits per sample (16-bit greyscale PNGs open as these).
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 # Wire format (little-endian). Request: item count, input bytes used, then per item its
 # byte length (u32) and whether it is a PNG (u8). Reply: status, then either the item
@@ -53,9 +59,17 @@ _OK, _FAILED = 0, 1
 
 
 def decode_image_bytes(data: bytes) -> Image.Image:
-    """Decode an encoded image (any format PIL reads) to RGB."""
+    """Decode an encoded image (any format PIL reads) to RGB.
+
+    16-bit greyscale is scaled to 8 bits by its high byte, as libpng (and so OpenCV)
+    does; PIL's own ``convert("RGB")`` clips it at 255, which turns almost every such
+    image white. The first frame of an animation is used; EXIF orientation is not applied.
+    """
     image = Image.open(io.BytesIO(data))
     image.load()
+    if image.mode in _WIDE_MODES:
+        wide = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), "L")
     return image.convert("RGB")
 
 
@@ -66,9 +80,9 @@ def decode(data: bytes, ext: str) -> Any:
     if ext == "png":
         buffer = np.frombuffer(data, dtype=np.uint8)
         if _IMREAD_RGB is not None:  # OpenCV >= 4.10 decodes straight to RGB
-            image = cv2.imdecode(buffer, _IMREAD_RGB)
+            image = cv2.imdecode(buffer, _IMREAD_RGB | _NO_ROTATION)
         else:
-            bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+            bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR | _NO_ROTATION)
             image = None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         if image is not None:
             return image

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -36,12 +37,14 @@ def under_torchrun() -> bool:
     return all(name in os.environ for name in _TORCHRUN_VARS)
 
 
-def torchrun_command(nproc_per_node: int, args: list[str]) -> list[str]:
-    """The command that runs ``selbench <args>`` as ``nproc_per_node`` ranks on this host."""
+def torchrun_command(nproc_per_node: int, args: list[str], log_dir: str | None = None) -> list[str]:
+    """The command that runs ``selbench <args>`` as ``nproc_per_node`` ranks on this host
+    (torchrun keeps its logs in ``log_dir``, else in a folder it leaves in /tmp)."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        *(["--log-dir", log_dir] if log_dir else []),
         "--standalone",
         f"--nproc-per-node={nproc_per_node}",
         "-m",
@@ -58,7 +61,8 @@ def launch(nproc_per_node: int, args: list[str]) -> int:
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    return subprocess.run(torchrun_command(nproc_per_node, args), env=env).returncode
+    with tempfile.TemporaryDirectory(prefix="selbench-torchrun-") as logs:
+        return subprocess.run(torchrun_command(nproc_per_node, args, logs), env=env).returncode
 
 
 def rank_device(device: str | None) -> str:

@@ -289,8 +289,14 @@ def _decode_all(
     return [image for part in executor.map(decode_part, starts, chunks) for image in part]
 
 
-def _undecodable(uid: str, reason: str) -> PoolError:
-    return PoolError(f"sample {uid!r}: its image cannot be decoded ({reason})")
+def _undecodable(uid: str, reason: str, pool: Any = None) -> PoolError:
+    """The error for a sample whose image does not decode, naming its shard and member
+    when the pool can say where the sample lives (``pool.locate``)."""
+    locate = getattr(pool, "locate", None)
+    where = f" ({locate(uid)})" if callable(locate) else ""
+    error = PoolError(f"sample {uid!r}{where}: its image cannot be decoded ({reason})")
+    error.uid, error.reason = uid, reason
+    return error
 
 
 def _raw_batches(
@@ -347,7 +353,7 @@ def pool_batches(
                 if exc.position is None:  # the helper itself failed
                     raise PoolError(_helper_failed(exc)) from None
                 broken = False
-                raise _undecodable(uids[exc.position], str(exc)) from None
+                raise _undecodable(uids[exc.position], str(exc), pool) from None
             batch = preprocess_batch(images, preprocess)  # copies out of the shared file
             del images
             if following is not None:
@@ -386,7 +392,13 @@ def _batches_in_process(
     executor = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 1 else None
     try:
         for position, uids, raw in _raw_batches(pool, start, batch_size):
-            images = preprocess_batch(_decode_all(raw, uids, executor, workers), preprocess)
+            try:
+                decoded = _decode_all(raw, uids, executor, workers)
+            except PoolError as exc:
+                if not hasattr(exc, "uid"):
+                    raise
+                raise _undecodable(exc.uid, exc.reason, pool) from exc.__cause__
+            images = preprocess_batch(decoded, preprocess)
             yield images, list(captions[position : position + len(raw)])
     finally:
         if executor is not None:

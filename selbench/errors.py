@@ -21,5 +21,10 @@ class PluginError(SelbenchError):
     """A plugin failed to load, raised inside ``select``, or returned an invalid selection."""
 
 
+class StorageError(SelbenchError):
+    """A file could not be written (disk full, quota, file size limit); nothing half-written
+    is left behind, and the next run redoes the work."""
+
+
 class UndeclaredNeedError(PluginError):
     """A strategy used a context service (embeddings, proxy, target) it did not declare."""

@@ -146,10 +146,17 @@ def selection_overlap(
 
 def mlflow_uids(run_id: str) -> set[str]:
     """The selected uids of a run, from its ``selection.parquet`` artifact."""
+    import tempfile
+
     import mlflow
 
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="selection.parquet")
-    return set(pd.read_parquet(path, columns=["uid"])["uid"])
+    # Into a folder removed afterwards: without dst_path MLflow leaves a temporary
+    # directory per run behind, one per plotted run and leaderboard.
+    with tempfile.TemporaryDirectory(prefix="selbench-uids-") as folder:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="selection.parquet", dst_path=folder
+        )
+        return set(pd.read_parquet(path, columns=["uid"])["uid"])
 
 
 def all_plots(

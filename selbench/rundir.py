@@ -8,6 +8,9 @@ writes its own, so any of them can be resumed, rerun or run on another machine:
     train        -> train/ (a checkpoint; open_clip_train's own directory for that engine)
     evaluate     -> metrics.json
 
+``unlogged.jsonl``, when present, holds the MLflow calls the run could not make while
+its tracking server was unreachable; ``--resume`` makes them (:mod:`selbench.tracking`).
+
 The directory is ``$SELBENCH_RUN_HOME/work/<MLflow run id>/``. ``request.json`` holds
 what was asked; ``stages.json`` records each finished stage (written after the stage's
 outputs are in place, atomically), so a crash between the two only repeats work.
@@ -72,6 +75,11 @@ class RunDir:
     @property
     def metrics_path(self) -> Path:
         return self.root / "metrics.json"
+
+    @property
+    def journal_path(self) -> Path:
+        """MLflow calls the run could not make while its server was unreachable."""
+        return self.root / "unlogged.jsonl"
 
     def exists(self) -> bool:
         return self.request_path.is_file()

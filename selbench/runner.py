@@ -36,7 +36,7 @@ from selbench.diagnostics import concept_coverage, pathology_fractions
 from selbench.embedders import EmbeddingService
 from selbench.errors import ConfigError, PluginError, SelbenchError
 from selbench.evaluate import evaluate, resolve_eval_suite
-from selbench.fileutil import atomic_write_text, temp_sibling
+from selbench.fileutil import atomic_write_text, writing
 from selbench.materialize import load_subset, materialize
 from selbench.pools import ResolvedPool, resolve_pool
 from selbench.progress import NullProgress
@@ -117,13 +117,20 @@ def method_label(name: str, params: dict[str, Any], defaults: dict[str, Any]) ->
     return f"{name}(" + ",".join(f"{k}={changed[k]}" for k in sorted(changed)) + ")"
 
 
-def _run_strategy(info: StrategyInfo, strategy: Any, ctx: SelectionContext) -> Selection:
+def _run_strategy(info: StrategyInfo, params: Any, ctx: SelectionContext) -> Selection:
+    """Build the strategy and run its ``select``; whatever escapes the plugin (an
+    exception, or ``sys.exit()``) becomes a PluginError naming the strategy."""
     try:
-        result = strategy.select(ctx)
+        result = info.cls(params).select(ctx)
     except SelbenchError:
         raise
-    except (Exception, SystemExit) as exc:
+    except SystemExit as exc:
         # A plugin calling sys.exit() is a plugin failure, not the end of selbench.
+        raise PluginError(
+            f"strategy {info.name!r} (package {info.package!r}) called sys.exit({exc.code!r}); "
+            "a strategy returns a Selection or raises an exception"
+        ) from exc
+    except Exception as exc:
         raise PluginError(
             f"strategy {info.name!r} (package {info.package!r}) raised {type(exc).__name__}: {exc}"
         ) from exc
@@ -294,6 +301,7 @@ def execute(
         tags={"selbench.cell_key": cell_key(request, prepared["params"]), **(tags or {})},
     )
     rundir = RunDir.for_run(run_id)
+    recorder.keep_journal(rundir.journal_path)
     run = _Run(request, **prepared, rundir=rundir, recorder=recorder, progress=progress)
     try:
         lock = rundir.acquire(run_id)
@@ -347,10 +355,12 @@ def resume(
     if found.info.experiment_id != recorder.experiment_id:
         recorder = tracking.Recorder(_experiment_name(found.info.experiment_id))
     todo = _stages_to_run(rundir, stages, run_id)
-    if not todo:
+    unlogged = tracking.read_journal(rundir.journal_path)
+    if not todo and not unlogged:
         raise SelbenchError(f"run {run_id} has finished every stage; nothing to resume")
     lock = rundir.acquire(run_id)
     try:
+        reap_stale_runs(recorder)  # other dead runs; this one's lock is ours now
         prepared = _prepare(request, progress)
         fingerprint = found.data.params.get("pool_fingerprint")
         if fingerprint and fingerprint != prepared["resolved"].pool.fingerprint:
@@ -364,6 +374,11 @@ def resume(
     recorder.reopen(run_id)
     run = _Run(request, **prepared, rundir=rundir, recorder=recorder, progress=progress)
     try:
+        if unlogged:  # calls made while the server was away, in their order
+            recorder.replay(unlogged)
+            rundir.journal_path.unlink()
+            progress.note(f"Logged {len(unlogged)} MLflow calls kept while the server was away")
+        recorder.keep_journal(rundir.journal_path)
         recorder.tags({"selbench.host": host()})
         if overrides:
             recorder.tags({"selbench.resumed_with": json.dumps(overrides, sort_keys=True)})
@@ -395,11 +410,13 @@ def reap_stale_runs(recorder: tracking.Recorder) -> list[str]:
         if rundir.owner_alive():
             continue
         stage = rundir.next_stage() or "evaluate"
+        what = f"process died during stage {stage}"
+        if rundir.journal_path.is_file():
+            what = "the tracking server was unreachable when the run ended; its results are kept"
         recorder.set_terminated(
             found.info.run_id,
             "KILLED",
-            f"process died during stage {stage}; `selbench run --resume {found.info.run_id}` "
-            "continues it",
+            f"{what}; `selbench run --resume {found.info.run_id}` continues it",
         )
         reaped.append(found.info.run_id)
     return reaped
@@ -429,6 +446,8 @@ def _run_stages(run: _Run, todo: list[str], lock: Any) -> RunOutcome:
             run.recorder.pause(next_stage)
     finally:
         lock.release()
+    if run.recorder.unreachable is not None:
+        raise _kept_locally(run, run_id)
     return RunOutcome(
         run_id=run_id,
         metrics=_all_metrics(run),
@@ -437,6 +456,24 @@ def _run_stages(run: _Run, todo: list[str], lock: Any) -> RunOutcome:
         embeddings=run.embeddings,
         stages_run=todo,
         next_stage=next_stage,
+    )
+
+
+def _kept_locally(run: _Run, run_id: str) -> tracking.TrackingUnreachable:
+    """The error a run ends with when its tracking server went away: where its results are."""
+    rundir = run.rundir
+    kept = [f"the stage records in {rundir.root / 'stages.json'}"]
+    if rundir.selection_path.is_file():
+        kept.insert(0, f"the selection in {rundir.selection_path}")
+    if rundir.metrics_path.is_file():
+        kept.insert(1, f"the metrics in {rundir.metrics_path}")
+    calls = len(tracking.read_journal(rundir.journal_path))
+    return tracking.TrackingUnreachable(
+        f"the MLflow tracking server {tracking.tracking_uri()} became unreachable during run "
+        f"{run_id} ({run.recorder.unreachable}); the run went on and kept everything on this "
+        f"machine: {', '.join(kept)}, and the {calls} MLflow calls it could not make in "
+        f"{rundir.journal_path}. Once the server is back, `selbench run --resume {run_id}` "
+        "logs them"
     )
 
 
@@ -512,16 +549,14 @@ def _stage_select(run: _Run) -> dict[str, Any]:
         ),
     )
     t0 = time.perf_counter()
-    strategy = run.info.cls(run.params)
-    selection = _run_strategy(run.info, strategy, ctx)
+    selection = _run_strategy(run.info, run.params, ctx)
     selection_s = time.perf_counter() - t0
     _log_embedding_usage(run, ctx.services)
     _log_target(run, ctx.services)
 
     frame = _selection_frame(resolved, selection)
-    tmp = temp_sibling(run.rundir.selection_path)
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(run.rundir.selection_path)
+    with writing(run.rundir.selection_path, "the selection") as tmp:
+        frame.to_parquet(tmp, index=False)
     digest = selection_hash(selection.uids)
     run.recorder.params({"selection_sha256": digest})
     run.recorder.artifact(run.rundir.selection_path)

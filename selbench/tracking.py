@@ -2,19 +2,96 @@
 
 The default store is a sqlite file under the run home (MLflow 3 refuses the old
 ``./mlruns`` file store); ``MLFLOW_TRACKING_URI`` overrides it.
+
+A tracking server can go away in the middle of a run. The run then goes on: every
+MLflow call the recorder cannot make is appended to the run directory's journal
+(``unlogged.jsonl``), the stages keep their outputs on disk as always, and the run
+ends with a :class:`TrackingUnreachable` error saying where everything is.
+``selbench run --resume RUN_ID`` replays the journal once the server is back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import platform
+import re
 import time
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 
+from selbench.errors import SelbenchError
 from selbench.paths import run_home
 
 DEFAULT_EXPERIMENT = "selbench"
+log = logging.getLogger(__name__)
+
+
+class TrackingUnreachable(SelbenchError):
+    """The MLflow tracking server could not be reached."""
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the tracking server could not be reached (refused or dropped
+    connection, time-out, a gateway's 502/503/504), as opposed to a request it refused."""
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(
+            seen,
+            (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError),
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    return "API request to" in text and bool(
+        re.search(r"Max retries exceeded|Connection refused|timed out|error code 50[234]", text)
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+
+
+def unreachable_error(exc: BaseException) -> TrackingUnreachable:
+    return TrackingUnreachable(
+        f"cannot reach the MLflow tracking server {tracking_uri()} ({_first_line(exc)}); "
+        "start it, or unset MLFLOW_TRACKING_URI to use the local store"
+    )
+
+
+@contextlib.contextmanager
+def _no_retries() -> Iterator[None]:
+    """MLflow's HTTP calls fail at once inside the block instead of retrying for minutes."""
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+
+def read_journal(path: Path) -> list[dict]:
+    """The MLflow calls a run could not make (see :meth:`Recorder.keep_journal`); a last
+    line cut short by a killed process is ignored."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            break
+    return entries
 
 
 def tracking_uri() -> str:
@@ -22,6 +99,11 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
+    return local_store_uri()
+
+
+def local_store_uri() -> str:
+    """selbench's own store: ``sqlite:///<run home>/mlflow.db``."""
     home = run_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(home / 'mlflow.db').resolve()}"
@@ -38,12 +120,19 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(experiment)
+    with _store_lock(uri):
+        try:
+            found = mlflow.get_experiment_by_name(experiment)  # creates a new store's tables
+        except Exception as exc:
+            if unreachable(exc):
+                raise unreachable_error(exc) from None
+            raise
     if found is not None:
         return found.experiment_id
     artifact_location = None
-    if "MLFLOW_TRACKING_URI" not in os.environ:
+    if uri == local_store_uri():
         # Keep artifacts beside the sqlite store, not in ./mlruns of the current directory.
+        # (Not "MLFLOW_TRACKING_URI unset": mlflow.set_tracking_uri, above, sets it.)
         artifact_location = (run_home() / "artifacts").resolve().as_uri()
     try:
         return mlflow.create_experiment(experiment, artifact_location=artifact_location)
@@ -53,6 +142,20 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
         if found is None:
             raise
         return found.experiment_id
+
+
+def _store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A lock beside a sqlite store while this process opens it: MLflow creates a new
+    store's tables on first use without a lock of its own, and two ``selbench`` commands
+    starting at once on a fresh home then both create them, and one fails ("table ...
+    already exists")."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    import filelock
+
+    database = Path(uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(str(database) + ".lock")
 
 
 def ui_command() -> str:
@@ -103,6 +206,66 @@ class Recorder:
         self.experiment = experiment
         self.experiment_id = setup(experiment)
         self.run_id: str | None = None
+        self.journal: Path | None = None
+        #: Why the server could not be reached, from the first call that failed; None while
+        #: every call has reached it.
+        self.unreachable: str | None = None
+
+    # -- when the server goes away ----------------------------------------------------
+    def keep_journal(self, path: Path) -> None:
+        """From now on, a logging call that cannot reach the server is appended to ``path``
+        (one JSON object a line) instead of failing the run, and so is every later one:
+        after the first failure the recorder stops trying, so a run does not wait out
+        MLflow's retries at every metric. :meth:`replay` makes the calls later."""
+        self.journal = Path(path)
+
+    def _log(self, entry: dict, call: Callable[[], object]) -> None:
+        if self.unreachable is None:
+            try:
+                call()
+                return
+            except Exception as exc:
+                if self.journal is None or not unreachable(exc):
+                    raise
+                self.unreachable = _first_line(exc)
+                log.warning(
+                    "MLflow server %s unreachable (%s); recording to %s",
+                    tracking_uri(),
+                    self.unreachable,
+                    self.journal,
+                )
+        self._append(entry)
+
+    def _append(self, entry: dict) -> None:
+        assert self.journal is not None
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def replay(self, entries: list[dict]) -> None:
+        """Make the calls of a journal (:func:`read_journal`) in the open run; the run's
+        end status is left to the caller. Raises if the server is still unreachable."""
+        import mlflow
+
+        try:
+            for entry in entries:
+                kind = entry["call"]
+                if kind == "params":
+                    mlflow.log_params(entry["values"])
+                elif kind == "metrics":
+                    mlflow.log_metrics(entry["values"], step=entry.get("step"))
+                elif kind == "tags":
+                    mlflow.set_tags(entry["values"])
+                elif kind == "series":
+                    self._log_series(entry["key"], [tuple(p) for p in entry["points"]])
+                elif kind == "artifact":
+                    mlflow.log_artifact(entry["path"], artifact_path=entry.get("artifact_path"))
+        except Exception as exc:
+            if unreachable(exc):
+                raise unreachable_error(exc) from None
+            raise
 
     # -- opening and closing a run --------------------------------------------------
     def start(
@@ -142,7 +305,10 @@ class Recorder:
         self._end("SCHEDULED")
 
     def fail(self, exc: BaseException) -> None:
-        """Record why the run stopped and end it FAILED (KILLED on Ctrl-C)."""
+        """Record why the run stopped and end it FAILED (KILLED on Ctrl-C); nothing if the
+        run has already ended."""
+        if self.run_id is None:
+            return
         interrupted = isinstance(exc, KeyboardInterrupt)
         message = "interrupted" if interrupted else f"{type(exc).__name__}: {exc}"
         try:
@@ -154,10 +320,20 @@ class Recorder:
         import mlflow
 
         active = mlflow.active_run()
-        if active is not None and active.info.run_id == self.run_id:
-            mlflow.end_run(status=status)
-        elif self.run_id is not None:
-            mlflow.MlflowClient().set_terminated(self.run_id, status)
+        run_id = self.run_id
+
+        def end() -> None:
+            if active is not None and active.info.run_id == run_id:
+                mlflow.end_run(status=status)  # drops the active run even when it fails
+            elif run_id is not None:
+                mlflow.MlflowClient().set_terminated(run_id, status)
+
+        if self.unreachable is None:
+            self._log({"call": "end", "status": status}, end)
+        else:
+            with contextlib.suppress(Exception), _no_retries():
+                end()  # the status goes to the journal; this only lets go of the run
+            self._append({"call": "end", "status": status})
         self.run_id = None
 
     # -- logging into the open run -----------------------------------------------
@@ -165,44 +341,61 @@ class Recorder:
         """Log parameters (MLflow keeps at most 6,000 characters of each value)."""
         import mlflow
 
-        mlflow.log_params({k: str(v)[:6000] for k, v in values.items()})
+        values = {k: str(v)[:6000] for k, v in values.items()}
+        self._log({"call": "params", "values": values}, lambda: mlflow.log_params(values))
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+        values = {k: float(v) for k, v in values.items()}
+        self._log(
+            {"call": "metrics", "values": values, "step": step},
+            lambda: mlflow.log_metrics(values, step=step),
+        )
 
     def series(self, key: str, points: list[tuple[int, float]]) -> None:
         """A curve, one point per step (``train_loss``)."""
+        if not points:
+            return
+        points = [(int(s), float(v)) for s, v in points]
+        self._log(
+            {"call": "series", "key": key, "points": points},
+            lambda: self._log_series(key, points),
+        )
+
+    def _log_series(self, key: str, points: list[tuple[int, float]]) -> None:
         import mlflow
         from mlflow.entities import Metric
 
-        if not points:
-            return
         now = int(time.time() * 1000)
-        batch = [Metric(key, float(v), now, int(s)) for s, v in points]
+        batch = [Metric(key, v, now, s) for s, v in points]
         mlflow.MlflowClient().log_batch(self.run_id, metrics=batch)
 
     def tags(self, values: dict[str, str]) -> None:
         import mlflow
 
-        mlflow.set_tags(values)
+        values = dict(values)
+        self._log({"call": "tags", "values": values}, lambda: mlflow.set_tags(values))
 
     def artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         import mlflow
 
-        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        path = str(Path(path).resolve())
+        self._log(
+            {"call": "artifact", "path": path, "artifact_path": artifact_path},
+            lambda: mlflow.log_artifact(path, artifact_path=artifact_path),
+        )
 
     # -- queries (no open run needed) -------------------------------------------
     def get_run(self, run_id: str):
         """The MLflow run, or a SelbenchError naming the id when there is none."""
         import mlflow
 
-        from selbench.errors import SelbenchError
-
         try:
             return mlflow.MlflowClient().get_run(run_id)
-        except Exception:
+        except Exception as exc:
+            if unreachable(exc):
+                raise unreachable_error(exc) from None
             raise SelbenchError(
                 f"no MLflow run {run_id!r} in the store {tracking_uri()}; "
                 "`mlflow ui` or `selbench leaderboard` lists runs"

@@ -180,7 +180,7 @@ def build_command(
 LAUNCHERS = ("torchrun", "srun")
 
 
-def launcher(kind: str, nproc_per_node: int) -> list[str]:
+def launcher(kind: str, nproc_per_node: int, log_dir: Path | None = None) -> list[str]:
     """The command that starts the workers; each reads open_clip_train's arguments from
     the environment (``selbench.open_clip_worker``).
 
@@ -188,15 +188,17 @@ def launcher(kind: str, nproc_per_node: int) -> list[str]:
     current SLURM allocation (``--ntasks-per-node`` = GPUs per node, across all its
     nodes); open_clip_train reads its rank and world size from SLURM's variables, as in
     open_clip's own SLURM example, and ``MASTER_ADDR``/``MASTER_PORT`` must be exported
-    (``docs/scale-out.md``).
+    (``docs/scale-out.md``). ``log_dir``: torchrun's log folder; without one torchrun makes
+    a ``torchelastic_*`` folder in the temporary directory per launch and never removes it.
     """
     worker = [sys.executable, "-m", "selbench.open_clip_worker"]
     if kind == "srun":
         return ["srun", "--kill-on-bad-exit=1", *worker]
     if kind != "torchrun":
         raise SelbenchError(f"unknown launcher {kind!r}; choose one of {', '.join(LAUNCHERS)}")
+    logs = ["--log-dir", str(log_dir)] if log_dir is not None else []
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "torch.distributed.run", *logs,
         "--standalone", "--nproc-per-node", str(nproc_per_node),
         "-m", "selbench.open_clip_worker",
     ]  # fmt: skip
@@ -238,7 +240,7 @@ def train_open_clip(
     args, numbers = build_command(subset, scale, samples_seen, seed, out_dir, device, processes)
     plain = ["python", "-m", "open_clip_train.main", *args]
     (out_dir / "command.txt").write_text(shlex.join(plain) + "\n")
-    command = launcher(launch, nproc_per_node)
+    command = launcher(launch, nproc_per_node, log_dir=out_dir / "torchelastic")
     total = numbers["steps"] * scale.batch_size
     bar = progress.counter("Training (open_clip_train)")
     bar(0, total)

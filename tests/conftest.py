@@ -1,12 +1,90 @@
 from __future__ import annotations
 
+import getpass
 import io
 import json
+import os
+import secrets
+import sys
 import tarfile
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+# -- the suite leaves nothing behind -------------------------------------------------------
+# Every process the tests start inherits this mark (orphans re-parented to init included),
+# and every temporary file they make through tempfile lands in a folder of this session's
+# own, so the check below sees only this session's leftovers, not other users' of /tmp.
+# pytest's own tmp_path folders stay in the usual temporary directory.
+SESSION_MARK = f"selbench-tests-{os.getpid()}-{secrets.token_hex(4)}"
+os.environ["SELBENCH_TEST_SESSION"] = SESSION_MARK
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+# torch keeps its compile cache in <temporary directory>/torchinductor_<user> on purpose,
+# across sessions; point it where it would be anyway.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"),
+)
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="selbench-tests-"))
+os.environ["TMPDIR"] = str(SESSION_TMP)
+tempfile.tempdir = None  # re-read TMPDIR
+#: Interpreter-lifetime helpers that end with the pytest process itself, by design.
+LIFETIME_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def session_processes() -> dict[int, str]:
+    """``{pid: command line}`` of the live processes this test session started."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if SESSION_MARK not in (entry / "environ").read_bytes().decode(errors="replace"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and not any(helper in cmdline for helper in LIFETIME_HELPERS):
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _tree(root: Path) -> set[str]:
+    """Files under ``root`` (MLflow's default artifact folder ./mlruns, say)."""
+    return {str(p) for p in root.rglob("*")} if root.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leaves_no_process_or_temporary_file_behind():
+    """After the whole session, no process it started is alive, its temporary folder is
+    empty, and nothing was written into the current directory (./mlruns included); the
+    session's last teardown fails otherwise."""
+    on_linux = sys.platform.startswith("linux")
+    before = set(session_processes()) if on_linux else set()
+    here = Path.cwd()
+    in_cwd = _tree(here / "mlruns") | {p.name for p in here.iterdir()}
+    yield
+    from selbench.decoding import _close_shared
+
+    _close_shared()  # the decoding helpers live as long as their process, by design
+    problems = []
+    if on_linux:
+        deadline = time.monotonic() + 15  # data-loader workers notice a dead parent in 5 s
+        while set(session_processes()) - before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left_alive = {pid: cmd for pid, cmd in session_processes().items() if pid not in before}
+        problems += [f"process {pid} still running: {cmd[:300]}" for pid, cmd in left_alive.items()]
+    added = (_tree(here / "mlruns") | {p.name for p in here.iterdir()}) - in_cwd
+    problems += [f"written into the current directory: {here / name}" for name in sorted(added)]
+    leftovers = sorted(str(p.relative_to(SESSION_TMP)) for p in SESSION_TMP.rglob("*"))
+    problems += [f"temporary file left behind: {SESSION_TMP / name}" for name in leftovers[:20]]
+    if problems:
+        pytest.fail("the test session left things behind:\n" + "\n".join(problems))
+    SESSION_TMP.rmdir()
 
 
 @pytest.fixture(autouse=True)

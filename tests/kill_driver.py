@@ -1,10 +1,11 @@
 """Run the selbench CLI in this process and SIGKILL it at a chosen point (tests only).
 
-    python kill_driver.py materialize|train selbench-args...
+    python kill_driver.py select|materialize|train|evaluate selbench-args...
 
 ``materialize``: killed after the first subset shard is written; ``train``: killed after
-the in-memory trainer's third step. ``kill -9`` leaves no chance to clean up, which is
-what the resume tests need.
+the in-memory trainer's third step; ``select``: killed while the embedding cache entry
+is assembled (its temporary directory half-written); ``evaluate``: killed as evaluation
+starts. ``kill -9`` leaves no chance to clean up, which is what the resume tests need.
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ def main() -> None:
             return real_train(model, data, scale, samples_seen, seed, device, DyingProgress())
 
         runner.train_clip = train_then_die
+    elif point == "select":
+        import selbench.cache as cache
+
+        real_reserve = cache._reserve
+
+        def reserve_then_die(path):
+            real_reserve(path)
+            _die()
+
+        cache._reserve = reserve_then_die
+    elif point == "evaluate":
+        import selbench.runner as runner
+
+        runner.evaluate = lambda *a, **kw: _die()
     else:
         raise SystemExit(f"unknown kill point {point!r}")
     from selbench.cli import main as cli

@@ -16,7 +16,7 @@ import pytest
 
 import selbench.cache as cache_mod
 from selbench.cache import CACHE_FORMAT, CacheEntry, EmbeddingCache
-from selbench.errors import ConfigError, SelbenchError
+from selbench.errors import ConfigError, SelbenchError, StorageError
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = "0123abcd4567ef89"
@@ -297,7 +297,7 @@ def test_interrupted_assembly_resumes_without_producing(cache, reference, monkey
         raise OSError("disk fell off")
 
     monkeypatch.setattr(cache_mod, "file_sha256", broken)
-    with pytest.raises(OSError, match="disk fell off"):
+    with pytest.raises(StorageError, match="cannot write embedding cache entry .* disk fell off"):
         compute(cache)
     monkeypatch.undo()
     assert not (cache.root / entry_id).exists()

@@ -139,6 +139,7 @@ def test_a_rank_killed_midway_resumes_to_the_same_bytes(
         sys.executable,
         "-m",
         "torch.distributed.run",
+        f"--log-dir={tmp_path / 'torchrun-logs'}",  # not a torchelastic_* folder in /tmp
         "--standalone",
         "--nproc-per-node=2",
         str(script),

@@ -69,7 +69,7 @@ def test_same_seed_same_uids_and_metrics_and_leaderboard_rows(tiny):
     assert quarter["mean_R1_std"] == pytest.approx(values.std(ddof=1))
 
 
-def test_run_is_visible_in_mlflow_with_params_metrics_and_artifacts(tiny):
+def test_run_is_visible_in_mlflow_with_params_metrics_and_artifacts(tiny, tmp_path):
     outcome = execute(_request(tiny, seed=0))
     tracking.setup()
     runs = mlflow.search_runs(experiment_names=["selbench"])
@@ -108,7 +108,7 @@ def test_run_is_visible_in_mlflow_with_params_metrics_and_artifacts(tiny):
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.run_id)}
     assert {"selection.parquet", "config.yaml"} <= artifacts
     local = mlflow.artifacts.download_artifacts(
-        run_id=outcome.run_id, artifact_path="selection.parquet"
+        run_id=outcome.run_id, artifact_path="selection.parquet", dst_path=str(tmp_path)
     )
     frame = pd.read_parquet(local)
     assert frame["uid"].tolist() == outcome.selection.uids

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from e2e_helpers import TINY_SCALE, make_tiny_pool
 
 from selbench import tracking
@@ -124,6 +125,52 @@ def test_kill_during_materialize_and_during_training_then_resume_finishes_one_ru
     assert selection_hash(frame["uid"].tolist()) == digest
     assert "mean_R1" in found.data.metrics
     assert not list(rundir.root.rglob("*.tmp"))
+
+
+def _temporary_files(root: Path) -> list[Path]:
+    """What a writer killed halfway leaves: temporary files and cache entries in assembly."""
+    return sorted(p for pattern in ("*.tmp", ".tmp-*") for p in root.rglob(pattern))
+
+
+def test_kill_while_embedding_and_while_evaluating_then_every_next_command_cleans_up(
+    tiny, tmp_path
+):
+    """``kill -9`` in the select stage (while the embedding cache entry is assembled) and
+    in the evaluate stage: each time the next command marks the run KILLED, and once it
+    finishes no temporary file is left anywhere under the home."""
+    from selbench.train import build_model
+
+    pool, scale = tiny
+    model, _, _ = build_model("selbench-tiny", seed=5)
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    home = Path(os.environ["SELBENCH_HOME"])
+    args = ["run", "--method", "clip_score", "--budget", "0.5", "--pool", str(pool)]
+    args += ["--scale", str(scale), "--experiment", EXPERIMENT, "--seed", "6"]
+    args += ["-p", f"embedder=open_clip:selbench-tiny:{weights}"]
+    killed = _cli(*args, driver="select")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (found,) = _runs()
+    run_id = found.info.run_id
+    assert found.info.status == "RUNNING" and RunDir.for_run(run_id).stages() == {}
+    assert list((home / "embeddings").glob(".tmp-*"))  # the half-assembled entry
+
+    killed = _cli("run", "--resume", run_id, "--experiment", EXPERIMENT, driver="evaluate")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert set(RunDir.for_run(run_id).stages()) == {"select", "materialize", "train"}
+    assert _temporary_files(home) == []  # the resumed select cleaned the cache up
+    # A later command on this host (here an unrelated one) marks the dead run KILLED.
+    other = _cli(
+        "run", "-m", "random", "-b", "0.5", "--pool", str(pool), "--scale", str(scale),
+        "--experiment", EXPERIMENT, "--stage", "select",
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert {r.info.run_id: r.info.status for r in _runs()}[run_id] == "KILLED"
+
+    done = _cli("run", "--resume", run_id, "--experiment", EXPERIMENT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {r.info.run_id: r.info.status for r in _runs()}[run_id] == "FINISHED"
+    assert _temporary_files(home) == []
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -11,9 +11,13 @@ hash), else its key. Pool order is shard order, then member order inside the sha
 (img2dataset's download threads write members out of key order; the reader keeps the
 order as written, so the index is the same on every read). Failed downloads are absent
 from the tars; the shard's parquet counts them (``skipped["failed_download"]``).
-Unreadable images and empty captions are skipped and counted, never fatal. A shard
-that cannot be read at all (truncated, not a tar, or holding a different number of
-samples than its ``_stats.json`` records) is an error naming the shard.
+Unreadable images and empty captions are skipped and counted, never fatal, and so are
+samples a hostile shard could use against a reader that extracts it: members with an
+absolute or ``..`` name, symlinks and other non-files, and a member name written twice
+(the cases and their outcomes are in docs/reliability.md). Members are only ever read
+from the tar, never extracted. A shard that cannot be read at all (truncated, not a tar,
+or holding a different number of samples than its ``_stats.json`` records) is an error
+naming the shard.
 
 Members are grouped into samples by key as webdataset does (the basename up to its first
 dot). The scan is written with ``tarfile`` rather than webdataset's streaming iterator
@@ -30,8 +34,10 @@ import json
 import mmap
 import multiprocessing
 import os
+import re
 import shutil
 import tarfile
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -46,12 +52,12 @@ from PIL import Image
 
 from selbench.decoding import decode_image_bytes
 from selbench.errors import PoolError
-from selbench.fileutil import atomic_write_text, memoised_sha256, temp_sibling
+from selbench.fileutil import atomic_write_text, memoised_sha256, writing
 from selbench.paths import index_home
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 GROUND_TRUTH_KEY = "synthweb"
-INDEX_FORMAT = 3
+INDEX_FORMAT = 4  # 4: hostile members (unsafe names, links, duplicates) skipped
 #: Below this many bytes of shards to scan, the default scan stays in-process: starting
 #: a spawned worker (about a second) would cost more than decoding the images.
 PARALLEL_MIN_BYTES = 64 << 20
@@ -75,24 +81,62 @@ def _check_complete_tar(shard: Path) -> None:
         raise PoolError(f"shard {shard} is truncated or not a tar archive ({size} bytes)")
 
 
+#: Why a sample's members keep it out of the index (see :func:`_member_problem`).
+UNSAFE_MEMBER, LINK_MEMBER, DUPLICATE_MEMBER = "unsafe_member", "link_member", "duplicate_member"
+
+
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why ``member`` cannot belong to a sample, or None for a plain file with a safe name.
+
+    The name check is tarfile's own extraction filter (``tarfile.data_filter``, PEP 706),
+    applied to a destination that is never written: it refuses names that climb out with
+    ``..``. The filter would extract an absolute name below the destination; a sample
+    member has no business with one, so it is refused here too. Links are refused
+    whatever they point at: a pool's samples are files, and a link has no bytes of its own.
+    """
+    if not member.isreg():
+        return LINK_MEMBER
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
+        return UNSAFE_MEMBER
+    data_filter = getattr(tarfile, "data_filter", None)
+    if data_filter is None:  # Python before 3.10.12 / 3.11.4: the filter's rule on names
+        return UNSAFE_MEMBER if ".." in name.split("/") else None
+    try:
+        data_filter(member, "/selbench-never-extracted")
+    except tarfile.FilterError:
+        return UNSAFE_MEMBER
+    return None
+
+
 def _shard_samples(
     shard: Path,
-) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
-    """``(key, {extension: member}, tar)`` per sample of one shard, in member order."""
+) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile, str | None]]:
+    """``(key, {extension: member}, tar, problem)`` per sample of one shard, in member
+    order; ``problem`` names why the sample must be skipped (:func:`_member_problem`,
+    or a member name written twice), else None."""
     _check_complete_tar(shard)
     try:
         with tarfile.open(shard) as tar:
-            members = [m for m in tar.getmembers() if m.isreg()]
             grouped: dict[str, dict[str, tarfile.TarInfo]] = {}
-            for member in members:
+            problems: dict[str, str] = {}
+            for member in tar.getmembers():
+                if member.isdir():
+                    continue
                 base = os.path.basename(member.name)
                 key, dot, ext = base.partition(".")
                 if not dot or key.startswith("__"):
                     continue
                 prefix = member.name[: len(member.name) - len(base)]
-                grouped.setdefault(prefix + key, {})[ext.lower()] = member
+                parts = grouped.setdefault(prefix + key, {})
+                problem = _member_problem(member)
+                if problem is None and ext.lower() in parts:
+                    problem = DUPLICATE_MEMBER
+                if problem is not None:
+                    problems.setdefault(prefix + key, problem)
+                parts[ext.lower()] = member
             for key, parts in grouped.items():
-                yield os.path.basename(key), parts, tar
+                yield os.path.basename(key), parts, tar, problems.get(key)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise PoolError(
             f"shard {shard} is corrupt or unreadable: {type(exc).__name__}: {exc}"
@@ -163,19 +207,39 @@ def _shard_stats(shard: Path) -> dict | None:
         raise PoolError(f"shard stats {path} cannot be read: {exc}") from None
 
 
-def is_decodable(data: bytes) -> bool:
-    """Whether PIL decodes ``data`` whole. JPEGs decode at 1/8 scale (``Image.draft``):
-    libjpeg still reads every entropy-coded block, so a truncated or corrupt file fails as
-    it would at full size, and only the inverse DCT and colour conversion get cheaper,
-    which is most of the cost of checking a web-sized photo."""
+#: Why an image keeps its sample out of the index.
+UNREADABLE_IMAGE, IMAGE_TOO_LARGE = "unreadable_image", "image_too_large"
+
+
+def image_problem(data: bytes) -> str | None:
+    """Why PIL cannot decode ``data`` whole (:data:`UNREADABLE_IMAGE`, or
+    :data:`IMAGE_TOO_LARGE` past PIL's decompression-bomb limit ``Image.MAX_IMAGE_PIXELS``,
+    about 89 million pixels), else None.
+
+    The pixel count is checked from the header, before any pixel is decoded, so a
+    20000 x 20000 PNG of a few kB costs nothing. PIL only warns between one and two
+    times its limit; here that warning is an error too, so no image the scan keeps can
+    make a later reader allocate gigabytes. JPEGs decode at 1/8 scale (``Image.draft``):
+    libjpeg still reads every entropy-coded block, so a truncated or corrupt file fails
+    as it would at full size, and only the inverse DCT and colour conversion get
+    cheaper, which is most of the cost of checking a web-sized photo."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format == "JPEG":
-                image.draft("RGB", (1, 1))
-            image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format == "JPEG":
+                    image.draft("RGB", (1, 1))
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return IMAGE_TOO_LARGE
     except Exception:
-        return False
-    return True
+        return UNREADABLE_IMAGE
+    return None
+
+
+def is_decodable(data: bytes) -> bool:
+    """Whether PIL decodes ``data`` whole and it is not too large (:func:`image_problem`)."""
+    return image_problem(data) is None
 
 
 def scan_shard(shard: Path) -> tuple[pd.DataFrame, ScanStats]:
@@ -188,15 +252,19 @@ def scan_shard(shard: Path) -> tuple[pd.DataFrame, ScanStats]:
     """
     rows: list[tuple] = []
     stats = ScanStats()
-    for key, parts, tar in _shard_samples(shard):
+    for key, parts, tar, problem in _shard_samples(shard):
         stats.total += 1
+        if problem is not None:
+            stats.skipped[problem] += 1
+            continue
         ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
         if ext is None:
             stats.skipped["missing_image"] += 1
             continue
         image = parts[ext]
-        if not is_decodable(tar.extractfile(image).read()):
-            stats.skipped["unreadable_image"] += 1
+        problem = image_problem(tar.extractfile(image).read())
+        if problem is not None:
+            stats.skipped[problem] += 1
             continue
         text = tar.extractfile(parts["txt"]).read() if "txt" in parts else b""
         caption = text.decode("utf-8", errors="replace").strip()
@@ -207,7 +275,7 @@ def scan_shard(shard: Path) -> tuple[pd.DataFrame, ScanStats]:
         if "json" in parts:
             try:
                 meta = json.loads(tar.extractfile(parts["json"]).read())
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
                 meta = None
             if isinstance(meta, dict) and GROUND_TRUTH_KEY in meta:
                 truth = json.dumps(meta[GROUND_TRUTH_KEY], sort_keys=True)
@@ -229,14 +297,13 @@ def scan_shard(shard: Path) -> tuple[pd.DataFrame, ScanStats]:
 def _scan_shard_to_file(shard: Path, part: Path) -> dict:
     """Worker: index ``shard`` into the partial index file ``part``; return its stats."""
     frame, stats = scan_shard(shard)
-    tmp = temp_sibling(part)
     # The stats travel inside the parquet's metadata, so a part is one atomic file.
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), b"selbench.scan": json.dumps(stats.as_dict()).encode()}
     )
-    pq.write_table(table, tmp)
-    os.replace(tmp, part)
+    with writing(part, "pool index part") as tmp:
+        pq.write_table(table, tmp)
     return stats.as_dict()
 
 
@@ -329,11 +396,10 @@ class ShardPool:
             if index is not None:
                 return index
             index = self._scan()
-            tmp = temp_sibling(path)
-            index.to_parquet(tmp, index=False)
             stats = json.dumps(self.scan_stats.as_dict())
             atomic_write_text(path.with_suffix(".stats.json"), stats)
-            os.replace(tmp, path)  # last: the index is complete once it exists
+            with writing(path, "pool index") as tmp:  # last: complete once it exists
+                index.to_parquet(tmp, index=False)
             shutil.rmtree(self._parts_dir(), ignore_errors=True)
         return index
 
@@ -437,6 +503,14 @@ class ShardPool:
         for uid, data, _ in self.iter_image_bytes(uids, start):
             yield uid, decode_image_bytes(data)
 
+    def locate(self, uid: str) -> str:
+        """Where sample ``uid`` lives: ``member KEY.EXT of shard PATH`` (for error messages)."""
+        rows = self.index[self.index["uid"] == uid]
+        if rows.empty:
+            return f"not in pool {self.root}"
+        row = rows.iloc[0]
+        return f"member {row['key']}.{row['ext']} of shard {self.shards[int(row['shard'])]}"
+
     def has_ground_truth(self) -> bool:
         return bool(self.index["ground_truth"].notna().any())
 
@@ -486,6 +560,9 @@ class PoolForStrategies:
         self, uids: Iterable[str] | None = None, start: int = 0
     ) -> Iterator[tuple[str, bytes, str]]:
         return self._pool.iter_image_bytes(uids, start)
+
+    def locate(self, uid: str) -> str:
+        return self._pool.locate(uid)
 
 
 def _map_file(path: Path) -> mmap.mmap:
