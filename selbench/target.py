@@ -77,6 +77,22 @@ def read_images(root: Path) -> Iterator[tuple[str, Image.Image]]:
     return _folder_images(root)
 
 
+def _eval_images(eval_set: EvalSetConfig) -> Iterator[tuple[str, Image.Image]]:
+    """An eval set's images; for a reasoning set (NLVR2's layout), those of the split the
+    probe is scored on (its train split only fits the probe's head)."""
+    root = Path(eval_set.path)
+    if eval_set.task != "reasoning":
+        yield from read_images(root)
+        return
+    from selbench.probe import scored_split
+
+    split = scored_split(root)
+    for folder in (root / "images" / split, root / split):
+        if folder.is_dir():
+            for key, image in _folder_images(folder):
+                yield f"{split}/{key}", image
+
+
 def load_target(root: Path | str, eval_sets: Sequence[EvalSetConfig]) -> TargetSet:
     """Load a target set and refuse it if it shares any image with an eval set."""
     root = Path(root).expanduser()
@@ -86,7 +102,7 @@ def load_target(root: Path | str, eval_sets: Sequence[EvalSetConfig]) -> TargetS
         images.append(image)
         hashes.setdefault(pixel_hash(image), key)
     for eval_set in eval_sets:
-        for key, image in read_images(Path(eval_set.path)):
+        for key, image in _eval_images(eval_set):
             clash = hashes.get(pixel_hash(image))
             if clash is not None:
                 raise ConfigError(

@@ -42,7 +42,7 @@ def test_synthweb_target_split_passes_the_leakage_check(tiny):
     resolved = resolve_pool(str(pool))
     target = load_target(resolved.target, resolved.eval_sets)
     assert len(target.images) == 20
-    assert sorted(target.checked_against) == ["colour", "retrieval", "shape"]
+    assert sorted(target.checked_against) == ["colour", "reasoning-probe", "retrieval", "shape"]
 
 
 def _eval_image_bytes(pool_dir):
@@ -80,6 +80,7 @@ def test_knn_target_runs_on_the_pools_target_split_and_logs_the_check(tiny):
     assert row["params.target.overlap"] == "0"
     assert sorted(row["params.target.overlap_checked_against"].split(",")) == [
         "colour",
+        "reasoning-probe",
         "retrieval",
         "shape",
     ]
@@ -111,3 +112,14 @@ def test_cli_refuses_a_leaky_target_and_marks_the_run_failed(tiny, tmp_path):
     assert "overlaps eval set" in result.output
     runs = mlflow.search_runs(experiment_names=["selbench"])
     assert runs["status"].tolist() == ["FAILED"]
+
+
+def test_a_target_holding_a_reasoning_test_image_is_refused(tiny, tmp_path):
+    pool, _ = tiny
+    image = next((pool / "eval" / "reasoning" / "images" / "test1").rglob("*.png"))
+    folder = tmp_path / "leaky"
+    folder.mkdir()
+    (folder / "pair.png").write_bytes(image.read_bytes())
+    resolved = resolve_pool(str(pool))
+    with pytest.raises(ConfigError, match="overlaps eval set 'reasoning-probe'.*pair.png"):
+        load_target(folder, resolved.eval_sets)
