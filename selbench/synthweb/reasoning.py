@@ -13,9 +13,10 @@ follows from the scenes' ground truth, in the statement families
 * ``object``: that one image shows a given colour-and-shape object;
 * ``relation``: that in one image an object is left of / right of / above / below another.
 
-Families and labels are balanced per split (:func:`balanced_plan`): each example draws its
-family and label first, then statements of that family (and, if needed, new scenes) until
-one has that truth value, so neither the family nor the label gives the other away. The layout is
+Families and labels are balanced per split (:func:`balanced_plan`). Each example draws its
+family and label, then the claim's wording, and only then pairs of scenes until the claim
+has that truth value on one (:func:`draw_example`): the sentence alone does not tell the
+label, so only the images can. The layout is
 NLVR2's, so one loader (:mod:`selbench.probe`) reads both: ``train.json`` and ``test1.json``
 (one JSON object per line: ``identifier``, ``sentence``, ``label`` "True"/"False",
 ``left_url``, ``right_url``, ``directory`` for train) and the images under
@@ -50,79 +51,91 @@ RELATIONS = {
 }
 
 Statement = tuple[str, bool]
+# A claim is drawn before the scenes; its judge reads a pair of scenes and returns the
+# sentence and its truth there, or None where the claim cannot be made of that pair.
+Judge = Callable[[np.random.Generator, Scene, Scene], "Statement | None"]
 
 
-def _count(rng: np.random.Generator, left: Scene, right: Scene) -> Statement:
-    n_left, n_right = len(left.objects), len(right.objects)
+def _pick(rng: np.random.Generator, options: tuple | list):
+    return options[int(rng.integers(len(options)))]
+
+
+def _count(rng: np.random.Generator) -> Judge:
     kind = int(rng.integers(3))
-    if kind == 0:
-        return "the left image shows more objects than the right image", n_left > n_right
-    if kind == 1:
-        return "the right image shows more objects than the left image", n_right > n_left
-    return "both images show the same number of objects", n_left == n_right
+
+    def judge(rng: np.random.Generator, left: Scene, right: Scene) -> Statement:
+        n_left, n_right = len(left.objects), len(right.objects)
+        if kind == 0:
+            return "the left image shows more objects than the right image", n_left > n_right
+        if kind == 1:
+            return "the right image shows more objects than the left image", n_right > n_left
+        return "both images show the same number of objects", n_left == n_right
+
+    return judge
 
 
-def _total(rng: np.random.Generator, left: Scene, right: Scene) -> Statement:
-    total = len(left.objects) + len(right.objects)
-    claimed = total if rng.random() < 0.5 else int(rng.integers(2, 7))
-    return f"there are {claimed} objects in the two images together", claimed == total
+def _total(rng: np.random.Generator) -> Judge:
+    claimed = int(rng.integers(2, 7))  # two scenes of 1-3 objects: 2 to 6 in all
+
+    def judge(rng: np.random.Generator, left: Scene, right: Scene) -> Statement:
+        total = len(left.objects) + len(right.objects)
+        return f"there are {claimed} objects in the two images together", claimed == total
+
+    return judge
 
 
 def _has(scene: Scene, attribute: str, value: str) -> bool:
     return any(getattr(o, attribute) == value for o in scene.objects)
 
 
-def _attribute(attribute: str, vocabulary: tuple[str, ...]) -> Callable:
-    def statement(rng: np.random.Generator, left: Scene, right: Scene) -> Statement:
-        present = sorted({getattr(o, attribute) for o in left.objects + right.objects})
-        pool = present if rng.random() < 0.6 else list(vocabulary)
-        value = pool[int(rng.integers(len(pool)))]
-        thing = f"{value} object" if attribute == "colour" else value
-        in_left, in_right = _has(left, attribute, value), _has(right, attribute, value)
-        kind = int(rng.integers(4))
-        if kind < 2:
-            return f"{SIDES[kind]} shows {with_article(thing)}", (in_left, in_right)[kind]
-        if kind == 2:
-            return f"both images show {with_article(thing)}", in_left and in_right
-        return f"neither image shows {with_article(thing)}", not (in_left or in_right)
+def _attribute(attribute: str, vocabulary: tuple[str, ...]) -> Callable[..., Judge]:
+    def claim(rng: np.random.Generator) -> Judge:
+        value, kind = _pick(rng, vocabulary), int(rng.integers(4))
+        thing = with_article(f"{value} object" if attribute == "colour" else value)
 
-    return statement
+        def judge(rng: np.random.Generator, left: Scene, right: Scene) -> Statement:
+            in_left, in_right = _has(left, attribute, value), _has(right, attribute, value)
+            if kind < 2:
+                return f"{SIDES[kind]} shows {thing}", (in_left, in_right)[kind]
+            if kind == 2:
+                return f"both images show {thing}", in_left and in_right
+            return f"neither image shows {thing}", not (in_left or in_right)
 
+        return judge
 
-def _object(rng: np.random.Generator, left: Scene, right: Scene) -> Statement:
-    side = int(rng.integers(2))
-    scene = (left, right)[side]
-    objects = left.objects + right.objects
-    if rng.random() < 0.5:  # colour and shape each seen in the pair, not always together
-        colour = objects[int(rng.integers(len(objects)))].colour
-        shape = objects[int(rng.integers(len(objects)))].shape
-    else:
-        colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
-        shape = SHAPES[int(rng.integers(len(SHAPES)))]
-    truth = any(o.colour == colour and o.shape == shape for o in scene.objects)
-    return f"{SIDES[side]} shows {with_article(f'{colour} {shape}')}", truth
+    return claim
 
 
-def _relation(rng: np.random.Generator, left: Scene, right: Scene) -> Statement | None:
-    sides = [i for i, s in enumerate((left, right)) if len(s.objects) >= 2]
-    if not sides:
-        return None
-    side = sides[int(rng.integers(len(sides)))]
-    scene = (left, right)[side]
-    i, j = rng.choice(len(scene.objects), size=2, replace=False)
-    a, b = scene.objects[int(i)], scene.objects[int(j)]
-    holding = relation(a, b)
-    said = holding[int(rng.integers(len(holding)))]
-    if rng.random() < 0.5:  # the opposite relation, which then does not hold
-        said = RELATIONS[said]
-    sentence = (
-        f"in {SIDES[side]}, {with_article(f'{a.colour} {a.shape}')} is {said} "
-        f"{with_article(f'{b.colour} {b.shape}')}"
-    )
-    return sentence, said in holding
+def _object(rng: np.random.Generator) -> Judge:
+    side, colour, shape = int(rng.integers(2)), _pick(rng, COLOUR_NAMES), _pick(rng, SHAPES)
+
+    def judge(rng: np.random.Generator, left: Scene, right: Scene) -> Statement:
+        scene = (left, right)[side]
+        truth = any(o.colour == colour and o.shape == shape for o in scene.objects)
+        return f"{SIDES[side]} shows {with_article(f'{colour} {shape}')}", truth
+
+    return judge
 
 
-STATEMENTS: dict[str, Callable] = {
+def _relation(rng: np.random.Generator) -> Judge:
+    side, said = int(rng.integers(2)), _pick(rng, tuple(RELATIONS))
+
+    def judge(rng: np.random.Generator, left: Scene, right: Scene) -> Statement | None:
+        scene = (left, right)[side]
+        if len(scene.objects) < 2:
+            return None
+        i, j = rng.choice(len(scene.objects), size=2, replace=False)
+        a, b = scene.objects[int(i)], scene.objects[int(j)]
+        sentence = (
+            f"in {SIDES[side]}, {with_article(f'{a.colour} {a.shape}')} is {said} "
+            f"{with_article(f'{b.colour} {b.shape}')}"
+        )
+        return sentence, said in relation(a, b)
+
+    return judge
+
+
+CLAIMS: dict[str, Callable[[np.random.Generator], Judge]] = {
     "count": _count,
     "total": _total,
     "colour": _attribute("colour", COLOUR_NAMES),
@@ -137,19 +150,24 @@ def draw_example(
     family: str,
     label: bool,
     new_scene: Callable[[], Scene],
-    max_tries: int = 400,
+    max_tries: int = 100_000,
 ) -> tuple[Scene, Scene, str]:
     """Two scenes and a ``family`` statement about them that is ``label``; returns (left,
-    right, sentence). Statements are drawn until one has the wanted truth value; the
-    scenes are redrawn every 20 tries so that no pair is forced to fit."""
-    left, right = new_scene(), new_scene()
-    for attempt in range(max_tries):
-        if attempt and attempt % 20 == 0:
-            left, right = new_scene(), new_scene()
-        made = STATEMENTS[family](rng, left, right)
+    right, sentence).
+
+    The claim (its wording: which side, which colour, shape, count or relation) is drawn
+    first, and only then pairs of scenes until the claim has the wanted truth value on
+    one. So the wording is independent of the label: a reader of the sentence alone,
+    without the images, is at chance (a claim that is rarely true, such as "both images
+    show a red object", just takes more scene pairs; sampling a scene costs microseconds).
+    """
+    judge = CLAIMS[family](rng)
+    for _ in range(max_tries):
+        left, right = new_scene(), new_scene()
+        made = judge(rng, left, right)
         if made is not None and made[1] == label:
             return left, right, made[0]
-    raise RuntimeError(f"no {label} {family} statement in {max_tries} tries")  # pragma: no cover
+    raise RuntimeError(f"no {label} {family} pair in {max_tries} tries")  # pragma: no cover
 
 
 def balanced_plan(rng: np.random.Generator, n: int) -> list[tuple[str, bool]]:
@@ -186,21 +204,20 @@ def write_reasoning_set(
         rng = seed_rng(f"reasoning-{split}")
         lines = []
         for index, (family, label) in enumerate(balanced_plan(rng, n)):
-            rendered: list[tuple[Scene, bytes]] = []
 
-            def new_scene(rendered: list = rendered, rng: np.random.Generator = rng) -> Scene:
-                scene, png, _ = render(lambda: sample_scene(rng, dist))
-                rendered.append((scene, png))
-                return scene
+            def new_scene(rng: np.random.Generator = rng) -> Scene:
+                return sample_scene(rng, dist)
 
             left, right, sentence = draw_example(rng, family, label, new_scene)
-            pngs = {id(scene): png for scene, png in rendered}
+            # Rendered only once chosen; ``render`` keeps every image distinct from all
+            # written before (pool and eval sets included).
+            pngs = [render(lambda scene=scene: scene)[1] for scene in (left, right)]
             prefix = f"{name}-{index}-0"
             directory = str(index // 1000) if name == "train" else None
             folder = root / "images" / name / (directory or "")
             folder.mkdir(parents=True, exist_ok=True)
-            for side, scene in enumerate((left, right)):
-                (folder / f"{prefix}-img{side}.png").write_bytes(pngs[id(scene)])
+            for side, png in enumerate(pngs):
+                (folder / f"{prefix}-img{side}.png").write_bytes(png)
                 step()
             record = {
                 "identifier": f"{prefix}-0",
