@@ -70,8 +70,9 @@ EVAL_SETS: dict[str, str] = {
 }
 REASONING_SET = ("reasoning-probe", "eval/reasoning")  # name, folder (NLVR2 layout)
 # Bumped whenever the generator writes different bytes for the same config; part of the
-# cached dataset's key (selbench.pools.synthweb_dir). 2: the two-image reasoning set.
-GENERATOR_VERSION = 2
+# cached dataset's key (selbench.pools.synthweb_dir). 2: the two-image reasoning set; 3: its
+# statements worded before their scenes are drawn.
+GENERATOR_VERSION = 3
 TARGET_DIR = "target"
 
 CLASSIFICATION_TEMPLATES: dict[str, tuple[str, ...]] = {
