@@ -98,6 +98,10 @@ def download_with_img2dataset(tmp_path: Path, server: tuple[Path, str]) -> tuple
     }
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"  # albumentations checks PyPI on import otherwise
     env["WANDB_MODE"] = "disabled"
+    # img2dataset imports wandb, which makes temporary folders it never removes: keep them
+    # in this test's own folder, not the session's temporary directory.
+    (tmp_path / "tool-tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tool-tmp")
     # img2dataset's command line (python-fire): one --flag=value per keyword of download().
     flags = {
         "url_list": urls,
