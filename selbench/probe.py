@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from selbench.embedders import preprocess_batch
+from selbench.embedders import image_batches
 from selbench.errors import PoolError
 
 TRAIN_SPLIT = "train"
@@ -155,6 +155,12 @@ def _normalised(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
 
+def _rgb_images(paths: list[Path]):
+    for path in paths:
+        with Image.open(path) as image:
+            yield image.convert("RGB")
+
+
 def embed_split(
     model: Any, data: ReasoningSplit, preprocess: Any, tokenizer: Any, batch: int, device: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,14 +168,10 @@ def embed_split(
     out = []
     with torch.no_grad():
         for paths in (data.left, data.right):
-            rows = []
-            for start in range(0, len(paths), batch):
-                images = []
-                for path in paths[start : start + batch]:
-                    with Image.open(path) as image:
-                        images.append(image.convert("RGB"))
-                pixels = preprocess_batch(images, preprocess).to(device)
-                rows.append(model.encode_image(pixels).cpu())
+            rows = [
+                model.encode_image(pixels.to(device)).cpu()
+                for pixels in image_batches(_rgb_images(paths), preprocess, batch)
+            ]
             out.append(_normalised(torch.cat(rows)))
         rows = []
         for start in range(0, len(data.sentences), batch):

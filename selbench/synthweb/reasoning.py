@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from selbench.synthweb.captions import relation, with_article
+from selbench.synthweb.captions import _pick, relation, with_article
 from selbench.synthweb.scene import (
     COLOUR_NAMES,
     SHAPES,
@@ -54,10 +54,6 @@ Statement = tuple[str, bool]
 # A claim is drawn before the scenes; its judge reads a pair of scenes and returns the
 # sentence and its truth there, or None where the claim cannot be made of that pair.
 Judge = Callable[[np.random.Generator, Scene, Scene], "Statement | None"]
-
-
-def _pick(rng: np.random.Generator, options: tuple | list):
-    return options[int(rng.integers(len(options)))]
 
 
 def _count(rng: np.random.Generator) -> Judge:
