@@ -857,7 +857,7 @@ def datasets() -> None:
 @datasets.command("make")
 @click.argument("name", type=click.Choice(["synthweb"]))
 @click.option("--seed", type=int, default=None, help="Generator seed (default 0).")
-@click.option("--n-samples", type=int, default=None, help="Pool size (default 8000).")
+@click.option("--n-samples", type=int, default=None, help="Pool size (default 16000).")
 @click.option("--image-size", type=int, default=None, help="Image side in pixels (default 32).")
 @click.option(
     "--set",

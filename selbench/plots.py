@@ -24,6 +24,7 @@ PATHOLOGIES = (
     "boilerplate",
     "low_information",
 )
+OPTIONAL_PATHOLOGIES = ("text_in_image",)  # off in the default SynthWeb; a column when on
 
 
 def _save(fig, path: Path) -> Path:
@@ -83,10 +84,14 @@ def quality_vs_compute(board: Leaderboard, metric: str, path: Path) -> Path | No
 
 
 def pathologies_kept(runs: pd.DataFrame, path: Path) -> Path | None:
-    columns = [f"metrics.diag/kept/{p}" for p in PATHOLOGIES]
+    shown = PATHOLOGIES + tuple(
+        p for p in OPTIONAL_PATHOLOGIES if f"metrics.diag/kept/{p}" in runs.columns
+    )
+    columns = [f"metrics.diag/kept/{p}" for p in shown]
     if runs.empty or not all(c in runs.columns for c in columns):
         return None
-    runs = runs.dropna(subset=columns + ["params.method_label", "params.budget"])
+    base = [f"metrics.diag/kept/{p}" for p in PATHOLOGIES]  # optional ones may be missing
+    runs = runs.dropna(subset=base + ["params.method_label", "params.budget"])
     if runs.empty:
         return None
     runs = runs.assign(budget=runs["params.budget"].astype(float))
@@ -97,9 +102,11 @@ def pathologies_kept(runs: pd.DataFrame, path: Path) -> Path | None:
     ]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(grid) + 1.6))
     image = ax.imshow(grid.to_numpy(), cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(PATHOLOGIES)), PATHOLOGIES, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(grid)), names, fontsize=7)
     for (i, j), value in np.ndenumerate(grid.to_numpy()):
+        if np.isnan(value):  # a pool without that pathology
+            continue
         ink = _ink(value, 0.6)  # viridis turns light (green-yellow) above about 0.6
         ax.text(j, i, f"{100 * value:.0f}%", ha="center", va="center", fontsize=6, color=ink)
     fig.colorbar(image, ax=ax, label="share of the pool's samples kept")

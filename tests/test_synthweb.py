@@ -8,6 +8,7 @@ import json
 import re
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,34 @@ def test_boilerplate_and_low_information(dataset: Path) -> None:
             assert meta["caption"] == meta["synthweb"]["clean_caption"]
         elif pathology == "clean":
             assert stds[key] > 10.0
+
+
+def test_text_in_image_captions_match_only_the_printed_words() -> None:
+    config = small_config(rate_text_in_image=0.2)
+    samples = generate_module.plan_pool(config)
+    text = [s for s in samples if s.pathology == "text_in_image"]
+    assert len(text) == 40
+    for sample in text:
+        colour, shape = sample.extra["rendered_text"].split(" ")
+        assert sample.sign is not None and sample.sign.lines == (colour, shape)
+        assert names_object(sample.caption, {"colour": colour, "shape": shape})
+        assert (colour, shape) not in sample.scene.concepts()  # the scene holds no such object
+        assert sample.clean_caption != sample.caption
+        top, bottom = sample.extra["sign_rows"]
+        image = sample.render(config.image_size)
+        scene_only = replace(sample, sign=None).render(config.image_size)
+        assert (image[top:bottom] != scene_only[top:bottom]).any()
+        untouched = np.r_[0:top, bottom : config.image_size]
+        assert (image[untouched] == scene_only[untouched]).all()
+
+
+def test_turning_text_in_image_on_leaves_the_other_pathologies_where_they_were() -> None:
+    before = generate_module.plan_pool(small_config())
+    after = generate_module.plan_pool(small_config(rate_text_in_image=0.1))
+    moved = [(a.pathology, b.pathology) for a, b in zip(before, after, strict=True)
+             if a.pathology != b.pathology]  # fmt: skip
+    assert len(moved) == 20 and all(new == "text_in_image" for _, new in moved)
+    assert {old for old, _ in moved} == {"clean"}
 
 
 # --------------------------------------------------------------------------- eval sets

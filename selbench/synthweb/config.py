@@ -10,8 +10,11 @@ PATHOLOGIES: tuple[str, ...] = (
     "near_duplicate",
     "boilerplate",
     "low_information",
+    "text_in_image",
 )
-"""Web-data pathologies injected into the pool, in the order their counts are assigned."""
+"""Web-data pathologies injected into the pool, in the order their counts are assigned.
+``text_in_image`` comes last and is off by default, so turning it on leaves the other
+pathologies' assignment as it was."""
 
 CLEAN = "clean"
 """Ground-truth label of a pool sample with no injected pathology."""
@@ -84,6 +87,14 @@ class SynthWebConfig(BaseModel):
         ge=0.0,
         le=1.0,
         description="Fraction of pool samples whose image is nearly blank (caption kept).",
+    )
+    rate_text_in_image: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of pool samples whose image carries a sign printing the caption's "
+        "colour and shape words over a scene the caption does not describe (T-MARS's "
+        "text-only images). Off by default; configs/pools/synthweb-text.yaml turns it on.",
     )
     n_retrieval: int = Field(1000, ge=1, description="Images in the eval retrieval set.")
     captions_per_retrieval_image: int = Field(

@@ -43,6 +43,7 @@ from .scene import (
     uniform_concepts,
     zipf_concepts,
 )
+from .signs import TextSign, draw_sign, sample_sign, sign_rows
 
 FORMAT_VERSION = 1
 EVAL_SHARD_SIZE = 1000
@@ -134,12 +135,14 @@ class PoolSample:
     clean_caption: str
     blank: BlankImage | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    sign: TextSign | None = None
 
     def render(self, size: int) -> np.ndarray:
         """The sample's image as a uint8 RGB array."""
         if self.blank is not None:
             return render_blank(self.blank, size)
-        return render_scene(self.scene, size)
+        image = render_scene(self.scene, size)
+        return image if self.sign is None else draw_sign(image, self.sign)
 
     def ground_truth(self) -> dict[str, Any]:
         """The ``synthweb`` ground-truth record of the sample."""
@@ -249,6 +252,23 @@ def _misalign(rng: np.random.Generator, samples: list[PoolSample], labels: Seque
         samples[i] = replace(samples[i], caption=caption, extra={"caption_from": donor.key})
 
 
+def _text_in_image(
+    rng: np.random.Generator, sample: PoolSample, dist: Any, size: int
+) -> PoolSample:
+    """The text-in-image pathology: the caption describes one object, printed as its colour
+    and shape words on a sign over the sample's own scene, which holds no such object."""
+    present = sample.scene.concepts()
+    while True:
+        written = sample_scene(rng, dist)
+        obj = written.objects[0]
+        if (obj.colour, obj.shape) not in present:
+            break
+    caption = make_caption(rng, Scene(background=written.background, objects=(obj,)))
+    sign = sample_sign(rng, (obj.colour, obj.shape), size)
+    extra = {"rendered_text": sign.text(), "sign_rows": list(sign_rows(sign, size))}
+    return replace(sample, caption=caption, sign=sign, extra=extra)
+
+
 def plan_pool(config: SynthWebConfig) -> list[PoolSample]:
     """Plan every pool sample (scene, caption, pathology, ground truth) without rendering."""
     n, size = config.n_samples, config.image_size
@@ -283,6 +303,8 @@ def plan_pool(config: SynthWebConfig) -> list[PoolSample]:
             sample = replace(sample, caption=boilerplate_caption(rng))
         elif label == "low_information":
             sample = replace(sample, blank=sample_blank(rng))
+        elif label == "text_in_image":
+            sample = _text_in_image(rng, sample, dist, size)
         samples.append(sample)
     _misalign(rng, samples, labels)
     return samples
