@@ -80,6 +80,31 @@ def context_length(model: Any) -> int:
     return int(min(model.context_length, model.text.context_length))
 
 
+def init_decoder(model: Any) -> None:
+    """Initialise a freshly built CoCa's captioning decoder as open_clip means to.
+
+    open_clip 3.3's ``MultimodalTransformer`` allocates its vocabulary projection with
+    ``torch.empty`` and defines ``init_parameters`` but never calls it (and that method
+    reads ``self.transformer``, which the class does not have, so it cannot be called).
+    The projection is therefore whatever memory it got: zeros for a large block, leftover
+    values (up to 1e21 seen) for a small one, different from run to run. This does what
+    that method intends, with its standard deviations: attention inputs ``width**-0.5``,
+    output projections ``width**-0.5 * (2 * layers)**-0.5``, MLP inputs
+    ``(2 * width)**-0.5`` (self- and cross-attention blocks alike), the vocabulary
+    projection ``width**-0.5``.
+    """
+    decoder = model.text_decoder
+    width, layers = decoder.width, decoder.layers
+    proj_std = width**-0.5 * (2 * layers) ** -0.5
+    with torch.no_grad():
+        for block in [*decoder.resblocks, *decoder.cross_attn]:
+            torch.nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
+            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            torch.nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        torch.nn.init.normal_(decoder.text_projection, std=width**-0.5)
+
+
 # -- the caption loss ----------------------------------------------------------------
 def decoder_states(model: Any, image_embs: torch.Tensor, token_embs: torch.Tensor) -> torch.Tensor:
     """The CoCa decoder's final hidden states (after ``ln_final``), one per text position.

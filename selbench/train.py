@@ -77,6 +77,10 @@ def build_model(model_name: str, seed: int, device: str = "cpu") -> tuple[Any, A
     torch.manual_seed(seed)
     with _no_random_init_notice():
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, device=device)
+    if isinstance(model, open_clip.CoCa):
+        from selbench.captioning import init_decoder
+
+        init_decoder(model)  # open_clip leaves its vocabulary projection uninitialised
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, preprocess, tokenizer
 
