@@ -236,3 +236,63 @@ def test_tiny_coca_scale_keeps_tinys_recipe():
         == model_config(tiny.model)["text_cfg"]["context_length"]
     )
     assert isinstance(ScaleConfig(**coca.model_dump()), ScaleConfig)
+
+
+def test_the_open_clip_engine_refuses_a_coca_scale(tmp_path):
+    from selbench.errors import ConfigError
+    from selbench.train_open_clip import model_argument
+
+    with pytest.raises(ConfigError, match="selbench-tiny-coca.*--engine in-memory"):
+        model_argument("selbench-tiny-coca", tmp_path)
+
+
+def test_leaderboards_show_captioning_where_runs_logged_it():
+    import pandas as pd
+
+    from selbench import leaderboard as lb
+
+    runs = pd.DataFrame(
+        {
+            "metrics.mean_R1": [0.1, 0.2],
+            "metrics.zeroshot_acc1": [0.3, 0.4],
+            "metrics.captioning/bleu4": [0.05, float("nan")],
+            "metrics.captioning/cider": [0.4, float("nan")],
+            "metrics.other/bleu4": [float("nan"), float("nan")],
+        }
+    )
+    metrics = lb.default_metrics(runs)
+    assert metrics == (*lb.DEFAULT_METRICS, "captioning/bleu4", "captioning/cider")
+    assert lb.metric_name("captioning/bleu4") == "BLEU@4"
+
+
+@pytest.mark.slow
+def test_acceptance_command_prints_bleu4_and_cider_and_a_clip_run_skips_them(tmp_path):
+    """``selbench run --method random --budget 0.25 --scale tiny-coca`` on a small SynthWeb
+    pool: BLEU@4 and CIDEr printed and in MLflow; the same run at ``tiny`` skips
+    captioning, says so, and logs no captioning metric."""
+    import mlflow
+    import pandas as pd
+    from click.testing import CliRunner
+    from e2e_helpers import make_tiny_pool
+
+    from selbench import tracking
+    from selbench.cli import main
+
+    pool = make_tiny_pool(tmp_path)
+    outputs = {}
+    for scale in ("tiny-coca", "tiny"):
+        args = ["run", "--method", "random", "--budget", "0.25", "--scale", scale]
+        result = CliRunner().invoke(main, [*args, "--pool", str(pool)])
+        assert result.exit_code == 0, result.output
+        outputs[scale] = result.output
+    assert "BLEU@4" in outputs["tiny-coca"] and "CIDEr" in outputs["tiny-coca"]
+    assert "captioning/bleu4" in outputs["tiny-coca"]
+    assert "Captioning set 'captioning' skipped" in outputs["tiny"]
+    assert "BLEU@4" not in outputs["tiny"]
+    tracking.setup(tracking.DEFAULT_EXPERIMENT)
+    runs = mlflow.search_runs(experiment_names=[tracking.DEFAULT_EXPERIMENT])
+    coca = runs[runs["params.scale"] == "tiny-coca"].iloc[0]
+    clip = runs[runs["params.scale"] == "tiny"].iloc[0]
+    assert 0 <= coca["metrics.captioning/bleu4"] <= 1 and coca["metrics.captioning/cider"] >= 0
+    assert coca["metrics.captioning/n_images"] == 60
+    assert pd.isna(clip.get("metrics.captioning/bleu4"))
