@@ -279,6 +279,12 @@ def run(
         f"R@1 (mean of image->text and text->image): {outcome.metrics.get('mean_R1', nan):.4f}"
         f"   zero-shot top-1: {outcome.metrics.get('zeroshot_acc1', nan):.4f}"
     )
+    for key in sorted(k for k in outcome.metrics if k.endswith("/bleu4")):
+        captions = key.removesuffix("/bleu4")
+        console.print(
+            f"Captioning ({captions}): BLEU@4 {outcome.metrics[key]:.4f}"
+            f"   CIDEr {outcome.metrics.get(f'{captions}/cider', nan):.4f}"
+        )
     console.print(
         f"Logged MLflow run [bold]{outcome.run_id}[/] to {outcome.tracking_uri}", soft_wrap=True
     )

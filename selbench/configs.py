@@ -76,15 +76,19 @@ class ScaleConfig(BaseModel):
 
 
 class EvalSetConfig(BaseModel):
-    """One evaluation set: CLIP_benchmark ``wds`` layout for retrieval and classification,
-    NLVR2's layout for ``reasoning`` (the nlvr2-probe, :mod:`selbench.probe`)."""
+    """One evaluation set: CLIP_benchmark ``wds`` layout for retrieval, classification and
+    captioning (images with their reference captions, as retrieval sets hold them; scored
+    only for models that generate, :mod:`selbench.captioning`), NLVR2's layout for
+    ``reasoning`` (the nlvr2-probe, :mod:`selbench.probe`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    task: Literal["retrieval", "classification", "reasoning"]
+    task: Literal["retrieval", "classification", "reasoning", "captioning"]
     path: str
-    main_metric: Literal["acc1", "mean_per_class_recall", "mean_R1", "f1_macro"] | None = Field(
+    main_metric: (
+        Literal["acc1", "mean_per_class_recall", "mean_R1", "f1_macro", "bleu4", "cider"] | None
+    ) = Field(
         default=None,
         description="the set's headline number (DataComp's tasklist.yml main_metric); "
         "logged as {name}/main",

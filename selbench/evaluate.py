@@ -3,7 +3,9 @@
 Metric names (MLflow-safe): ``{set}/i2t_R1`` (image->text recall@1, CLIP_benchmark's
 ``text_retrieval_recall@1``), ``{set}/t2i_R1`` (its ``image_retrieval_recall@1``), R5,
 R10, ``{set}/mean_R1`` (their mean, DataComp's ``mean_recall@1``), ``{set}/acc1`` and
-``{set}/mean_per_class_recall`` for zero-shot classification, and ``{set}/main``, the
+``{set}/mean_per_class_recall`` for zero-shot classification, ``{set}/bleu4`` and
+``{set}/cider`` for captioning (:mod:`selbench.captioning`; models that cannot generate
+skip it, and the run log says so), and ``{set}/main``, the
 set's headline number where its config names one (``main_metric``).
 Summary metrics: ``mean_R1`` (mean of i2t and t2i R@1 over retrieval sets),
 ``zeroshot_acc1`` (mean top-1 over classification sets), and for DataComp's tasks the
@@ -42,7 +44,7 @@ def expected_layout(eval_set: EvalSetConfig) -> str:
             f"images under {root}/images/<split>/"
         )
     shards = f"{root}/test/nshards.txt and {root}/test/0.tar .. (nshards-1).tar"
-    if eval_set.task == "retrieval":
+    if eval_set.task in ("retrieval", "captioning"):
         return f"{shards}, {root}/dataset_type.txt reading 'retrieval'"
     return f"{shards}, {root}/classnames.txt, {root}/zeroshot_classification_templates.txt"
 
@@ -73,7 +75,7 @@ def check_eval_set(eval_set: EvalSetConfig) -> None:
             problem = f"{nshards_file} does not hold a shard count"
         elif missing:
             problem = f"shards {', '.join(missing[:3])} are missing from {root / 'test'}"
-        elif eval_set.task == "retrieval" and kind != "retrieval":
+        elif eval_set.task in ("retrieval", "captioning") and kind != "retrieval":
             problem = f"{type_file} does not say 'retrieval' (the set reads as {kind!r})"
         elif eval_set.task == "classification" and kind == "retrieval":
             problem = f"{type_file} says 'retrieval' but the set is configured as classification"
@@ -107,7 +109,9 @@ def _load(eval_set: EvalSetConfig, preprocess: Any):
     from clip_benchmark.datasets.builder import build_dataset
 
     check_eval_set(eval_set)
-    task = "zeroshot_retrieval" if eval_set.task == "retrieval" else "zeroshot_classification"
+    task = {"retrieval": "zeroshot_retrieval", "captioning": "captioning"}.get(
+        eval_set.task, "zeroshot_classification"
+    )
     with warnings.catch_warnings():
         # CLIP_benchmark leaves shardshuffle unset; eval order does not matter here.
         warnings.filterwarnings("ignore", message=r"WebDataset\(shardshuffle")
@@ -146,6 +150,25 @@ def evaluate_retrieval(
         metrics[f"{eval_set.name}/i2t_R1"] + metrics[f"{eval_set.name}/t2i_R1"]
     ) / 2
     return metrics
+
+
+def evaluate_captioning(
+    model: Any,
+    eval_set: EvalSetConfig,
+    preprocess: Any,
+    batch_size: int,
+    device: str,
+) -> dict[str, float]:
+    """BLEU@4 and CIDEr of the model's captions (:mod:`selbench.captioning`), read as
+    CLIP_benchmark's captioning task reads a set: images with their reference captions."""
+    from clip_benchmark.datasets.builder import image_captions_collate_fn
+
+    from selbench.captioning import evaluate_captioning as score
+
+    loader = DataLoader(
+        _load(eval_set, preprocess), batch_size=batch_size, collate_fn=image_captions_collate_fn
+    )
+    return score(model, loader, eval_set.name, device)
 
 
 def evaluate_classification(
@@ -303,6 +326,16 @@ def evaluate(
             if eval_set.task == "retrieval":
                 got = evaluate_retrieval(model, eval_set, preprocess, tokenizer, batch_size, device)
                 r1 += [got[f"{eval_set.name}/i2t_R1"], got[f"{eval_set.name}/t2i_R1"]]
+            elif eval_set.task == "captioning":
+                from selbench.captioning import can_caption
+
+                if not can_caption(model):
+                    progress.note(
+                        f"Captioning set {eval_set.name!r} skipped: {type(model).__name__} "
+                        f"cannot generate captions (a CoCa scale such as tiny-coca can)"
+                    )
+                    continue
+                got = evaluate_captioning(model, eval_set, preprocess, batch_size, device)
             elif eval_set.task == "reasoning":
                 from selbench.probe import evaluate_reasoning
 

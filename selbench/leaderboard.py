@@ -52,6 +52,10 @@ METRIC_NAMES = {
     "datacomp/average": "average (38)",
     "reasoning-probe/acc": "reasoning probe",
     "nlvr2-probe/acc": "NLVR2 probe",
+    "captioning/bleu4": "BLEU@4",
+    "captioning/cider": "CIDEr",
+    "mscoco-captioning/bleu4": "COCO BLEU@4",
+    "mscoco-captioning/cider": "COCO CIDEr",
 }
 
 
@@ -98,7 +102,8 @@ def load_runs(
 
 def default_metrics(runs: pd.DataFrame) -> tuple[str, ...]:
     """The columns a page shows when none are asked for: :data:`DEFAULT_METRICS`, the
-    reasoning probes' accuracies the runs logged (``*-probe/acc``), then the ``summary``
+    reasoning probes' accuracies the runs logged (``*-probe/acc``), captioning's
+    ``*/bleu4`` and ``*/cider`` where runs logged them, then the ``summary``
     metrics of every evaluation suite the runs used (``params.eval_suite``;
     ``configs/evals/NAME.yaml``). A suite whose config is not on this machine adds nothing
     (its runs may come from elsewhere); its metrics can still be named with ``--metric``."""
@@ -111,6 +116,15 @@ def default_metrics(runs: pd.DataFrame) -> tuple[str, ...]:
         c.removeprefix("metrics.")
         for c in runs.columns
         if c.startswith("metrics.") and c.endswith("-probe/acc") and runs[c].notna().any()
+    )
+    # Captioning's BLEU@4 and CIDEr wherever runs logged them (CoCa scales).
+    metrics += sorted(
+        c.removeprefix("metrics.")
+        for c in runs.columns
+        if c.startswith("metrics.")
+        and c.endswith(("/bleu4", "/cider"))
+        and runs[c].notna().any()
+        and c.removeprefix("metrics.") not in metrics
     )
     column = "params.eval_suite"
     suites = sorted(set(runs[column].dropna())) if column in runs.columns else []

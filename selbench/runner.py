@@ -59,7 +59,7 @@ from selbench.train import (
     load_checkpoint,
     planned_samples_seen,
     save_checkpoint,
-    train_clip,
+    train_model,
 )
 
 
@@ -719,7 +719,7 @@ def _stage_train(run: _Run) -> dict[str, Any]:
             preprocess,
             tokenizer,
         )
-        trained = train_clip(
+        trained = train_model(
             model, data, scale, samples_seen, request.seed, device=run.device, progress=run.progress
         )
         trained.checkpoint = save_checkpoint(model, run.rundir.train_dir / "model.pt")

@@ -4,6 +4,10 @@ An open_clip CLIP built from a JSON architecture (``configs/models/``), open_cli
 ``ClipLoss``, AdamW with linear warmup and cosine decay (open_clip's recipe; the
 schedule is open_clip_train's ``cosine_lr``). Read top to bottom: build, load, train.
 
+A CoCa architecture (``configs/models/selbench-tiny-coca.json``) trains with
+:func:`train_coca` instead: the same loop, optimiser, schedule and crop, with open_clip's
+``CoCaLoss`` (contrastive + captioning; :mod:`selbench.captioning`).
+
 Protocols:
 - ``fixed-compute`` (default, as DataComp): samples seen = pool size x epochs, whatever
   the subset size, so a 25% subset is seen four times as often as the full pool.
@@ -73,6 +77,10 @@ def build_model(model_name: str, seed: int, device: str = "cpu") -> tuple[Any, A
     torch.manual_seed(seed)
     with _no_random_init_notice():
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, device=device)
+    if isinstance(model, open_clip.CoCa):
+        from selbench.captioning import init_decoder
+
+        init_decoder(model)  # open_clip leaves its vocabulary projection uninitialised
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, preprocess, tokenizer
 
@@ -329,7 +337,7 @@ def training_loop(
     return LoopResult(steps, time.perf_counter() - start, running, curve)
 
 
-def train_clip(
+def train_model(
     model: torch.nn.Module,
     data: TrainingData,
     scale: ScaleConfig,
@@ -338,8 +346,67 @@ def train_clip(
     device: str = "cpu",
     progress: Any = None,
 ) -> TrainResult:
+    """Train with the loss the architecture calls for: :func:`train_coca` for an open_clip
+    ``CoCa``, :func:`train_clip` for a CLIP."""
+    from selbench.captioning import can_caption
+
+    train = train_coca if can_caption(model) else train_clip
+    return train(model, data, scale, samples_seen, seed, device=device, progress=progress)
+
+
+def train_coca(
+    model: torch.nn.Module,
+    data: TrainingData,
+    scale: ScaleConfig,
+    samples_seen: int,
+    seed: int,
+    device: str = "cpu",
+    progress: Any = None,
+) -> TrainResult:
+    """Train an open_clip ``CoCa`` on ``data`` with open_clip's ``CoCaLoss``: the weighted
+    sum of the contrastive and the captioning loss (weights 1 and 2: CoCa, Yu et al. 2022,
+    Section 4.1; open_clip_train's defaults), through :func:`train_clip`'s recipe (the
+    scale's optimiser, schedule, crop and temperature clamp). ``final_loss`` and the curve
+    are the weighted sum; ``running`` also holds each term."""
+    from open_clip.loss import CoCaLoss
+
+    from selbench.captioning import CAPTION_LOSS_WEIGHT, CONTRASTIVE_LOSS_WEIGHT, coca_losses
+
+    loss_fn = CoCaLoss(
+        caption_loss_weight=CAPTION_LOSS_WEIGHT,
+        clip_loss_weight=CONTRASTIVE_LOSS_WEIGHT,
+        pad_id=model.pad_id,
+    )
+
+    def forward_loss(images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        contrastive, caption = coca_losses(model, images, tokens, loss_fn)
+        loss = contrastive + caption
+        return loss, {
+            "loss": float(loss.detach()),
+            "contrastive_loss": float(contrastive.detach()),
+            "caption_loss": float(caption.detach()),
+        }
+
+    return train_clip(
+        model, data, scale, samples_seen, seed, device=device, progress=progress,
+        forward_loss=forward_loss,
+    )  # fmt: skip
+
+
+def train_clip(
+    model: torch.nn.Module,
+    data: TrainingData,
+    scale: ScaleConfig,
+    samples_seen: int,
+    seed: int,
+    device: str = "cpu",
+    progress: Any = None,
+    forward_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]] | None = None,
+) -> TrainResult:
     """Train ``model`` contrastively on ``data`` for ``samples_seen`` samples (open_clip's
-    ``ClipLoss``, the scale's optimiser and crop, through :func:`training_loop`)."""
+    ``ClipLoss``, the scale's optimiser and crop, through :func:`training_loop`).
+    ``forward_loss(images, tokens) -> (loss, named terms)`` replaces the loss
+    (:func:`train_coca`)."""
     batch_size = min(scale.batch_size, len(data))
     steps = max(1, math.ceil(samples_seen / batch_size))
     warmup = (
@@ -353,6 +420,8 @@ def train_clip(
         if scale.random_resized_crop_scale is not None:
             images = random_resized_crop(images, scale.random_resized_crop_scale, crop_rng)
         tokens = data.tokens[index].to(device, non_blocking=True)
+        if forward_loss is not None:
+            return forward_loss(images, tokens)
         image_features, text_features, logit_scale = model(images, tokens)[:3]
         loss = loss_fn(image_features, text_features, logit_scale)
         return loss, {"loss": float(loss.detach())}

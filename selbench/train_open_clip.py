@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from selbench.configs import ScaleConfig
-from selbench.errors import SelbenchError
+from selbench.errors import ConfigError, SelbenchError
 from selbench.open_clip_worker import ARGS_VARIABLE, die_with_parent
 from selbench.progress import NullProgress
 from selbench.train import TrainResult, model_config
@@ -68,6 +68,14 @@ def model_argument(model_name: str, out_dir: Path) -> str:
     import open_clip
 
     config = model_config(model_name)  # registers selbench's configs, checks the name
+    if "multimodal_cfg" in config and _is_selbench_model(model_name):
+        # open_clip_train picks CoCaLoss only when the --model name says "coca", which a
+        # local-dir: path does not, and would leave the decoder uninitialised
+        # (selbench.captioning.init_decoder): not wired up, so refused.
+        raise ConfigError(
+            f"model {model_name!r} is a CoCa; the open_clip engine does not train selbench's "
+            f"CoCa architectures yet: use --engine in-memory"
+        )
     if model_name in open_clip.list_models() and not _is_selbench_model(model_name):
         return model_name
     model_dir = out_dir / "model"

@@ -143,6 +143,7 @@ def test_bundled_suites_resolve_and_unknown_suite_is_named(monkeypatch, tmp_path
         ("flickr30k", "retrieval"),
         ("imagenet1k", "classification"),
         ("nlvr2-probe", "reasoning"),
+        ("mscoco-captioning", "captioning"),
     }
     assert seed[0].path.startswith(str(tmp_path))
     datacomp = resolve_eval_suite("datacomp-38", check=False)

@@ -42,7 +42,13 @@ def test_synthweb_target_split_passes_the_leakage_check(tiny):
     resolved = resolve_pool(str(pool))
     target = load_target(resolved.target, resolved.eval_sets)
     assert len(target.images) == 20
-    assert sorted(target.checked_against) == ["colour", "reasoning-probe", "retrieval", "shape"]
+    assert sorted(target.checked_against) == [
+        "captioning",
+        "colour",
+        "reasoning-probe",
+        "retrieval",
+        "shape",
+    ]
 
 
 def _eval_image_bytes(pool_dir):
@@ -79,6 +85,7 @@ def test_knn_target_runs_on_the_pools_target_split_and_logs_the_check(tiny):
     assert row["params.target.size"] == "20"
     assert row["params.target.overlap"] == "0"
     assert sorted(row["params.target.overlap_checked_against"].split(",")) == [
+        "captioning",
         "colour",
         "reasoning-probe",
         "retrieval",

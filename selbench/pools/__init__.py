@@ -16,6 +16,9 @@ from selbench.pools.shards import PoolForStrategies, ShardPool
 
 __all__ = ["PoolForStrategies", "ResolvedPool", "ShardPool", "resolve_pool", "synthweb_dir"]
 
+#: The name of SynthWeb's captioning set (its retrieval images and reference captions).
+SYNTHWEB_CAPTIONING = "captioning"
+
 
 @dataclass
 class ResolvedPool:
@@ -69,6 +72,12 @@ def _from_synthweb_dir(root: Path, spec: str) -> ResolvedPool:
         task_file = root / rel / "dataset_type.txt"
         task = task_file.read_text().strip() if task_file.exists() else "classification"
         eval_sets.append(EvalSetConfig(name=name, task=task, path=str(root / rel)))
+    if "retrieval" in manifest["eval_sets"]:
+        # The retrieval set's images with their reference captions are also the captioning
+        # set (CLIP_benchmark reads both tasks from the same wds layout); only models that
+        # generate are scored on it (selbench.captioning).
+        path = str(root / manifest["eval_sets"]["retrieval"])
+        eval_sets.append(EvalSetConfig(name=SYNTHWEB_CAPTIONING, task="captioning", path=path))
     target = root / manifest["target"] if manifest.get("target") else None
     return ResolvedPool(
         pool=ShardPool(root / "pool", name="synthweb"),
