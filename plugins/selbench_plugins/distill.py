@@ -268,6 +268,7 @@ class Distill(Strategy):
                 "syn_lr_image": lrs[0],
                 "syn_lr_text": lrs[1],
                 "mean_pixel_change": changed,
+                "iterations_run": float(len(curve)),
             },
             series={"matching_loss": curve},
         )
@@ -371,14 +372,19 @@ class Distill(Strategy):
             matching = trajectory_loss(current, start, target, image_names) + trajectory_loss(
                 current, start, target, text_names
             )
-            if not torch.isfinite(matching):
-                raise FloatingPointError(
-                    f"distill: the matching loss became {float(matching)} at iteration {it}; "
-                    "lower lr_img or lr_lr"
-                )
-            grad_syn, grad_lr_image, grad_lr_text = torch.autograd.grad(
-                matching, [syn, lr_image, lr_text]
-            )
+            grads_out = None
+            if torch.isfinite(matching):
+                grads_out = torch.autograd.grad(matching, [syn, lr_image, lr_text])
+            if grads_out is None or not all(torch.isfinite(g).all() for g in grads_out):
+                # The released code stops distilling at a NaN loss and keeps the set it
+                # has (this update is not applied, so the images stay finite).
+                if not curve:
+                    raise FloatingPointError(
+                        f"distill: the matching loss or its gradient is not finite at the "
+                        f"first iteration (loss {float(matching)}); lower lr_img or syn_lr_init"
+                    )
+                break
+            grad_syn, grad_lr_image, grad_lr_text = grads_out
             syn.grad, lr_image.grad, lr_text.grad = grad_syn, grad_lr_image, grad_lr_text
             optimizer_img.step()
             optimizer_lr.step()
