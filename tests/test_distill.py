@@ -204,6 +204,7 @@ def test_a_bad_synthesized_return_fails_the_run_naming_the_strategy(tiny, makers
     assert not rundir.subset_dir.exists()
 
 
+@pytest.mark.slow  # trains and evaluates a model
 def test_synthesized_pairs_are_stored_trained_on_and_marked(tiny, makers):
     result = _run("good_maker", tiny)
     assert result.exit_code == 0, result.output
@@ -285,6 +286,7 @@ def test_distill_refuses_segments_longer_than_the_experts(tmp_path):
         _distill(make_memory_pool(30), 0, tmp_path, max_start_epoch=2, expert_epochs=2)
 
 
+@pytest.mark.slow  # trains and evaluates a model
 def test_a_distill_run_trains_on_its_synthesized_pairs_and_resumes(tiny, makers):
     params = [x for k, v in TINY.items() for x in ("-p", f"{k}={v}")]
     result = _run("distill", tiny, *params, "--stage", "select")

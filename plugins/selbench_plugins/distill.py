@@ -234,7 +234,15 @@ class Distill(Strategy):
                 f"latest segment end, max_start_epoch - 1 + expert_epochs = "
                 f"{p.max_start_epoch - 1 + p.expert_epochs}"
             )
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return self._select(ctx)
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+
+    def _select(self, ctx: SelectionContext) -> Selection:
+        p = self.params
         started = time.perf_counter()
         model, preprocess, tokenizer = build_model(p.model, EXPERT_SEED, ctx.device)
         experts, hit, expert_s = self._experts(ctx, model, preprocess, tokenizer)
