@@ -35,11 +35,13 @@ matched (the bi-trajectory loss), so the images are distilled against both encod
 paper's co-distillation of text is not offered here: decoding learned token embeddings
 back to words would train the final model on captions that are not the distilled ones.
 
-Differences from the paper, all parameters: experts train with the run's recipe (AdamW,
-cosine schedule; the paper's experts use SGD, lr 0.1) so that they follow the training the
-distilled set is used for; pixels are kept in ``[0, 1]`` after each update
-(``clamp_pixels``) because the harness stores 8-bit images; the defaults are scaled down
-for 2 CPU cores (``docs/strategies/distillation.md`` lists the paper's values).
+Differences from the paper, all parameters (``docs/strategies/distillation.md`` lists the
+paper's values): the experts train from scratch with plain SGD as the paper's
+``buffer.py`` does (``expert_optimizer="recipe"`` trains them with the run's AdamW recipe
+through ``toolbox.training_loop`` instead); the student's initial step size is matched to
+the expert segment (``syn_lr_init=0``) and ``lr_lr`` is lower, both measured on SynthWeb;
+pixels are kept in ``[0, 1]`` after each update (``clamp_pixels``) because the harness
+stores 8-bit images; iterations and experts are scaled down for 2 CPU cores.
 """
 
 from __future__ import annotations
