@@ -225,15 +225,18 @@ def test_synthesized_pairs_are_stored_trained_on_and_marked(tiny, makers):
 
     first = np.asarray(decode_image_bytes(samples[3][1]))
     assert first.shape == (32, 32, 3) and first[0, 0, 0] == 3 and first[-1, 0, 0] == 128
-    runs = mark_synthesized(
-        pd.DataFrame(
-            {
-                "params.method_label": ["good_maker", "random"],
-                "params.synthesized": ["True", "False"],
-            }
-        )
+
+
+def test_leaderboards_mark_synthesized_runs():
+    runs = pd.DataFrame(
+        {
+            "params.method_label": ["distill", "random", "old"],
+            "params.synthesized": ["True", "False", None],
+        }
     )
-    assert runs["params.method_label"].tolist() == [f"good_maker{SYNTHESIZED_MARK}", "random"]
+    labels = mark_synthesized(runs)["params.method_label"].tolist()
+    assert labels == [f"distill{SYNTHESIZED_MARK}", "random", "old"]
+    assert SYNTHESIZED_MARK == " [synthesized]"
 
 
 # -- the distill strategy -----------------------------------------------------------------
