@@ -6,6 +6,7 @@ from selbench.strategy import (
     Selection,
     SelectionContext,
     Strategy,
+    Synthesized,
 )
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "Selection",
     "SelectionContext",
     "Strategy",
+    "Synthesized",
     "TargetSet",
     "__version__",
     "hookimpl",

@@ -97,7 +97,7 @@ def load_runs(
         filter_string="attributes.status = 'FINISHED'",
         output_format="pandas",
     )
-    return split_mixed_parameters(filter_runs(runs, where or {}))
+    return mark_synthesized(split_mixed_parameters(filter_runs(runs, where or {})))
 
 
 def default_metrics(runs: pd.DataFrame) -> tuple[str, ...]:
@@ -260,6 +260,22 @@ def split_mixed_parameters(runs: pd.DataFrame) -> pd.DataFrame:
                 name, params = parsed[index]
                 labels[index] = readable_label(name, {**{k: row[k] for k in chosen}, **params})
     runs.loc[labels.index, label_column] = labels
+    return runs
+
+
+SYNTHESIZED_MARK = " [synthesized]"
+
+
+def mark_synthesized(runs: pd.DataFrame) -> pd.DataFrame:
+    """Label the runs that trained on pairs a strategy synthesized (their ``synthesized``
+    param is true: dataset distillation) ``<label> [synthesized]``, so a table never shows
+    them as a subset of the pool."""
+    label_column, flag_column = "params.method_label", "params.synthesized"
+    if runs.empty or label_column not in runs.columns or flag_column not in runs.columns:
+        return runs
+    runs = runs.copy()
+    made = runs[flag_column].astype(str).str.lower().eq("true") & runs[label_column].notna()
+    runs.loc[made, label_column] = runs.loc[made, label_column].astype(str) + SYNTHESIZED_MARK
     return runs
 
 

@@ -266,3 +266,85 @@ def materialize(
     }
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1))
     return Subset(out_dir, tuple(out_dir / n for n in names), sizes, selection_sha256)
+
+
+def materialize_synthesized(
+    pixels: Any,
+    uids: Sequence[str],
+    captions: Sequence[str],
+    out_dir: Path,
+    selection_sha256: str,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: Callable[[int, int], None] | None = None,
+) -> Subset:
+    """Write synthesized pairs (``pixels``: uint8 ``(N, H, W, 3)``, a strategy's
+    :class:`~selbench.strategy.Synthesized` after validation) as shards under ``out_dir``,
+    in the layout :func:`materialize` writes: each image a lossless PNG, the caption in
+    ``.txt``, the synthetic uid and caption in ``.json``. Resumes shard by shard like
+    :func:`materialize`; the same pixels and captions give byte-identical shards.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if shard_size < 1:
+        raise SelbenchError(f"shard size must be at least 1, got {shard_size}")
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or len(pixels) != len(uids):
+        raise SelbenchError(
+            f"synthesized pixels must be uint8 (N, H, W, 3) with one row per uid, got "
+            f"{pixels.dtype} {pixels.shape} for {len(uids)} uids"
+        )
+    out_dir = Path(out_dir)
+    content = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+    rows = [(i, uid, caption) for i, (uid, caption) in enumerate(zip(uids, captions, strict=True))]
+    digest = _digest([("synthesized", content, *r) for r in rows], shard_size)
+    done = load_subset(out_dir)
+    if done is not None and json.loads((out_dir / MANIFEST).read_text()).get("plan") == digest:
+        return done
+    if out_dir.exists():
+        try:
+            previous = json.loads((out_dir / PLAN).read_text()).get("plan")
+        except (OSError, ValueError):
+            previous = None
+        if previous != digest:
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / PLAN, json.dumps({"plan": digest, "shard_size": shard_size}))
+    chunks = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
+    names = [f"{i:05d}.tar" for i in range(len(chunks))]
+    progress = progress or (lambda done, total: None)
+    for number, (name, chunk) in enumerate(zip(names, chunks, strict=True)):
+        out = out_dir / name
+        if not out.is_file():
+            tmp = temp_sibling(out)
+            try:
+                with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+                    for i, uid, caption in chunk:
+                        buffer = io.BytesIO()
+                        Image.fromarray(pixels[i], "RGB").save(buffer, format="PNG")
+                        key = f"{i:09d}"
+                        meta = {"uid": uid, "key": key, "caption": caption, "synthesized": True}
+                        for member, payload in (
+                            (f"{key}.png", buffer.getvalue()),
+                            (f"{key}.txt", caption.encode("utf-8")),
+                            (f"{key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")),
+                        ):
+                            tar.addfile(tar_member(member, payload), io.BytesIO(payload))
+                os.replace(tmp, out)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        progress(number + 1, len(names))
+    sizes = {name: len(chunk) for name, chunk in zip(names, chunks, strict=True)}
+    atomic_write_text(out_dir / "sizes.json", json.dumps(sizes, sort_keys=True))
+    manifest = {
+        "format": FORMAT,
+        "plan": digest,
+        "selection_sha256": selection_sha256,
+        "shard_size": shard_size,
+        "n_samples": len(rows),
+        "sizes": sizes,
+        "synthesized": True,
+    }
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1))
+    return Subset(out_dir, tuple(out_dir / n for n in names), sizes, selection_sha256)

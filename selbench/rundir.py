@@ -60,6 +60,11 @@ class RunDir:
         return self.root / "selection.parquet"
 
     @property
+    def synthesized_path(self) -> Path:
+        """The pixels of a strategy's synthesized pairs (uint8 N x H x W x 3, ``.npy``)."""
+        return self.select_dir / "synthesized.npy"
+
+    @property
     def select_dir(self) -> Path:
         """Scratch space of the strategy (``SelectionContext.work_dir``)."""
         return self.root / "select"

@@ -37,7 +37,7 @@ from selbench.embedders import EmbeddingService
 from selbench.errors import ConfigError, PluginError, SelbenchError
 from selbench.evaluate import evaluate, resolve_eval_suite
 from selbench.fileutil import atomic_write_text, writing
-from selbench.materialize import load_subset, materialize
+from selbench.materialize import load_subset, materialize, materialize_synthesized
 from selbench.pools import ResolvedPool, resolve_pool
 from selbench.progress import NullProgress
 from selbench.registry import StrategyInfo, get_registry
@@ -45,6 +45,7 @@ from selbench.rundir import STAGES, RunDir, host
 from selbench.strategy import (
     Selection,
     SelectionContext,
+    Synthesized,
     budget_count,
     check_budget,
     parse_params,
@@ -57,6 +58,7 @@ from selbench.train import (
     build_model,
     build_training_data,
     load_checkpoint,
+    model_config,
     planned_samples_seen,
     save_checkpoint,
     train_model,
@@ -117,6 +119,14 @@ def method_label(name: str, params: dict[str, Any], defaults: dict[str, Any]) ->
     return f"{name}(" + ",".join(f"{k}={changed[k]}" for k in sorted(changed)) + ")"
 
 
+def training_image_size(scale: ScaleConfig) -> int | None:
+    """The side in pixels of the images the scale's model trains on (None: not square)."""
+    size = model_config(scale.model).get("vision_cfg", {}).get("image_size")
+    if isinstance(size, (list, tuple)):
+        return int(size[0]) if len(set(size)) == 1 else None
+    return int(size) if size is not None else None
+
+
 def _run_strategy(info: StrategyInfo, params: Any, ctx: SelectionContext) -> Selection:
     """Build the strategy and run its ``select``; whatever escapes the plugin (an
     exception, or ``sys.exit()``) becomes a PluginError naming the strategy."""
@@ -134,7 +144,9 @@ def _run_strategy(info: StrategyInfo, params: Any, ctx: SelectionContext) -> Sel
         raise PluginError(
             f"strategy {info.name!r} (package {info.package!r}) raised {type(exc).__name__}: {exc}"
         ) from exc
-    return validate_selection(result, set(ctx.pool.uids), ctx.budget_count, info.name)
+    return validate_selection(
+        result, set(ctx.pool.uids), ctx.budget_count, info.name, image_size=ctx.image_size
+    )
 
 
 def _target_loader(request: RunRequest, resolved: ResolvedPool) -> Any:
@@ -540,6 +552,7 @@ def _stage_select(run: _Run) -> dict[str, Any]:
         progress=run.progress,
         strategy=run.info.name,
         needs=frozenset(run.info.cls.needs),
+        image_size=training_image_size(run.scale),
         services=EmbeddingService(
             pool.strategy_view(),
             run.device,
@@ -555,11 +568,18 @@ def _stage_select(run: _Run) -> dict[str, Any]:
     _log_target(run, ctx.services)
 
     frame = _selection_frame(resolved, selection)
+    if selection.pixels is not None:  # synthesized pairs: their pixels, before the parquet
+        with writing(run.rundir.synthesized_path, "the synthesized images") as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, selection.pixels)
     with writing(run.rundir.selection_path, "the selection") as tmp:
         frame.to_parquet(tmp, index=False)
     digest = selection_hash(selection.uids)
-    run.recorder.params({"selection_sha256": digest})
+    synthesized = selection.synthesized is not None
+    run.recorder.params({"selection_sha256": digest, "synthesized": synthesized})
     run.recorder.artifact(run.rundir.selection_path)
+    if synthesized:
+        run.recorder.artifact(run.rundir.synthesized_path)
     metrics: dict[str, float] = {
         "subset_size": float(len(selection.uids)),
         "selection_seconds": selection_s,
@@ -571,7 +591,11 @@ def _stage_select(run: _Run) -> dict[str, Any]:
         run.recorder.series(f"strategy/{key}", curve)
     for path in selection.artifacts or []:
         run.recorder.artifact(path, artifact_path="strategy")
-    if pool.has_ground_truth():
+    if synthesized:
+        # Pool ground truth describes pool samples; synthesized pairs have none, so the
+        # pathology and coverage diagnostics do not apply (n/a: not logged).
+        metrics["synthesized_samples"] = float(len(selection.uids))
+    elif pool.has_ground_truth():
         truth = pool.ground_truth()
         metrics.update(pathology_fractions(truth, selection.uids))
         metrics["diag/concept_coverage"] = concept_coverage(truth, selection.uids)
@@ -626,6 +650,19 @@ def _log_embedding_usage(run: _Run, services: EmbeddingService) -> None:
 
 
 def _selection_frame(resolved: ResolvedPool, selection: Selection) -> pd.DataFrame:
+    if selection.synthesized is not None:
+        made = list(selection.synthesized.captions)
+        sources = selection.synthesized.sources or [None] * len(made)
+        return pd.DataFrame(
+            {
+                "uid": selection.uids,
+                "caption": made,
+                "train_caption": made,
+                "score": np.full(len(made), np.nan),
+                "synthesized": np.ones(len(made), dtype=bool),
+                "source_uid": pd.array(list(sources), dtype="string"),
+            }
+        )
     captions = dict(zip(resolved.pool.uids, resolved.pool.captions, strict=True))
     rewrites = selection.captions or {}
     scores = selection.scores or {}
@@ -654,7 +691,20 @@ def _selection_from_file(rundir: RunDir) -> Selection:
     rewrites = {u: t for u, t, c in columns if t != c}
     scored = zip(frame["uid"], frame["score"], strict=True)
     scores = {u: float(s) for u, s in scored if not pd.isna(s)}
+    if _is_synthesized(frame):
+        pixels = np.load(rundir.synthesized_path)
+        made = frame["train_caption"].tolist()
+        return Selection(
+            uids=frame["uid"].tolist(),
+            synthesized=Synthesized(pixels, made, frame["source_uid"].tolist()),
+            pixels=pixels,
+        )
     return Selection(uids=frame["uid"].tolist(), captions=rewrites or None, scores=scores or None)
+
+
+def _is_synthesized(frame: pd.DataFrame) -> bool:
+    """Whether a selection.parquet holds synthesized pairs (its ``synthesized`` column)."""
+    return "synthesized" in frame.columns and bool(frame["synthesized"].all())
 
 
 # -- stage 2: materialize ------------------------------------------------------------
@@ -662,16 +712,25 @@ def _stage_materialize(run: _Run) -> dict[str, Any]:
     frame = _read_selection(run.rundir)
     digest = selection_hash(frame["uid"].tolist())
     t0 = time.perf_counter()
-    subset = materialize(
-        run.resolved.pool,
-        frame["uid"].tolist(),
-        frame["train_caption"].tolist(),
-        frame["caption"].tolist(),
-        run.rundir.subset_dir,
-        selection_sha256=digest,
-        shard_size=run.scale.shard_size,
-        progress=run.progress.counter("Materializing subset shards"),
-    )
+    if _is_synthesized(frame):
+        try:
+            pixels = np.load(run.rundir.synthesized_path)
+        except FileNotFoundError:
+            raise SelbenchError(
+                f"{run.rundir.synthesized_path} is missing: the select stage's synthesized "
+                "images are gone"
+            ) from None
+        subset = materialize_synthesized(
+            pixels,
+            frame["uid"].tolist(),
+            frame["train_caption"].tolist(),
+            run.rundir.subset_dir,
+            selection_sha256=digest,
+            shard_size=run.scale.shard_size,
+            progress=run.progress.counter("Materializing synthesized shards"),
+        )
+    else:
+        subset = _materialize_pool(run, frame, digest)
     seconds = time.perf_counter() - t0
     metrics = {
         "materialize_seconds": seconds,
@@ -681,6 +740,19 @@ def _stage_materialize(run: _Run) -> dict[str, Any]:
     run.recorder.metrics(metrics)
     run.metrics.update(metrics)
     return {"metrics": metrics, "shards": len(subset.shards), "samples": subset.n_samples}
+
+
+def _materialize_pool(run: _Run, frame: pd.DataFrame, digest: str) -> Any:
+    return materialize(
+        run.resolved.pool,
+        frame["uid"].tolist(),
+        frame["train_caption"].tolist(),
+        frame["caption"].tolist(),
+        run.rundir.subset_dir,
+        selection_sha256=digest,
+        shard_size=run.scale.shard_size,
+        progress=run.progress.counter("Materializing subset shards"),
+    )
 
 
 # -- stage 3: train ------------------------------------------------------------------

@@ -7,6 +7,7 @@ enforces the budget (:func:`validate_selection`).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,7 @@ class SelectionContext:
     services: Any = None  # the harness's EmbeddingService; strategies use the methods below
     strategy: str = ""
     needs: frozenset[str] | None = None
+    image_size: int | None = None
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -206,11 +208,58 @@ class SelectionContext:
         return self._service("proxy").embedder(embedder)
 
 
+SYNTHETIC_PREFIX = "synth:"
+
+
+@dataclass
+class Synthesized:
+    """Image-text pairs a strategy made instead of choosing pool samples (dataset
+    distillation): the selection contract for methods whose output is new data.
+
+    ``images``: an array (or a sequence of arrays) of shape ``(N, H, W, 3)``, either
+    ``uint8`` or floating point in ``[0, 1]``, with ``H == W == ctx.image_size``.
+    ``captions``: ``N`` non-empty strings, the training caption of each image.
+    ``sources``: optional, per pair, the pool uid the pair started from (initialisation)
+    or ``None``; recorded in ``selection.parquet`` for provenance, never trained on.
+
+    The harness checks the count (exactly ``ctx.budget_count``), the size, finite
+    pixels in range and the captions; gives each pair the uid
+    ``synth:<content digest>:<000001..>`` (same pixels and captions, same uids); stores
+    them as 8-bit PNGs in the run's subset shards and trains on them like any subset.
+    """
+
+    images: Any
+    captions: Sequence[str]
+    sources: Sequence[str | None] | None = None
+
+
+def synthetic_digest(pixels: np.ndarray, captions: Sequence[str]) -> str:
+    """First 12 hex digits of sha256 over the uint8 pixels, their shape and the captions."""
+    digest = hashlib.sha256(str(pixels.shape).encode())
+    digest.update(np.ascontiguousarray(pixels).tobytes())
+    digest.update("\n".join(captions).encode())
+    return digest.hexdigest()[:12]
+
+
+def synthetic_uids(pixels: np.ndarray, captions: Sequence[str]) -> list[str]:
+    """``synth:<digest>:000001``, ... : the uids of synthesized pairs, one per image."""
+    digest = synthetic_digest(pixels, captions)
+    return [f"{SYNTHETIC_PREFIX}{digest}:{i + 1:06d}" for i in range(len(captions))]
+
+
+def is_synthetic_uid(uid: str) -> bool:
+    """Whether ``uid`` names a synthesized pair rather than a pool sample."""
+    return str(uid).startswith(SYNTHETIC_PREFIX)
+
+
 @dataclass
 class Selection:
     """What a strategy returns.
 
     ``uids``: the chosen samples, unique, exactly ``ctx.budget_count`` of them.
+    ``synthesized``: instead of ``uids`` (leave those empty), pairs the strategy made
+    (:class:`Synthesized`); the harness fills ``uids`` with their synthetic uids and
+    ``pixels`` with their ``uint8`` images, and ``captions`` and ``scores`` must be empty.
     ``captions``: optional caption rewrites (uid -> training text) for selected uids.
     ``scores``: optional per-sample scores (uid -> float), logged with the selection.
     ``metrics``: optional numbers about the selection (stage seconds, cluster counts, ...),
@@ -227,6 +276,8 @@ class Selection:
     metrics: dict[str, float] | None = None
     series: dict[str, list[tuple[int, float]]] | None = None
     artifacts: list[Path] | None = None
+    synthesized: Synthesized | None = None
+    pixels: np.ndarray | None = field(default=None, repr=False)  # set by the harness
 
 
 def check_budget(budget: float) -> float:
@@ -248,18 +299,25 @@ def budget_count(budget: float, pool_size: int) -> int:
 
 
 def validate_selection(
-    selection: object, known_uids: Iterable[str], expected_count: int, plugin: str
+    selection: object,
+    known_uids: Iterable[str],
+    expected_count: int,
+    plugin: str,
+    image_size: int | None = None,
 ) -> Selection:
     """Check a strategy's output against the contract; raise :class:`PluginError` naming the plugin.
 
     Rejects: a non-``Selection`` return value, non-string uids, duplicates, uids not in the
     pool, a count other than ``expected_count``, caption rewrites or scores for uids that
-    are not selected / not in the pool.
+    are not selected / not in the pool. A selection of :class:`Synthesized` pairs is
+    checked by :func:`validate_synthesized` instead (``image_size``: the run's).
     """
     if not isinstance(selection, Selection):
         raise PluginError(
             f"strategy {plugin!r} returned {type(selection).__name__}, expected selbench.Selection"
         )
+    if selection.synthesized is not None:
+        return validate_synthesized(selection, expected_count, plugin, image_size)
     uids = list(selection.uids)
     _refuse(plugin, [u for u in uids if not isinstance(u, str)], "returned {n} non-string uids")
     seen: set[str] = set()
@@ -288,6 +346,87 @@ def validate_selection(
         metrics=selection.metrics,
         series=selection.series,
         artifacts=selection.artifacts,
+    )
+
+
+def validate_synthesized(
+    selection: Selection, expected_count: int, plugin: str, image_size: int | None
+) -> Selection:
+    """Check synthesized pairs (:class:`Synthesized`); PluginError naming the plugin.
+
+    Rejects: pool uids, caption rewrites or scores beside them; a count other than
+    ``expected_count``; images that are not ``(N, image_size, image_size, 3)``; float
+    pixels that are not finite or outside ``[0, 1]``; integer pixels that are not
+    ``uint8``; captions that are not non-empty strings. Returns the selection with the
+    synthetic ``uids`` and the ``uint8`` ``pixels`` filled in.
+    """
+    synth = selection.synthesized
+    if not isinstance(synth, Synthesized):
+        raise PluginError(
+            f"strategy {plugin!r} returned synthesized={type(synth).__name__}, "
+            "expected selbench.Synthesized"
+        )
+    if list(selection.uids) or selection.captions or selection.scores:
+        raise PluginError(
+            f"strategy {plugin!r} returned synthesized pairs together with pool uids, "
+            "caption rewrites or scores; a selection is one or the other"
+        )
+    try:
+        images = np.asarray(synth.images)
+    except (TypeError, ValueError) as exc:
+        raise PluginError(
+            f"strategy {plugin!r} returned synthesized images that are not one array: {exc}"
+        ) from None
+    captions = list(synth.captions)
+    if len(images) != expected_count or len(captions) != expected_count:
+        raise PluginError(
+            f"strategy {plugin!r} synthesized {len(images)} images and {len(captions)} "
+            f"captions, the budget is exactly {expected_count}"
+        )
+    side = image_size if image_size is not None else (images.shape[1] if images.ndim > 1 else 0)
+    if images.ndim != 4 or images.shape[1:] != (side, side, 3):
+        raise PluginError(
+            f"strategy {plugin!r} synthesized images of shape {images.shape}, expected "
+            f"({expected_count}, {side}, {side}, 3) (N x H x W x RGB at the run's image size)"
+        )
+    if images.dtype == np.uint8:
+        pixels = images
+    elif np.issubdtype(images.dtype, np.floating):
+        bad = ~np.isfinite(images)
+        _refuse(
+            plugin,
+            np.flatnonzero(bad.any(axis=(1, 2, 3))).tolist(),
+            "synthesized {n} images with non-finite pixels (NaN or inf), e.g. image",
+            3,
+        )
+        outside = (images < 0) | (images > 1)
+        _refuse(
+            plugin,
+            np.flatnonzero(outside.any(axis=(1, 2, 3))).tolist(),
+            "synthesized {n} float images with pixels outside [0, 1], e.g. image",
+            3,
+        )
+        pixels = np.round(images.astype(np.float64) * 255.0).astype(np.uint8)
+    else:
+        raise PluginError(
+            f"strategy {plugin!r} synthesized images of dtype {images.dtype}; use uint8 "
+            "or floating point in [0, 1]"
+        )
+    empty = [i for i, c in enumerate(captions) if not isinstance(c, str) or not c.strip()]
+    _refuse(plugin, empty, "synthesized {n} empty or non-string captions, e.g. pair", 3)
+    sources = list(synth.sources) if synth.sources is not None else [None] * expected_count
+    if len(sources) != expected_count:
+        raise PluginError(
+            f"strategy {plugin!r} gave {len(sources)} sources for {expected_count} pairs"
+        )
+    _check_report(selection, plugin)
+    return Selection(
+        uids=synthetic_uids(pixels, captions),
+        metrics=selection.metrics,
+        series=selection.series,
+        artifacts=selection.artifacts,
+        synthesized=Synthesized(images=pixels, captions=captions, sources=sources),
+        pixels=np.ascontiguousarray(pixels),
     )
 
 

@@ -16,8 +16,11 @@ or all at once with ``check_strategy(MyStrategy)``. The checks (each failure is 
   service (``ctx.embeddings()``, ``ctx.embed_images()``, ``ctx.proxy()``, ``ctx.target()``)
   it did not declare;
 - ``check_budget``: ``round(budget x N)`` unique uids, all from the pool, for several budgets
-  and pool sizes (the harness's own :func:`~selbench.strategy.validate_selection`);
-- ``check_deterministic``: the same seed gives the same selection;
+  and pool sizes (the harness's own :func:`~selbench.strategy.validate_selection`); for a
+  strategy that returns :class:`~selbench.strategy.Synthesized` pairs, ``round(budget x N)``
+  pairs of the pool's image size with finite pixels and non-empty captions instead;
+- ``check_deterministic``: the same seed gives the same selection (for synthesized pairs:
+  the same pixels and captions, which their content-derived uids compare);
 - ``check_seed``: a strategy stochastic with its parameters
   (:meth:`~selbench.strategy.Strategy.is_stochastic`) selects differently under another
   seed; one that is not never does.
@@ -198,6 +201,7 @@ def _run(
     count = budget_count(budget, len(pool))
     services = RecordingServices(pool)
     name = type(strategy).name
+    image_size = pool.images[0].size[0] if pool.images else None
     with tempfile.TemporaryDirectory() as work:
         ctx = SelectionContext(
             pool=pool,
@@ -209,6 +213,7 @@ def _run(
             services=services,
             strategy=name,
             needs=frozenset(type(strategy).needs),
+            image_size=image_size,
         )
         try:
             selection = type(strategy)(strategy.params).select(ctx)
@@ -217,7 +222,7 @@ def _run(
                 f"{name}: uses a service without declaring it in `needs`: {exc}"
             ) from None
         try:  # inside the work dir: reported artifacts must still exist
-            checked = validate_selection(selection, set(pool.uids), count, name)
+            checked = validate_selection(selection, set(pool.uids), count, name, image_size)
         except PluginError as exc:
             raise AssertionError(
                 f"{name}: budget {budget}, pool of {len(pool)}, seed {seed}: {exc}"

@@ -19,9 +19,10 @@ Caching:
     :func:`checkpoint_in`, :func:`selbench_home` (where caches live),
     :func:`memoised_sha256`, :func:`file_sha256`
 The contract's types:
-    :class:`Strategy`, :class:`Selection`, :class:`SelectionContext`, :class:`Embeddings`,
-    :class:`TargetSet`, :class:`Embedder`, :data:`NEEDS`, :data:`hookimpl`, and the errors
-    :class:`ConfigError` (bad parameters) and :class:`PluginError` (anything else).
+    :class:`Strategy`, :class:`Selection`, :class:`Synthesized`, :class:`SelectionContext`,
+    :class:`Embeddings`, :class:`TargetSet`, :class:`Embedder`, :data:`NEEDS`,
+    :data:`hookimpl`, and the errors :class:`ConfigError` (bad parameters) and
+    :class:`PluginError` (anything else).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from selbench.neighbours import (
 )
 from selbench.paths import selbench_home
 from selbench.progress import NullProgress
-from selbench.strategy import NEEDS, Selection, SelectionContext, Strategy
+from selbench.strategy import NEEDS, Selection, SelectionContext, Strategy, Synthesized
 from selbench.target import TargetSet
 from selbench.train import (
     LoopResult,
@@ -75,6 +76,7 @@ __all__ = [
     "Selection",
     "SelectionContext",
     "Strategy",
+    "Synthesized",
     "TargetSet",
     "TrainResult",
     "TrainingData",

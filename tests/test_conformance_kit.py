@@ -10,7 +10,8 @@ from selbench.testing import CHECKS, check_strategy, parametrize_with_checks
 # These run the kit in their own test modules with short-training parameters (a one-epoch
 # captioner, a two-epoch filter, one EL2N run): their defaults train for minutes, dozens
 # of times over. dfn also needs a captioned target set, which tests/test_dfn.py writes.
-FAST_KIT_ELSEWHERE = {"tldr", "tldr-release", "dfn", "el2n"}
+# distill trains experts and unrolls students: tests/test_distill.py, tiny parameters.
+FAST_KIT_ELSEWHERE = {"tldr", "tldr-release", "dfn", "el2n", "distill"}
 
 
 @parametrize_with_checks(
