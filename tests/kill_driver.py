@@ -39,7 +39,7 @@ def main() -> None:
         import selbench.runner as runner
         from selbench.progress import NullProgress
 
-        real_train = runner.train_clip
+        real_train = runner.train_model
 
         class DyingProgress(NullProgress):
             def track(self, iterable, description, total=None):
@@ -51,7 +51,7 @@ def main() -> None:
         def train_then_die(model, data, scale, samples_seen, seed, device="cpu", progress=None):
             return real_train(model, data, scale, samples_seen, seed, device, DyingProgress())
 
-        runner.train_clip = train_then_die
+        runner.train_model = train_then_die
     elif point == "select":
         import selbench.cache as cache
 

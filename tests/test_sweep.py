@@ -140,16 +140,16 @@ def test_failed_cells_are_recorded_and_retried(tmp_path, monkeypatch):
     )  # fmt: skip
     import selbench.runner as runner
 
-    real = runner.train_clip
+    real = runner.train_model
 
     def broken(*args, **kwargs):
         raise FloatingPointError("training loss became nan at step 0")
 
-    monkeypatch.setattr(runner, "train_clip", broken)
+    monkeypatch.setattr(runner, "train_model", broken)
     first = sw.run_sweep(cells, EXPERIMENT)
     assert first.count("failed") == 1 and "nan" in first.cells[0].error
     assert [r.info.status for r in runs_by_status().get("FAILED", [])] == ["FAILED"]
-    monkeypatch.setattr(runner, "train_clip", real)
+    monkeypatch.setattr(runner, "train_model", real)
     second = sw.run_sweep(
         sw.plan(["random"], [0.5], [0], pool=str(pool), scale=str(scale),
                 experiment=EXPERIMENT, full_pool=False),
