@@ -186,6 +186,50 @@ def default_workers(n_shards: int) -> int:
     return max(1, min(os.cpu_count() or 1, n_shards, 8))
 
 
+def _resume_plan(out_dir: Path, digest: str, shard_size: int) -> Subset | None:
+    """The finished subset when ``out_dir`` holds one of this plan; otherwise prepare
+    ``out_dir`` for it (another plan's leftovers are removed, this plan's kept for a
+    shard-by-shard resume) and return None."""
+    done = load_subset(out_dir)
+    if done is not None and json.loads((out_dir / MANIFEST).read_text()).get("plan") == digest:
+        return done
+    if out_dir.exists():
+        try:
+            previous = json.loads((out_dir / PLAN).read_text()).get("plan")
+        except (OSError, ValueError):
+            previous = None
+        if previous != digest:  # another plan's leftovers: start over
+            shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / PLAN, json.dumps({"plan": digest, "shard_size": shard_size}))
+    return None
+
+
+def _finish(
+    out_dir: Path,
+    names: list[str],
+    chunks: list,
+    digest: str,
+    selection_sha256: str,
+    shard_size: int,
+    extra: dict,
+) -> Subset:
+    """Write ``sizes.json`` and, last, the manifest that marks the subset complete."""
+    sizes = {name: len(chunk) for name, chunk in zip(names, chunks, strict=True)}
+    atomic_write_text(out_dir / "sizes.json", json.dumps(sizes, sort_keys=True))
+    manifest = {
+        "format": FORMAT,
+        "plan": digest,
+        "selection_sha256": selection_sha256,
+        "shard_size": shard_size,
+        "n_samples": sum(sizes.values()),
+        "sizes": sizes,
+        **extra,
+    }
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1))
+    return Subset(out_dir, tuple(out_dir / n for n in names), sizes, selection_sha256)
+
+
 def materialize(
     pool: Any,
     uids: Sequence[str],
@@ -205,23 +249,11 @@ def materialize(
     if shard_size < 1:
         raise SelbenchError(f"shard size must be at least 1, got {shard_size}")
     out_dir = Path(out_dir)
-    done = load_subset(out_dir)
     rows = plan_rows(pool.index, uids, train_captions, captions)
     digest = _digest(rows, shard_size)
+    done = _resume_plan(out_dir, digest, shard_size)
     if done is not None:
-        manifest = json.loads((out_dir / MANIFEST).read_text())
-        if manifest.get("plan") == digest:
-            return done
-    plan_path = out_dir / PLAN
-    if out_dir.exists():
-        try:
-            previous = json.loads(plan_path.read_text()).get("plan")
-        except (OSError, ValueError):
-            previous = None
-        if previous != digest:  # another plan's leftovers: start over
-            shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(plan_path, json.dumps({"plan": digest, "shard_size": shard_size}))
+        return done
 
     chunks = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
     names = [f"{i:05d}.tar" for i in range(len(chunks))]
@@ -253,19 +285,8 @@ def materialize(
             finished += 1
             progress(finished, len(names))
 
-    sizes = {name: len(chunk) for name, chunk in zip(names, chunks, strict=True)}
-    atomic_write_text(out_dir / "sizes.json", json.dumps(sizes, sort_keys=True))
-    manifest = {
-        "format": FORMAT,
-        "plan": digest,
-        "selection_sha256": selection_sha256,
-        "shard_size": shard_size,
-        "n_samples": len(rows),
-        "sizes": sizes,
-        "pool_fingerprint": getattr(pool, "fingerprint", None),
-    }
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1))
-    return Subset(out_dir, tuple(out_dir / n for n in names), sizes, selection_sha256)
+    extra = {"pool_fingerprint": getattr(pool, "fingerprint", None)}
+    return _finish(out_dir, names, chunks, digest, selection_sha256, shard_size, extra)
 
 
 def materialize_synthesized(
@@ -298,18 +319,9 @@ def materialize_synthesized(
     content = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
     rows = [(i, uid, caption) for i, (uid, caption) in enumerate(zip(uids, captions, strict=True))]
     digest = _digest([("synthesized", content, *r) for r in rows], shard_size)
-    done = load_subset(out_dir)
-    if done is not None and json.loads((out_dir / MANIFEST).read_text()).get("plan") == digest:
+    done = _resume_plan(out_dir, digest, shard_size)
+    if done is not None:
         return done
-    if out_dir.exists():
-        try:
-            previous = json.loads((out_dir / PLAN).read_text()).get("plan")
-        except (OSError, ValueError):
-            previous = None
-        if previous != digest:
-            shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / PLAN, json.dumps({"plan": digest, "shard_size": shard_size}))
     chunks = [rows[i : i + shard_size] for i in range(0, len(rows), shard_size)]
     names = [f"{i:05d}.tar" for i in range(len(chunks))]
     progress = progress or (lambda done, total: None)
@@ -335,16 +347,6 @@ def materialize_synthesized(
                 tmp.unlink(missing_ok=True)
                 raise
         progress(number + 1, len(names))
-    sizes = {name: len(chunk) for name, chunk in zip(names, chunks, strict=True)}
-    atomic_write_text(out_dir / "sizes.json", json.dumps(sizes, sort_keys=True))
-    manifest = {
-        "format": FORMAT,
-        "plan": digest,
-        "selection_sha256": selection_sha256,
-        "shard_size": shard_size,
-        "n_samples": len(rows),
-        "sizes": sizes,
-        "synthesized": True,
-    }
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, sort_keys=True, indent=1))
-    return Subset(out_dir, tuple(out_dir / n for n in names), sizes, selection_sha256)
+    return _finish(
+        out_dir, names, chunks, digest, selection_sha256, shard_size, {"synthesized": True}
+    )
