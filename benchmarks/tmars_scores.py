@@ -25,6 +25,7 @@ from selbench.embedders import EmbeddingService
 from selbench.pools import resolve_pool
 from selbench.registry import get_registry
 from selbench.strategy import SelectionContext
+from selbench.toolbox import clip_scores
 
 
 def main() -> None:
@@ -41,11 +42,7 @@ def main() -> None:
     registry = get_registry()
     services = EmbeddingService(view, args.device, registry.make_embedder)
     found = services.embeddings(args.embedder)
-    image = np.asarray(found.image, dtype=np.float32)
-    text = np.asarray(found.text, dtype=np.float32)
-    before = np.einsum("ij,ij->i", image, text) / (
-        np.linalg.norm(image, axis=1) * np.linalg.norm(text, axis=1)
-    )
+    before = clip_scores(np.asarray(found.image), np.asarray(found.text))
     with tempfile.TemporaryDirectory() as work:
         ctx = SelectionContext(view, len(view), 1.0, 0, args.device, Path(work))
         ctx.services = services

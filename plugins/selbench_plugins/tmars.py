@@ -152,8 +152,7 @@ class TMars(Strategy):
         position = {u: i for i, u in enumerate(uids)}
         masked_rows: list[int] = []
         masked_images: list[Image.Image] = []
-        rows = np.empty_like(image)
-        rows[:] = image  # unmasked images keep their cached embedding
+        rows = image.copy()  # unmasked images keep their cached embedding
 
         def flush() -> None:
             if masked_images:
