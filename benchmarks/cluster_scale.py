@@ -144,6 +144,7 @@ def run_semdedup(x: np.ndarray, s: dict) -> None:
 def run_tldr(x: np.ndarray, s: dict) -> None:
     from selbench_plugins.tldr.selection import (
         centre_distances,
+        cluster_members,
         largest_remainder_quotas,
         pick_within_cluster,
     )
@@ -159,11 +160,10 @@ def run_tldr(x: np.ndarray, s: dict) -> None:
     quotas = largest_remainder_quotas(sizes, int(BUDGET * n))
     distance = np.zeros(n)
     distance[candidates] = centre_distances(features, centroids, assignment)
+    members = cluster_members(candidates, assignment, len(centroids))
     chosen = [
-        pick_within_cluster(
-            candidates[assignment == cluster], int(quotas[cluster]), "uniform", rng, None, distance
-        )
-        for cluster in range(len(centroids))
+        pick_within_cluster(group, int(quota), "uniform", rng, None, distance)
+        for group, quota in zip(members, quotas, strict=True)
     ]
     np.sort(np.concatenate(chosen))
 

@@ -54,6 +54,7 @@ from .captioner import (
 )
 from .selection import (
     centre_distances,
+    cluster_members,
     cluster_prototype_distances,
     kmeans_all_points,
     largest_remainder_quotas,
@@ -477,7 +478,7 @@ class Tldr(Strategy):
             hardness[candidates] = cluster_prototype_distances(
                 np.asarray(image, dtype=np.float32)[candidates], assignment, len(centroids)
             )
-        members = [candidates[assignment == cluster] for cluster in range(len(centroids))]
+        members = cluster_members(candidates, assignment, len(centroids))
 
         def pick(group: np.ndarray, quota: int) -> np.ndarray:
             return pick_within_cluster(

@@ -184,12 +184,37 @@ def cluster_prototype_distances(
     return centroid_distances(embeddings, sums.astype(np.float32), assignment).astype(np.float64)
 
 
+ROWS_AT_ONCE = 65_536  # row block of centre_distances: its temporaries stay a few MiB
+
+
 def centre_distances(
     features: np.ndarray, centroids: np.ndarray, assignment: np.ndarray
 ) -> np.ndarray:
-    """Euclidean distance of every row to its own cluster's centroid."""
-    diff = np.asarray(features, dtype=np.float32) - centroids[assignment]
-    return np.linalg.norm(diff, axis=1)
+    """Euclidean distance of every row to its own cluster's centroid.
+
+    Computed in blocks of rows: the whole-array form (``features - centroids[assignment]``)
+    holds two float32 temporaries the size of ``features``, 4x a float16 cache entry at
+    1M x 256 (docs/scale-out-embedding.md)."""
+    features = np.asarray(features)
+    centroids = np.asarray(centroids, dtype=np.float32)
+    out = np.empty(len(features), dtype=np.float32)
+    for lo in range(0, len(features), ROWS_AT_ONCE):
+        hi = lo + ROWS_AT_ONCE
+        diff = np.asarray(features[lo:hi], dtype=np.float32) - centroids[assignment[lo:hi]]
+        out[lo:hi] = np.linalg.norm(diff, axis=1)
+    return out
+
+
+def cluster_members(candidates: np.ndarray, assignment: np.ndarray, k: int) -> list[np.ndarray]:
+    """``candidates`` grouped by cluster, each group in the order of ``candidates``:
+    ``[candidates[assignment == c] for c in range(k)]`` in O(n log n) (one stable argsort
+    and ``searchsorted`` bounds) instead of O(n k) comparisons, 3e9 at 1M points and
+    k = 3000."""
+    assignment = np.asarray(assignment, dtype=np.int64)
+    order = np.argsort(assignment, kind="stable")
+    bounds = np.searchsorted(assignment[order], np.arange(k + 1))
+    grouped = np.asarray(candidates)[order]
+    return [grouped[bounds[c] : bounds[c + 1]] for c in range(k)]
 
 
 def top_keywords(captions: Sequence[str], k: int) -> list[str]:
