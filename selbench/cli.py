@@ -463,6 +463,56 @@ def _print_embedded(found, usage: dict, world_size: int = 1) -> None:
 
 
 @main.group()
+def reference() -> None:
+    """SynthWeb's reference model: the offline stand-in for a pretrained CLIP.
+
+    CLIP-score, SemDeDup, the DataComp-era filters and TL;DR score or embed with it by
+    default (their papers use OpenAI's CLIP or BLIP). It trains once, on a separate clean
+    SynthWeb corpus, and is cached in $SELBENCH_HOME/reference/ (docs/embeddings.md).
+    """
+
+
+@reference.command("build")
+@click.option(
+    "--recipe",
+    default="",
+    help="a scale YAML with a 'corpus' (name in configs/scales/ or a path); default "
+    "$SELBENCH_REFERENCE_RECIPE, else reference.",
+)
+@click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@friendly_errors
+def reference_build(recipe, device) -> None:
+    """Train the reference model now (about 5 minutes on 2 CPU cores), unless it is cached.
+
+    Runs need it the first time a strategy uses it and build it then; building it ahead
+    keeps that time out of the first run, as downloading a pretrained CLIP would.
+
+    \b
+    Example:
+      selbench reference build && selbench run --method clip_score --budget 0.25
+    """
+    _quiet_libraries()
+    from selbench.progress import RichProgress
+    from selbench.reference import build_reference, recipe_spec
+    from selbench.runner import default_device
+
+    started = time.perf_counter()
+    with RichProgress(err_console) as progress:
+        built = build_reference(recipe, device or default_device(), progress)
+    meta = built.meta
+    state = "trained" if built.built else "cached"
+    console.print(
+        f"reference model ({recipe_spec(recipe)}): {state}, {built.checkpoint}\n"
+        f"  sha256 {built.sha256}\n"
+        f"  corpus {meta['corpus_dir']} ({meta['corpus_size']} clean pairs), "
+        f"{meta['samples_seen']} samples seen, final loss {meta['final_loss']:.4f}, "
+        f"trained in {meta['train_seconds']:.0f} s on {meta['device']}"
+        + (f"; this call took {time.perf_counter() - started:.0f} s" if built.built else ""),
+        highlight=False,
+    )
+
+
+@main.group()
 def cache() -> None:
     """Inspect and remove embedding cache entries ($SELBENCH_HOME/embeddings)."""
 

@@ -52,6 +52,12 @@ class ScaleConfig(BaseModel):
         description="linear warmup in optimizer steps (DataComp: 500); overrides "
         "warmup_fraction when set",
     )
+    corpus: dict[str, Any] | None = Field(
+        default=None,
+        description="reference recipes only (configs/scales/reference.yaml): SynthWebConfig "
+        "settings of the separate clean corpus the reference model trains on, instead of "
+        "the pool (selbench.reference)",
+    )
     engine: Literal["in-memory", "open_clip"] = Field(
         default="in-memory",
         description="in-memory: selbench's loop over the decoded subset (tiny, CPU); "
@@ -119,6 +125,13 @@ class PoolConfig(BaseModel):
     eval: list[EvalSetConfig] = Field(default_factory=list)
     eval_suite: str | None = Field(
         default=None, description="a suite in configs/evals/ to use when 'eval' is empty"
+    )
+    reference: str | None = Field(
+        default=None,
+        description="kind: shards: the embedder spec the strategies' default `reference` "
+        "model means on this pool, the paper's pretrained CLIP as local weights (e.g. "
+        "open_clip:ViT-L-14:/models/openai-vit-l-14.pt); unset: the pool's own proxy:scorer, "
+        "with a warning (docs/embeddings.md)",
     )
 
 

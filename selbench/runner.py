@@ -629,6 +629,11 @@ def _log_embedding_usage(run: _Run, services: EmbeddingService) -> None:
                 f"embeddings.{key}.entry_id": usage["entry_id"],
                 f"embeddings.{key}.embedder_id": usage["embedder_id"],
                 f"embeddings.{key}.hit": usage["hit"],
+                **(
+                    {f"embeddings.{key}.resolved_to": usage["embedder_resolved_to"]}
+                    if "embedder_resolved_to" in usage
+                    else {}
+                ),
             }
         )
         metrics = {
@@ -641,7 +646,9 @@ def _log_embedding_usage(run: _Run, services: EmbeddingService) -> None:
         run.recorder.metrics(metrics)
         verdict = "cache hit" if usage["hit"] else "computed and cached"
         if usage.get("embedder_trained"):
-            verdict += f" (its proxy trained first, {usage['embedder_train_seconds']:.0f} s)"
+            verdict += f" (its model trained first, {usage['embedder_train_seconds']:.0f} s)"
+        if "embedder_resolved_to" in usage:
+            verdict += f"; {spec} = {usage['embedder_resolved_to']}"
         run.progress.note(
             f"Embeddings ({spec}): {verdict}, entry {usage['entry_id']}, "
             f"{usage['total_seconds']:.2f} s"

@@ -87,10 +87,24 @@ def leaves_no_process_or_temporary_file_behind():
     SESSION_TMP.rmdir()
 
 
+#: The suite's reference recipe: configs/scales/reference.yaml shrunk to seconds.
+TEST_REFERENCE_RECIPE = Path(__file__).parent / "fixtures" / "reference" / "reference-tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def shared_reference_models(tmp_path_factory):
+    """One folder of reference models for the whole session: the strategies that default
+    to the reference model build the tiny test recipe's once, not once per test home."""
+    return tmp_path_factory.mktemp("reference-models")
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path_factory, monkeypatch):
-    """Every test gets its own data home and run home; nothing touches ~/.cache."""
+def isolated_home(tmp_path_factory, monkeypatch, shared_reference_models):
+    """Every test gets its own data home and run home; nothing touches ~/.cache. The
+    reference model (selbench.reference) is the tiny test recipe's, shared by all tests."""
     home = tmp_path_factory.mktemp("selbench-home")
+    (home / "reference").symlink_to(shared_reference_models, target_is_directory=True)
+    monkeypatch.setenv("SELBENCH_REFERENCE_RECIPE", str(TEST_REFERENCE_RECIPE))
     monkeypatch.setenv("SELBENCH_HOME", str(home))
     monkeypatch.delenv("SELBENCH_RUN_HOME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

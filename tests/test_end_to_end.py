@@ -142,18 +142,18 @@ def test_cli_run_prints_metrics_and_where_it_logged(tiny):
 def test_embedding_strategies_share_one_cache_entry(tiny):
     first = execute(_request(tiny, method="clip_score"))
     second = execute(_request(tiny, method="clip_score", budget=0.5))
-    spec = "proxy:scorer"  # clip_score's default embedder
+    spec = "reference"  # clip_score's default embedder: SynthWeb's reference CLIP
     assert first.embeddings[spec]["hit"] is False
     assert second.embeddings[spec]["hit"] is True
     assert first.embeddings[spec]["entry_id"] == second.embeddings[spec]["entry_id"]
     runs = mlflow.search_runs(experiment_names=["selbench"]).set_index("run_id")
-    assert runs.loc[first.run_id, "params.embeddings.proxy_scorer.spec"] == spec
-    assert runs.loc[first.run_id, "params.embeddings.proxy_scorer.hit"] == "False"
-    assert runs.loc[second.run_id, "params.embeddings.proxy_scorer.hit"] == "True"
+    assert runs.loc[first.run_id, "params.embeddings.reference.spec"] == spec
+    assert runs.loc[first.run_id, "params.embeddings.reference.hit"] == "False"
+    assert runs.loc[second.run_id, "params.embeddings.reference.hit"] == "True"
     # On this 320-sample pool fixed costs (building the model) dominate; on the default
     # pool the hit costs under 1% of the first pass (docs/cache.md).
-    assert runs.loc[second.run_id, "metrics.embeddings/proxy_scorer/seconds"] < (
-        0.25 * runs.loc[first.run_id, "metrics.embeddings/proxy_scorer/seconds"]
+    assert runs.loc[second.run_id, "metrics.embeddings/reference/seconds"] < (
+        0.25 * runs.loc[first.run_id, "metrics.embeddings/reference/seconds"]
     )
     # clip_score keeps the best-aligned pairs: its scores are logged with the selection
     assert set(first.selection.uids) <= set(second.selection.uids)

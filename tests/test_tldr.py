@@ -36,7 +36,6 @@ from selbench_plugins.tldr.selection import (
     whiten,
 )
 
-from selbench.configs import load_scale
 from selbench.errors import ConfigError
 from selbench.paths import selbench_home
 from selbench.strategy import SelectionContext, validate_selection
@@ -488,11 +487,10 @@ def test_release_filter_only_keeps_the_better_matching_half(tmp_path):
     fake_embeddings = ctx.services.embeddings
     ctx.services.embeddings = lambda spec="proxy": asked.append(spec) or fake_embeddings(spec)
     selection = TldrRelease(FAST).select(ctx)
-    # The matching score comes from the longer-trained scorer proxy, a recipe that exists.
-    assert asked == ["proxy:scorer"]
-    scorer, proxy = load_scale("scorer"), load_scale("proxy")
-    assert scorer.model == proxy.model and scorer.epochs > proxy.epochs
-    emb = fake_embeddings("proxy:scorer")
+    # The matching score comes from the reference CLIP, the stand-in for the release's
+    # pretrained BLIP ITM head.
+    assert asked == ["reference"]
+    emb = fake_embeddings("reference")
     score = (emb.image.astype(np.float32) * emb.text.astype(np.float32)).sum(1)
     top_half = {pool.uids[i] for i in np.argsort(-score, kind="stable")[:50]}
     assert set(selection.uids) <= top_half

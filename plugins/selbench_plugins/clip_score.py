@@ -27,11 +27,11 @@ class ClipScoreParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedder: str = Field(
-        default="proxy:scorer",
+        default="reference",
         description="embedder spec; DataComp used OpenAI CLIP ViT-L/14 "
-        "(open_clip:ViT-L-14:/path/to/weights.pt); the offline default is the pool proxy "
-        "trained 10 epochs (configs/scales/scorer.yaml), the same scorer tldr-release "
-        "filters with; `proxy` is the 2-epoch one",
+        "(open_clip:ViT-L-14:/path/to/weights.pt); on SynthWeb the default is its "
+        "reference CLIP, trained on a separate clean corpus (selbench reference build); "
+        "proxy:scorer is a CLIP trained 10 epochs on the pool itself",
     )
     mode: Literal["top_k", "threshold"] = Field(
         default="top_k",

@@ -1,4 +1,5 @@
-"""Built-in embedders: ``proxy`` (trained on the pool, offline default), ``open_clip``
+"""Built-in embedders: ``proxy`` (trained on the pool, offline default), ``reference``
+(SynthWeb's stand-in for a pretrained CLIP, :mod:`selbench.reference`), ``open_clip``
 (any open_clip architecture with weights from a local file) and ``datacomp`` (DataComp
 CommonPool's precomputed CLIP features, :mod:`selbench.datacomp_metadata`)."""
 
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from selbench.toolbox import (
     load_training_data,
     train_clip,
 )
+
+log = logging.getLogger(__name__)
 
 PROXY_SEED = 0  # one proxy per (pool, recipe), shared by every strategy seed
 
@@ -100,6 +104,83 @@ class ProxyEmbedder(Embedder):
         )
 
 
+class ReferenceEmbedder(Embedder):
+    """The pretrained model a paper scores with, per pool (:mod:`selbench.reference`).
+
+    Spec: ``reference`` or ``reference:RECIPE``. On a SynthWeb pool: SynthWeb's reference
+    CLIP, trained once on a separate clean SynthWeb corpus (recipe default
+    ``configs/scales/reference.yaml``, or ``$SELBENCH_REFERENCE_RECIPE``). On a real pool:
+    the embedder its pool YAML names under ``reference`` (the paper's checkpoint as local
+    weights, ``open_clip:ViT-L-14:/path``); when it names none, the pool's own
+    ``proxy:scorer``, with a warning that says how to name one. ``details["resolved_to"]``
+    records which, and the embedder id carries its weights' digest.
+    """
+
+    name = "reference"
+    summary = "the paper's pretrained model: SynthWeb's reference CLIP, or the pool YAML's"
+    reference = (
+        "stand-in for the pretrained CLIP of DataComp's CLIP-score filter (Gadre et al., "
+        "2023), SemDeDup (Abbas et al., 2023) and TL;DR's release (BLIP)"
+    )
+
+    def __init__(self, args: str = "") -> None:
+        super().__init__(args)
+        from selbench.reference import load_recipe
+
+        self.recipe, _ = load_recipe(args)  # a bad recipe fails before any work
+        self._architecture = self.recipe.model
+
+    @property
+    def architecture(self) -> str:
+        return self._architecture
+
+    def prepare(self, pool: Any, device: str, progress: Any) -> None:
+        self.device = device
+        if getattr(pool, "kind", "synthweb") == "synthweb":
+            self._prepare_synthweb(device, progress)
+            return
+        from selbench.registry import get_registry
+
+        spec = getattr(pool, "reference", None)
+        if not spec:
+            spec = "proxy:scorer"
+            log.warning(
+                "pool %r names no reference model, so `reference` falls back to its own "
+                "proxy:scorer (a CLIP trained on the pool); to score as the paper did, add "
+                "to its pool YAML: reference: open_clip:ViT-L-14:/path/to/weights.pt "
+                "(docs/embeddings.md)",
+                getattr(pool, "name", "?"),
+            )
+        if spec.split(":", 1)[0] == self.name:
+            raise ConfigError(f"pool {pool.name!r}: its reference cannot be {spec!r} itself")
+        delegate = get_registry().make_embedder(spec)
+        delegate.prepare(pool, device, progress)
+        self.model, self.preprocess, self.tokenizer = (
+            delegate.model,
+            delegate.preprocess,
+            delegate.tokenizer,
+        )
+        self.weights_digest, self._architecture = delegate.weights_digest, delegate.architecture
+        self.details.update(delegate.details)
+        self.details["resolved_to"] = spec
+
+    def _prepare_synthweb(self, device: str, progress: Any) -> None:
+        from selbench.reference import build_reference
+
+        built = build_reference(self.args, device, progress)
+        model, preprocess, tokenizer = build_model(self.recipe.model, 0, device)
+        model.load_state_dict(torch.load(built.checkpoint, map_location=device, weights_only=True))
+        model.eval()
+        self.model, self.preprocess, self.tokenizer = model, preprocess, tokenizer
+        self.weights_digest = built.sha256
+        self.details["resolved_to"] = f"synthweb reference ({self.recipe.name})"
+        self.details["trained"] = built.built
+        self.details["checkpoint"] = str(built.checkpoint)
+        if built.built:
+            self.details["train_seconds"] = built.meta["train_seconds"]
+            self.details["train_final_loss"] = built.meta["final_loss"]
+
+
 class OpenClipEmbedder(Embedder):
     """Any open_clip architecture with weights from a local file.
 
@@ -154,5 +235,6 @@ class OpenClipEmbedder(Embedder):
 @hookimpl
 def register_embedders(register):
     register(ProxyEmbedder)
+    register(ReferenceEmbedder)
     register(OpenClipEmbedder)
     register(DataCompFeaturesEmbedder)

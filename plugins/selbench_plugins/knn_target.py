@@ -47,9 +47,9 @@ class KnnTargetParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedder: str = Field(
-        default="proxy",
+        default="reference",
         description="embedder spec for pool and target images; DataComp used OpenAI CLIP "
-        "ViT-L/14, offline default the pool proxy",
+        "ViT-L/14; on SynthWeb the default is its reference CLIP, proxy the pool's own",
     )
     rule: Literal["round_robin", "max_similarity"] = Field(
         default="round_robin",

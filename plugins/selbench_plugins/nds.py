@@ -285,10 +285,10 @@ class NdsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedder: str = Field(
-        default="proxy",
+        default="reference",
         description="embedder spec for the image embeddings the pool is partitioned on; the "
         "released partition used features of a pretrained ImageNet network (likely "
-        "ResNet-152), the offline default is the pool proxy",
+        "ResNet-152); on SynthWeb the default is its reference CLIP, proxy the pool's own",
     )
     experts: int = Field(
         default=50,

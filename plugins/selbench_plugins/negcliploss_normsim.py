@@ -121,9 +121,9 @@ class NegClipLossParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedder: str = Field(
-        default="proxy:scorer",
+        default="reference",
         description="embedder spec; the paper scores with OpenAI CLIP ViT-L/14 (or B/32); "
-        "offline default the 10-epoch pool proxy, clip_score's scorer",
+        "on SynthWeb the default is its reference CLIP, as for clip_score",
     )
     temperature: float = Field(
         default=0.0,

@@ -34,9 +34,10 @@ class PrototypesParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedder: str = Field(
-        default="proxy",
+        default="reference",
         description="embedder spec for the image embeddings; the paper used a self-supervised "
-        "SwAV ResNet-50 trained on ImageNet, the offline default is the pool proxy",
+        "SwAV ResNet-50 trained on ImageNet, i.e. on other data; on SynthWeb the default is "
+        "its reference CLIP's image tower, proxy the CLIP trained on the pool itself",
     )
     clusters: int = Field(
         default=100,

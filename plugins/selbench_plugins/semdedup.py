@@ -191,9 +191,10 @@ class SemDeDupParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedder: str = Field(
-        default="proxy",
+        default="reference",
         description="embedder spec for the image embeddings; the paper used a pre-trained "
-        "(Open)CLIP image encoder for LAION, the offline default is the pool proxy",
+        "(Open)CLIP image encoder for LAION; on SynthWeb the default is its reference CLIP "
+        "(selbench reference build), proxy the CLIP trained on the pool itself",
     )
     clusters: int = Field(
         default=50000,

@@ -116,10 +116,10 @@ class TMarsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedder: str = Field(
-        default="proxy:scorer",
+        default="reference",
         description="embedder spec that scores the masked images; the paper used OpenAI "
-        "CLIP ViT-L/14 (open_clip:ViT-L-14:/path/to/weights.pt); offline default the "
-        "10-epoch pool proxy, clip_score's scorer",
+        "CLIP ViT-L/14 (open_clip:ViT-L-14:/path/to/weights.pt); on SynthWeb the default "
+        "is its reference CLIP, as for clip_score",
     )
     min_edge_fill: float = Field(
         default=0.4,

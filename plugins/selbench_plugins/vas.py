@@ -74,9 +74,9 @@ class VasParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     embedder: str = Field(
-        default="proxy:scorer",
+        default="reference",
         description="embedder spec for the CLIP score and the image embeddings; the paper used "
-        "OpenAI CLIP ViT-L/14; offline default the 10-epoch pool proxy (clip_score's scorer)",
+        "OpenAI CLIP ViT-L/14; on SynthWeb the default is its reference CLIP (clip_score's)",
     )
     prefilter_ratio: float = Field(
         default=1.5,

@@ -79,8 +79,10 @@ def _from_synthweb_dir(root: Path, spec: str) -> ResolvedPool:
         path = str(root / manifest["eval_sets"]["retrieval"])
         eval_sets.append(EvalSetConfig(name=SYNTHWEB_CAPTIONING, task="captioning", path=path))
     target = root / manifest["target"] if manifest.get("target") else None
+    pool = ShardPool(root / "pool", name="synthweb")
+    pool.kind = "synthweb"
     return ResolvedPool(
-        pool=ShardPool(root / "pool", name="synthweb"),
+        pool=pool,
         eval_sets=eval_sets,
         kind="synthweb",
         spec=spec,
@@ -131,8 +133,10 @@ def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) 
         eval_sets = resolve_eval_suite(config.eval_suite, check=False)
     # No sets is allowed here (embedding, export, or a run given --eval SUITE need none);
     # a run that would evaluate on nothing is refused by the runner, naming the fix.
+    pool = ShardPool(config.path, name=config.name)
+    pool.reference = config.reference
     return ResolvedPool(
-        pool=ShardPool(config.path, name=config.name),
+        pool=pool,
         eval_sets=eval_sets,
         kind="shards",
         spec=spec,

@@ -345,6 +345,10 @@ class ShardPool:
         if not self.shards:
             raise PoolError(f"pool directory {self.root} holds no .tar shards")
         self.name = name or self.root.name
+        #: "synthweb" for a generated SynthWeb pool (set by selbench.pools), else "shards"
+        self.kind = "shards"
+        #: the embedder spec `reference` means on a real pool (its pool YAML's `reference`)
+        self.reference: str | None = None
         self.workers = workers
         self.fingerprint = self._fingerprint()
         self._index: pd.DataFrame | None = None
@@ -547,6 +551,16 @@ class PoolForStrategies:
     @property
     def name(self) -> str:
         return self._pool.name
+
+    @property
+    def kind(self) -> str:
+        """``synthweb`` for a generated SynthWeb pool, ``shards`` for any other."""
+        return self._pool.kind
+
+    @property
+    def reference(self) -> str | None:
+        """The embedder spec the pool config names as its reference model, if any."""
+        return self._pool.reference
 
     def __len__(self) -> int:
         return len(self._pool)

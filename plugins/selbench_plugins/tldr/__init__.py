@@ -138,10 +138,10 @@ class TldrParams(BaseModel):
         "codebook_cluster.py:68, at an exact quota)",
     )
     prototype_embedder: str = Field(
-        default="proxy",
+        default="reference",
         description="embedder whose image embeddings the hard rule measures prototype "
-        "distances in (Sorscher et al.: a self-supervised SwAV model; offline: the pool "
-        "proxy)",
+        "distances in (Sorscher et al.: a self-supervised SwAV model trained on other data; "
+        "SynthWeb: its reference CLIP)",
     )
     match_filter: bool = Field(
         default=False,
@@ -164,9 +164,9 @@ class TldrParams(BaseModel):
         "earlier order)",
     )
     match_embedder: str = Field(
-        default="proxy",
+        default="reference",
         description="embedder whose image-text cosine is the matching score (release: a "
-        "pretrained BLIP ITM head; offline: the pool proxy)",
+        "pretrained BLIP ITM head; SynthWeb: its reference CLIP)",
     )
     refine: bool = Field(
         default=True,
@@ -257,10 +257,10 @@ class TldrParams(BaseModel):
         "captioner serves a seed sweep (the paper trains one captioner)",
     )
     proxy: str = Field(
-        default="proxy",
-        description="proxy embedder spec whose image encoder initialises the captioner's "
-        "and whose text encoder embeds the keywords (offline stand-in for the paper's "
-        "pretrained ViT-B/16 and text encoder)",
+        default="reference",
+        description="embedder spec whose image encoder initialises the captioner's and "
+        "whose text encoder embeds the keywords (the paper: a pretrained ViT-B/16 and text "
+        "encoder; SynthWeb: its reference CLIP; proxy: the CLIP trained on the pool)",
     )
 
 
@@ -299,11 +299,10 @@ class TldrReleaseParams(TldrParams):
         default=True, description="only the top half by image-text matching score (release)"
     )
     match_embedder: str = Field(
-        default="proxy:scorer",
+        default="reference",
         description="embedder whose image-text cosine is the matching score (release: a "
-        "pretrained BLIP ITM head; offline: the pool proxy trained 10 epochs, "
-        "configs/scales/scorer.yaml, since the 2-epoch proxy lets 5x more misaligned "
-        "pairs through; docs/strategies/tldr.md)",
+        "pretrained BLIP ITM head; SynthWeb: its reference CLIP; proxy:scorer, the pool "
+        "CLIP trained 10 epochs, was the default before it, docs/strategies/tldr.md)",
     )
     beams: int = Field(
         default=3, ge=1, description="beam search, 3 beams (BLIP's caption_coco.yaml:26)"
