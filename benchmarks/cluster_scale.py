@@ -135,7 +135,8 @@ def run_semdedup(x: np.ndarray, s: dict) -> None:
 
     image = unit_rows(np.asarray(x))
     centroids, assignment = kmeans(image, s["k"], seed=s["seed"], niter=s["niter"], spherical=True)
-    scores = semdedup_scores(image, centroids, assignment, "farthest", np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    scores = semdedup_scores(image, centroids, assignment, "farthest", rng, normalized=True)
     budget = int(BUDGET * len(x))
     epsilon = choose_epsilon(scores, budget)
     exact_budget(scores, kept_mask(scores, epsilon), budget)

@@ -120,14 +120,17 @@ def semdedup_scores(
     assignment: np.ndarray,
     keep: Literal["farthest", "closest", "random"],
     rng: np.random.Generator | None = None,
+    normalized: bool = False,
 ) -> np.ndarray:
     """``M`` for every row of ``x``: Algorithm 1 run on every k-means cluster.
 
-    ``x`` are embeddings (normalised here, as in Algorithm 1), ``assignment`` the cluster of
-    every row, ``centroids`` the cluster centres (for the visiting order). Clusters are
-    processed in increasing id, so ``keep="random"`` draws from ``rng`` reproducibly.
+    ``x`` are embeddings (normalised here, as in Algorithm 1, unless ``normalized`` says
+    they are unit float32 rows already: then no second float32 copy of the pool is made,
+    2x a float16 cache entry at 1M x 256), ``assignment`` the cluster of every row,
+    ``centroids`` the cluster centres (for the visiting order). Clusters are processed in
+    increasing id, so ``keep="random"`` draws from ``rng`` reproducibly.
     """
-    unit = unit_rows(x)
+    unit = x if normalized else unit_rows(x)
     protos = unit_rows(centroids)
     assignment = np.asarray(assignment, dtype=np.int64)
     scores = np.full(len(unit), NO_EARLIER_POINT, dtype=np.float64)
@@ -254,7 +257,9 @@ class SemDeDup(Strategy):
             self.params.niter,
             "semdedup",
         )
-        scores = semdedup_scores(image, centroids, assignment, self.params.keep, ctx.rng)
+        scores = semdedup_scores(
+            image, centroids, assignment, self.params.keep, ctx.rng, normalized=True
+        )
         epsilon = choose_epsilon(scores, ctx.budget_count)
         kept = kept_mask(scores, epsilon)
         chosen = exact_budget(scores, kept, ctx.budget_count)
