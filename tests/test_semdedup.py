@@ -114,6 +114,20 @@ def test_blockwise_cluster_scores_equal_the_full_similarity_matrix(monkeypatch):
     np.testing.assert_allclose(blocked, full, atol=1e-6)
 
 
+def test_rows_already_unit_are_scored_without_a_second_copy_and_alike(monkeypatch):
+    rng = np.random.default_rng(8)
+    raw = rng.standard_normal((60, 8)).astype(np.float16)
+    x = semdedup.unit_rows(raw)
+    assignment = rng.integers(0, 3, size=60)
+    centroids = unit(np.stack([x[assignment == c].mean(axis=0) for c in range(3)]))
+    again = semdedup_scores(raw, centroids, assignment, "farthest")  # normalises a copy
+    made = []
+    monkeypatch.setattr(semdedup, "unit_rows", lambda rows: made.append(rows) or rows)
+    scores = semdedup_scores(x, centroids, assignment, "farthest", normalized=True)
+    assert len(made) == 1 and made[0] is centroids  # only the centroids are normalised
+    np.testing.assert_allclose(scores, again, atol=1e-6)
+
+
 def test_points_are_only_compared_within_their_cluster():
     x = unit(np.array([[1.0, 0.0], [1.0, 0.001], [0.0, 1.0], [0.001, 1.0]]))
     centroids = unit(np.array([[1.0, 0.0], [0.0, 1.0]]))
