@@ -54,6 +54,9 @@ class ScaleConfig(BaseModel):
     )
     corpus: dict[str, Any] | None = Field(
         default=None,
+        # Left out of dumps, so the cache keys and run params of every recipe without a
+        # corpus stay what they were; selbench.reference keys on it explicitly.
+        exclude=True,
         description="reference recipes only (configs/scales/reference.yaml): SynthWebConfig "
         "settings of the separate clean corpus the reference model trains on, instead of "
         "the pool (selbench.reference)",

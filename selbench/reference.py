@@ -89,7 +89,8 @@ def reference_dir(recipe: ScaleConfig) -> Path:
     version in its key)."""
     from selbench.synthweb.generate import GENERATOR_VERSION
 
-    key = f"{GENERATOR_VERSION}\0{recipe.model_dump_json()}"
+    corpus = json.dumps(recipe.corpus, sort_keys=True)  # not in model_dump_json()
+    key = f"{GENERATOR_VERSION}\0{recipe.model_dump_json()}\0{corpus}"
     return (
         selbench_home()
         / "reference"
@@ -132,6 +133,7 @@ def build_reference(spec: str = "", device: str = "cpu", progress: Any = None) -
         torch.save(model.state_dict(), tmp / "model.pt")
         meta = {
             "recipe": recipe.model_dump(),
+            "corpus": corpus.model_dump(),
             "corpus_dir": corpus_dir.name,
             "corpus_fingerprint": pool.fingerprint,
             "corpus_size": len(data),
