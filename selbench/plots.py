@@ -4,6 +4,7 @@ methods' selections (mean Jaccard index over shared seeds)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from selbench.leaderboard import Leaderboard, metric_name  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 PATHOLOGIES = (
     "clean",
@@ -126,12 +129,21 @@ def selection_overlap(
     frame: pd.DataFrame, load_uids: Callable[[str], set[str]], budget: float, path: Path
 ) -> Path | None:
     """Mean Jaccard index between every two methods' selections at ``budget``, over the
-    seeds both have."""
+    seeds both have. A run whose selection cannot be read (its artifact store lost the
+    file) is left out with a warning, and the title counts it."""
     rows = frame[frame["budget"] == budget]
     methods = sorted(rows["method_label"].unique())
     if len(methods) < 2:
         return None
-    uids = {(r.method_label, r.seed): load_uids(r.run_id) for r in rows.itertuples()}
+    uids, unreadable = {}, []
+    for r in rows.itertuples():
+        try:
+            uids[(r.method_label, r.seed)] = load_uids(r.run_id)
+        except FileNotFoundError as exc:
+            unreadable.append(r.run_id)
+            log.warning(
+                "selection overlap at budget %g leaves out run %s: %s", budget, r.run_id, exc
+            )
     matrix = np.full((len(methods), len(methods)), np.nan)
     for i, a in enumerate(methods):
         for j, b in enumerate(methods):
@@ -147,7 +159,10 @@ def selection_overlap(
             ink = _ink(value, 0.5)  # magma turns light (orange-cream) above about 0.5
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color=ink)
     fig.colorbar(image, ax=ax, label="Jaccard index")
-    ax.set_title(f"Selection overlap at budget {budget:g} (mean over shared seeds)")
+    title = f"Selection overlap at budget {budget:g} (mean over shared seeds)"
+    if unreadable:
+        title += f"\n{len(unreadable)} run(s) left out: selection not readable"
+    ax.set_title(title)
     return _save(fig, path)
 
 
@@ -160,9 +175,13 @@ def mlflow_uids(run_id: str) -> set[str]:
     # Into a folder removed afterwards: without dst_path MLflow leaves a temporary
     # directory per run behind, one per plotted run and leaderboard.
     with tempfile.TemporaryDirectory(prefix="selbench-uids-") as folder:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="selection.parquet", dst_path=folder
-        )
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="selection.parquet", dst_path=folder
+            )
+        except mlflow.exceptions.MlflowException as exc:
+            uri = mlflow.get_run(run_id).info.artifact_uri
+            raise FileNotFoundError(f"no selection.parquet under {uri} ({exc})") from None
         return set(pd.read_parquet(path, columns=["uid"])["uid"])
 
 

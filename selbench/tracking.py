@@ -130,10 +130,12 @@ def setup(experiment: str = DEFAULT_EXPERIMENT) -> str:
     if found is not None:
         return found.experiment_id
     artifact_location = None
-    if uri == local_store_uri():
-        # Keep artifacts beside the sqlite store, not in ./mlruns of the current directory.
-        # (Not "MLFLOW_TRACKING_URI unset": mlflow.set_tracking_uri, above, sets it.)
-        artifact_location = (run_home() / "artifacts").resolve().as_uri()
+    if uri.startswith("sqlite:///"):
+        # Keep artifacts beside the sqlite store (selbench's own or one MLFLOW_TRACKING_URI
+        # names), not in ./mlruns of whatever directory the experiment was created from:
+        # runs would lose their selections when that directory goes.
+        database = Path(uri.removeprefix("sqlite:///"))
+        artifact_location = (database.parent / "artifacts").resolve().as_uri()
     try:
         return mlflow.create_experiment(experiment, artifact_location=artifact_location)
     except Exception:

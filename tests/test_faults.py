@@ -188,3 +188,23 @@ def test_artifacts_stay_under_the_run_home_not_in_the_current_directory(tmp_path
     assert list(workdir.iterdir()) == []
     home = Path(os.environ["SELBENCH_HOME"])
     assert list((home / "runs" / "artifacts").rglob("note.txt"))
+
+
+def test_a_sqlite_store_named_by_the_user_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """An experiment created from another directory, with MLFLOW_TRACKING_URI naming a
+    sqlite file, kept its artifacts in that directory's ./mlruns; when the directory went
+    (a git worktree, say), every run lost its selection.parquet."""
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    recorder = tracking.Recorder("beside-the-store")
+    note = tmp_path / "note.txt"
+    note.write_text("kept with the run")
+    recorder.start("artifact-test")
+    recorder.artifact(note)
+    recorder.finish()
+    assert list(workdir.iterdir()) == []
+    assert list((store / "artifacts").rglob("note.txt"))

@@ -94,6 +94,21 @@ def test_rows_sorted_by_budget_then_best_first():
     ]
 
 
+def test_a_run_whose_selection_is_lost_is_left_out_of_the_overlap_plot(tmp_path, caplog):
+    runs = fake_runs()
+    lost = runs["run_id"].iloc[0]
+
+    def load(run_id):
+        if run_id == lost:
+            raise FileNotFoundError(f"no selection.parquet under /gone/{run_id}")
+        return {"u1", "u2"}
+
+    with caplog.at_level("WARNING"):
+        figures = plots.all_plots(lb.summarise(runs), runs, tmp_path, "s", load_uids=load)
+    assert (tmp_path / "s_overlap_0.25.png").is_file() and len(figures) == 4
+    assert f"leaves out run {lost}: no selection.parquet under /gone" in caplog.text
+
+
 def test_lineage_filter_keeps_matching_runs_only():
     runs = lb.filter_runs(fake_runs(), {"git_commit": "c2"})
     assert set(runs["params.method_label"]) == {"tldr"}
