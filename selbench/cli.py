@@ -482,7 +482,7 @@ def reference() -> None:
 @click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
 @friendly_errors
 def reference_build(recipe, device) -> None:
-    """Train the reference model now (about 5 minutes on 2 CPU cores), unless it is cached.
+    """Train the reference model now (about 4.5 minutes on 2 CPU cores), unless it is cached.
 
     Runs need it the first time a strategy uses it and build it then; building it ahead
     keeps that time out of the first run, as downloading a pretrained CLIP would.
