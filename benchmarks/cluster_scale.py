@@ -145,12 +145,11 @@ def run_semdedup(x: np.ndarray, s: dict) -> None:
 def run_tldr(x: np.ndarray, s: dict) -> None:
     from selbench_plugins.tldr.selection import (
         centre_distances,
-        cluster_members,
         largest_remainder_quotas,
         pick_within_cluster,
     )
 
-    from selbench.neighbours import kmeans
+    from selbench.neighbours import cluster_members, kmeans
 
     n = len(x)
     rng = np.random.default_rng(SEED)

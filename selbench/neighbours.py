@@ -217,6 +217,18 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def cluster_members(candidates: np.ndarray, assignment: np.ndarray, k: int) -> list[np.ndarray]:
+    """``candidates`` grouped by cluster, each group in the order of ``candidates``:
+    ``[candidates[assignment == c] for c in range(k)]`` in O(n log n) (one stable argsort
+    and ``searchsorted`` bounds) instead of O(n k) comparisons, 3e9 at 1M points and
+    k = 3000 (TL;DR's stage 2, SemDeDup's clusters)."""
+    assignment = np.asarray(assignment, dtype=np.int64)
+    order = np.argsort(assignment, kind="stable")
+    bounds = np.searchsorted(assignment[order], np.arange(k + 1))
+    grouped = np.asarray(candidates)[order]
+    return [grouped[bounds[c] : bounds[c + 1]] for c in range(k)]
+
+
 @contextlib.contextmanager
 def one_blas_thread() -> Iterator[None]:
     """Run the enclosed numpy matrix products on one BLAS thread.

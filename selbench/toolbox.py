@@ -7,7 +7,8 @@ Normalisation and distances:
     :func:`unit_rows`, :func:`centroid_distances`
 faiss (on every GPU faiss sees, else CPU; deterministic for a seed):
     :func:`kmeans`, :func:`kmeans_scaled`, :func:`scaled_cluster_count`, :func:`knn`,
-    :func:`faiss_gpu_count`, :func:`one_blas_thread`
+    :func:`faiss_gpu_count`, :func:`one_blas_thread`, :func:`cluster_members` (members of
+    every cluster in one sort)
 Images as tensors:
     :func:`pool_image_tensor`, :func:`image_batches`
 Training a proxy or a small model with selbench's one training loop:
@@ -39,6 +40,7 @@ from selbench.errors import ConfigError, PluginError
 from selbench.fileutil import cached_directory, file_sha256, memoised_sha256
 from selbench.hookspecs import hookimpl
 from selbench.neighbours import (
+    cluster_members,
     faiss_gpu_count,
     kmeans,
     kmeans_scaled,
@@ -86,6 +88,7 @@ __all__ = [
     "checkpoint_in",
     "centroid_distances",
     "clip_scores",
+    "cluster_members",
     "faiss_gpu_count",
     "file_sha256",
     "hookimpl",

@@ -402,11 +402,14 @@ def train_clip(
     device: str = "cpu",
     progress: Any = None,
     forward_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]] | None = None,
+    after_step: Callable[[], None] | None = None,
+    description: str = "Training",
 ) -> TrainResult:
     """Train ``model`` contrastively on ``data`` for ``samples_seen`` samples (open_clip's
     ``ClipLoss``, the scale's optimiser and crop, through :func:`training_loop`).
     ``forward_loss(images, tokens) -> (loss, named terms)`` replaces the loss
-    (:func:`train_coca`)."""
+    (:func:`train_coca`); ``after_step()`` runs after each step, once the temperature is
+    clamped (distill's experts snapshot their weights there)."""
     batch_size = min(scale.batch_size, len(data))
     steps = max(1, math.ceil(samples_seen / batch_size))
     warmup = (
@@ -430,6 +433,8 @@ def train_clip(
         # open_clip clamps the learnable temperature at 100 after each step.
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
+        if after_step is not None:
+            after_step()
 
     result = training_loop(
         model,
@@ -448,6 +453,7 @@ def train_clip(
         after_step=clamp_temperature,
         device=device,
         progress=progress,
+        description=description,
     )
     return TrainResult(
         steps=steps,

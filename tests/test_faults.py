@@ -172,35 +172,24 @@ def test_a_full_disk_while_the_selection_is_written_fails_the_run_and_resume_red
     assert found.info.status == "SCHEDULED"
 
 
-def test_artifacts_stay_under_the_run_home_not_in_the_current_directory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("store_named_by_user", [False, True])
+def test_artifacts_stay_beside_the_store_not_in_the_current_directory(
+    tmp_path, monkeypatch, store_named_by_user
+):
     """mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI in the environment, which made
     selbench think the user had chosen a store, so experiments kept their artifacts in
-    ./mlruns of whatever directory a command ran in, outside the home."""
+    ./mlruns of whatever directory a command ran in, outside the home. A sqlite store the
+    user does name (MLFLOW_TRACKING_URI) keeps them beside it too: an experiment created
+    from a git worktree lost every run's selection.parquet when the worktree went."""
+    store = Path(os.environ["SELBENCH_HOME"]) / "runs"
+    if store_named_by_user:
+        store = tmp_path / "store"
+        store.mkdir()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
     workdir = tmp_path / "somewhere"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
     recorder = tracking.Recorder("artifacts-here")
-    note = tmp_path / "note.txt"
-    note.write_text("kept with the run")
-    recorder.start("artifact-test")
-    recorder.artifact(note)
-    recorder.finish()
-    assert list(workdir.iterdir()) == []
-    home = Path(os.environ["SELBENCH_HOME"])
-    assert list((home / "runs" / "artifacts").rglob("note.txt"))
-
-
-def test_a_sqlite_store_named_by_the_user_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
-    """An experiment created from another directory, with MLFLOW_TRACKING_URI naming a
-    sqlite file, kept its artifacts in that directory's ./mlruns; when the directory went
-    (a git worktree, say), every run lost its selection.parquet."""
-    store = tmp_path / "store"
-    store.mkdir()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    monkeypatch.chdir(workdir)
-    recorder = tracking.Recorder("beside-the-store")
     note = tmp_path / "note.txt"
     note.write_text("kept with the run")
     recorder.start("artifact-test")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import selbench.neighbours as nb
-from selbench.neighbours import faiss_gpu_count, kmeans, knn
+from selbench.neighbours import cluster_members, faiss_gpu_count, kmeans, knn
 
 
 def blobs(n_per: int = 60, k: int = 4, d: int = 8, seed: int = 0):
@@ -222,3 +222,15 @@ def test_one_blas_thread_limits_blas_only_inside():
     with nb.one_blas_thread():
         assert set(blas_threads().values()) <= {1}
     assert blas_threads() == outside
+
+
+def test_cluster_members_groups_in_candidate_order_including_empty_clusters():
+    rng = np.random.default_rng(3)
+    candidates = np.sort(rng.choice(1000, size=300, replace=False))
+    assignment = rng.integers(0, 7, size=300)
+    assignment[assignment == 4] = 5  # cluster 4 is empty
+    members = cluster_members(candidates, assignment, 8)  # and 7 is past every label
+    assert len(members) == 8
+    for c in range(8):
+        assert members[c].tolist() == candidates[assignment == c].tolist()
+    assert len(members[4]) == 0 and len(members[7]) == 0

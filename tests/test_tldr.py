@@ -24,7 +24,6 @@ from selbench_plugins.tldr.captioner import (
 )
 from selbench_plugins.tldr.selection import (
     centre_distances,
-    cluster_members,
     cluster_prototype_distances,
     kmeans_all_points,
     largest_remainder_quotas,
@@ -175,18 +174,6 @@ def test_sampling_then_filtering_hits_the_budget_with_eligible_samples_only(seed
     selected, sampled = sample_then_filter(members, eligible, budget, pick)
     assert len(selected) == budget == len(set(selected.tolist()))
     assert eligible[selected].all() and budget <= sampled <= n
-
-
-def test_cluster_members_groups_in_candidate_order_including_empty_clusters():
-    rng = np.random.default_rng(3)
-    candidates = np.sort(rng.choice(1000, size=300, replace=False))
-    assignment = rng.integers(0, 7, size=300)
-    assignment[assignment == 4] = 5  # cluster 4 is empty
-    members = cluster_members(candidates, assignment, 8)  # and 7 is past every label
-    assert len(members) == 8
-    for c in range(8):
-        assert members[c].tolist() == candidates[assignment == c].tolist()
-    assert len(members[4]) == 0 and len(members[7]) == 0
 
 
 def test_centre_distances_in_blocks_equal_the_whole_array_form(monkeypatch):

@@ -73,7 +73,7 @@ from selbench.toolbox import (
     load_scale,
     load_training_data,
     selbench_home,
-    training_loop,
+    train_clip,
 )
 from selbench.train import random_resized_crop
 
@@ -500,51 +500,26 @@ def train_expert(
     """Train one expert CLIP on the whole pool with ``scale``'s recipe (open_clip's
     ``ClipLoss``, AdamW, warmup + cosine over the whole run, the recipe's crop) through
     the one training loop, and return its trainable parameters after epochs 0..``epochs``."""
-    epochs = p.expert_train_epochs
     model, _, _ = build_model(p.model, seed, ctx.device)
     batch_size = min(scale.batch_size, len(data))
     per_epoch = math.ceil(len(data) / batch_size)
-    steps = per_epoch * epochs
-    warmup = (
-        scale.warmup_steps if scale.warmup_steps is not None else int(scale.warmup_fraction * steps)
-    )
-    loss_fn = ClipLoss()
-    crop_rng = torch.Generator().manual_seed(seed)
-
     trajectory = [_snapshot(model)]
     done = [0]
 
-    def batch_loss(index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        images = data.images[index].to(ctx.device)
-        if scale.random_resized_crop_scale is not None:
-            images = random_resized_crop(images, scale.random_resized_crop_scale, crop_rng)
-        image, text, logit_scale = model(images, data.tokens[index].to(ctx.device))[:3]
-        loss = loss_fn(image, text, logit_scale)
-        return loss, {"loss": float(loss.detach())}
-
-    def after_step() -> None:
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # open_clip's clamp, as the recipe
+    def snapshot_each_epoch() -> None:
         done[0] += 1
         if done[0] % per_epoch == 0:
             trajectory.append(_snapshot(model))
 
-    training_loop(
+    train_clip(
         model,
-        batch_loss,
-        len(data),
-        batch_size,
-        steps,
+        data,
+        scale,
+        per_epoch * p.expert_train_epochs * batch_size,  # exactly per_epoch x epochs steps
         seed,
-        lr=scale.lr,
-        warmup_steps=warmup,
-        weight_decay=scale.weight_decay,
-        betas=(scale.beta1, scale.beta2),
-        eps=scale.eps,
-        grad_clip_norm=scale.grad_clip_norm,
-        after_step=after_step,
-        device=ctx.device,
-        progress=ctx.progress,
+        ctx.device,
+        ctx.progress,
+        after_step=snapshot_each_epoch,
         description=f"Distill: expert {number + 1}",
     )
     return trajectory

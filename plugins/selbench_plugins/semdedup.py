@@ -27,6 +27,7 @@ from selbench.toolbox import (
     Selection,
     SelectionContext,
     Strategy,
+    cluster_members,
     hookimpl,
     kmeans_scaled,
     one_blas_thread,
@@ -134,11 +135,9 @@ def semdedup_scores(
     protos = unit_rows(centroids)
     assignment = np.asarray(assignment, dtype=np.int64)
     scores = np.full(len(unit), NO_EARLIER_POINT, dtype=np.float64)
-    by_cluster = np.argsort(assignment, kind="stable")  # pool order inside each cluster
-    bounds = np.searchsorted(assignment[by_cluster], np.arange(len(protos) + 1))
+    members = cluster_members(np.arange(len(unit)), assignment, len(protos))  # pool order
     with one_blas_thread():  # many small products: one thread each is faster
-        for c in range(len(protos)):
-            idx = by_cluster[bounds[c] : bounds[c + 1]]
+        for c, idx in enumerate(members):
             if len(idx) < 2:
                 continue
             members = unit[idx]

@@ -35,6 +35,7 @@ from selbench.toolbox import (
     SelectionContext,
     Strategy,
     clip_scores,
+    cluster_members,
     hookimpl,
     pool_image_tensor,
     scaled_cluster_count,
@@ -54,7 +55,6 @@ from .captioner import (
 )
 from .selection import (
     centre_distances,
-    cluster_members,
     cluster_prototype_distances,
     kmeans_all_points,
     largest_remainder_quotas,
