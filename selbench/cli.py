@@ -708,13 +708,26 @@ def _list(kind: type, option: str):
     return parse
 
 
+def _method_list(ctx, param, value: str) -> list[str]:
+    from selbench.sweep import split_methods
+
+    try:
+        items = split_methods(value)
+    except SelbenchError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if not items:
+        raise click.BadParameter("empty list", param_hint="--methods")
+    return items
+
+
 @main.command()
 @click.option(
     "--methods",
     required=True,
-    callback=_list(str, "--methods"),
+    callback=_method_list,
     help="Comma-separated strategy names, e.g. tldr,clip_score,random; `all` runs every "
-    "registered strategy.",
+    "registered strategy. A method with parameters is NAME(KEY=VALUE,...), e.g. "
+    "'tldr(refine=false)', as `selbench run -p KEY=VALUE` would set them.",
 )
 @click.option(
     "--budgets",
@@ -768,6 +781,15 @@ def _list(kind: type, option: str):
     show_default=True,
     help="Directory for --leaderboard's files.",
 )
+@click.option(
+    "--compare-with",
+    "compare_with",
+    default=None,
+    metavar="EXPERIMENT",
+    help="With --leaderboard: also rank the methods on this MLflow experiment (a sweep of "
+    "another configuration) and report Kendall's tau per budget, as `selbench leaderboard "
+    "--compare-with` does.",
+)
 @friendly_errors
 def sweep(
     methods,
@@ -782,6 +804,7 @@ def sweep(
     device,
     board_name,
     out,
+    compare_with,
 ) -> None:
     """Run methods x budgets x seeds as nested MLflow runs under one sweep run.
 
@@ -794,6 +817,18 @@ def sweep(
     from selbench import sweep as sw
     from selbench.progress import RichProgress
 
+    if compare_with:
+        from selbench import leaderboard as lb
+
+        if not board_name:
+            raise click.UsageError("--compare-with needs --leaderboard NAME (the page it goes on)")
+        kind, sep, name = compare_with.partition(":")
+        name = name if sep and kind in ("experiment", "pool") else compare_with
+        if not (sep and kind == "pool") and not lb.experiment_exists(name):
+            raise click.BadParameter(
+                f"no MLflow experiment {name!r} to compare with; run its sweep first",
+                param_hint="--compare-with",
+            )
     requested = list(methods)
     if methods == ["all"]:
         from selbench.registry import get_registry
@@ -853,6 +888,7 @@ def sweep(
                 "--protocol", protocol, "--full-pool" if full_pool else "--no-full-pool",
                 *(["--eval", eval_suite] if eval_suite else []),
                 "--experiment", experiment, "--leaderboard", board_name, "--out", str(out),
+                *(["--compare-with", compare_with] if compare_with else []),
             ]
         )  # fmt: skip
         intro = [
@@ -873,6 +909,7 @@ def sweep(
             intro,
             run_ids={cell.run_id for cell in result.cells},
             source="`selbench sweep --leaderboard`",
+            compare_with=compare_with,
         )
 
 

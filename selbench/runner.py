@@ -553,6 +553,7 @@ def _stage_select(run: _Run) -> dict[str, Any]:
         strategy=run.info.name,
         needs=frozenset(run.info.cls.needs),
         image_size=training_image_size(run.scale),
+        truth=pool.ground_truth if pool.has_ground_truth() else None,
         services=EmbeddingService(
             pool.strategy_view(),
             run.device,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
@@ -31,6 +31,9 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "embeddings": ("embeddings", "embed_images"),
     "proxy": ("proxy",),
     "target": ("target",),
+    # Oracles only: the pool's recorded pathology labels (SynthWeb). A method that reads
+    # them is an upper bound for comparison, not a selection method one could deploy.
+    "ground_truth": ("ground_truth",),
 }
 
 
@@ -165,12 +168,15 @@ class SelectionContext:
     strategy: str = ""
     needs: frozenset[str] | None = None
     image_size: int | None = None
+    # The harness sets this to the pool's ground truth loader when the pool records one
+    # (SynthWeb); only strategies that declare "ground_truth" may call it.
+    truth: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
-    def _service(self, method: str) -> Any:
+    def _check_need(self, method: str) -> None:
         if self.needs is not None:
             need = next(n for n, methods in NEEDS.items() if method in methods)
             if need not in self.needs:
@@ -179,6 +185,9 @@ class SelectionContext:
                     f"declaring {need!r} in `needs` (declared: {sorted(self.needs)}); add "
                     f"needs = frozenset({{{need!r}, ...}}) to the strategy class"
                 )
+
+    def _service(self, method: str) -> Any:
+        self._check_need(method)
         if self.services is None:
             raise RuntimeError(
                 "this SelectionContext has no embedding service; build it with "
@@ -206,6 +215,19 @@ class SelectionContext:
         """The prepared proxy model (``.model``, ``.preprocess``, ``.tokenizer``,
         ``.encode``, ``.weights_digest``). Declare ``"proxy"`` in ``needs``."""
         return self._service("proxy").embedder(embedder)
+
+    def ground_truth(self) -> Mapping[str, Mapping[str, Any]]:
+        """The pool's recorded ground truth per uid (SynthWeb: ``pathology`` and the
+        scene), for oracles that bound what a selection could reach. Declare
+        ``"ground_truth"`` in ``needs``; a pool that records none raises ConfigError."""
+        self._check_need("ground_truth")
+        if self.truth is None:
+            raise ConfigError(
+                f"strategy {self.strategy or '<unnamed>'!r} reads the pool's ground truth, "
+                f"and pool {getattr(self.pool, 'name', '?')!r} records none: only SynthWeb "
+                "pools do (docs/synthweb.md)"
+            )
+        return self.truth()
 
 
 SYNTHETIC_PREFIX = "synth:"

@@ -43,7 +43,9 @@ class Cell:
     @property
     def label(self) -> str:
         r = self.request
-        return f"{r.method} budget={r.budget:g} seed={r.seed}"
+        given = ",".join(f"{k}={v}" for k, v in r.params.items())
+        method = f"{r.method}({given})" if given else r.method
+        return f"{method} budget={r.budget:g} seed={r.seed}"
 
 
 @dataclass
@@ -54,6 +56,47 @@ class SweepResult:
 
     def count(self, status: str) -> int:
         return sum(c.status == status for c in self.cells)
+
+
+def split_methods(value: str) -> list[str]:
+    """``"random,tldr(refine=false,clusters=1)"`` -> ``["random", "tldr(refine=false,
+    clusters=1)"]``: commas inside parentheses belong to a method's parameters."""
+    specs, depth, current = [], 0, []
+    for char in value:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                raise ConfigError(f"unbalanced ')' in the method list {value!r}")
+        if char == "," and depth == 0:
+            specs.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise ConfigError(f"unclosed '(' in the method list {value!r}")
+    specs.append("".join(current).strip())
+    return [spec for spec in specs if spec]
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"tldr(refine=false, clusters=1)"`` -> ``("tldr", {"refine": "false", "clusters":
+    "1"})``; a bare name has no parameters. Values are parsed by the strategy's Params, as
+    ``selbench run -p KEY=VALUE`` values are."""
+    name, paren, rest = spec.partition("(")
+    name = name.strip()
+    if not paren:
+        return name, {}
+    if not rest.endswith(")"):
+        raise ConfigError(f"method {spec!r}: write parameters as NAME(KEY=VALUE,...)")
+    params: dict[str, str] = {}
+    for item in split_methods(rest[:-1]):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"method {spec!r}: expected KEY=VALUE, got {item!r}")
+        params[key.strip()] = value.strip()
+    return name, params
 
 
 def plan(
@@ -79,12 +122,14 @@ def plan(
     if full_pool and ("random", 1.0) not in combos:
         combos.append(("random", 1.0))
     cells = []
-    for method, budget in combos:
+    for spec, budget in combos:
+        method, given = parse_method_spec(spec)
         info = registry.get(method)  # unknown names fail here, naming the method
-        params = parse_params(info.cls, {})
+        params = parse_params(info.cls, given)  # unknown or invalid values fail here
         for seed in seeds:
             request = RunRequest(
                 method=method,
+                params=given,
                 budget=budget,
                 seed=int(seed),
                 pool=pool,

@@ -145,6 +145,17 @@ class RecordingServices:
         out = np.asarray(rows, dtype=np.float32)
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
+    def ground_truth(self) -> dict[str, dict[str, str]]:
+        """SynthWeb-like labels: about 60% of the pool ``clean``, the rest ``misaligned``
+        (seeded by the pool, so the same pool has the same labels)."""
+        self.used.add("ground_truth")
+        rng = np.random.default_rng(int(self.pool.fingerprint[:8], 16))
+        noisy = rng.random(len(self.pool)) < 0.4
+        return {
+            uid: {"pathology": "misaligned" if bad else "clean"}
+            for uid, bad in zip(self.pool.uids, noisy, strict=True)
+        }
+
     def embedder(self, spec: str = "proxy") -> Any:
         self.used.add("proxy")
         if self._proxy is None:
@@ -214,6 +225,7 @@ def _run(
             strategy=name,
             needs=frozenset(type(strategy).needs),
             image_size=image_size,
+            truth=services.ground_truth,
         )
         try:
             selection = type(strategy)(strategy.params).select(ctx)

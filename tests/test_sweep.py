@@ -156,3 +156,33 @@ def test_failed_cells_are_recorded_and_retried(tmp_path, monkeypatch):
         EXPERIMENT,
     )  # fmt: skip
     assert second.count("done") == 1
+
+
+def test_methods_with_parameters_are_their_own_cells():
+    assert sw.split_methods("random, tldr(refine=false,clusters=1),clip_score") == [
+        "random",
+        "tldr(refine=false,clusters=1)",
+        "clip_score",
+    ]
+    assert sw.parse_method_spec("tldr(refine=false, clusters=1)") == (
+        "tldr",
+        {"refine": "false", "clusters": "1"},
+    )
+    cells = sw.plan(["tldr", "tldr(refine=false)"], [0.25], [0], full_pool=False)
+    plain, variant = cells
+    assert variant.request.params == {"refine": "false"} and plain.key != variant.key
+    assert variant.label == "tldr(refine=false) budget=0.25 seed=0"
+    # the same cell as `selbench run --method tldr -p refine=false`
+    from selbench.registry import get_registry
+    from selbench.runner import RunRequest, cell_key
+    from selbench.strategy import parse_params
+
+    request = RunRequest(method="tldr", budget=0.25, seed=0, params={"refine": "false"})
+    params = parse_params(get_registry().get("tldr").cls, {"refine": "false"})
+    assert cell_key(request, params) == variant.key
+    with pytest.raises(ConfigError, match="unclosed"):
+        sw.split_methods("tldr(refine=false")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        sw.plan(["tldr(refine)"], [0.25], [0])
+    with pytest.raises(ConfigError, match="nope"):
+        sw.plan(["tldr(nope=1)"], [0.25], [0])
