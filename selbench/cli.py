@@ -709,6 +709,7 @@ def _list(kind: type, option: str):
 
 
 def _method_list(ctx, param, value: str) -> list[str]:
+    _quiet_libraries()  # before the import below pulls in the libraries it quiets (tqdm)
     from selbench.sweep import split_methods
 
     try:

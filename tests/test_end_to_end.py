@@ -157,3 +157,11 @@ def test_embedding_strategies_share_one_cache_entry(tiny):
     )
     # clip_score keeps the best-aligned pairs: its scores are logged with the selection
     assert set(first.selection.uids) <= set(second.selection.uids)
+
+
+def test_oracle_gets_the_ground_truth_from_the_harness_and_keeps_only_clean_pairs(tiny):
+    outcome = execute(_request(tiny, method="oracle"))
+    assert outcome.metrics["diag/kept/clean"] > 0
+    noisy = [k for k in outcome.metrics if k.startswith("diag/kept/") and k != "diag/kept/clean"]
+    assert noisy and all(outcome.metrics[k] == 0 for k in noisy)
+    assert outcome.metrics["strategy/filled"] == 0

@@ -186,3 +186,31 @@ def test_methods_with_parameters_are_their_own_cells():
         sw.plan(["tldr(refine)"], [0.25], [0])
     with pytest.raises(ConfigError, match="nope"):
         sw.plan(["tldr(nope=1)"], [0.25], [0])
+
+
+def test_compare_with_is_checked_before_any_cell_runs():
+    runner = CliRunner()
+    args = ["sweep", "--methods", "random", "--budgets", "0.25", "--seeds", "0"]
+    result = runner.invoke(
+        main, [*args, "--compare-with", "no-such-experiment", "--leaderboard", "x"]
+    )
+    assert result.exit_code == 2 and "no MLflow experiment 'no-such-experiment'" in result.output
+    result = runner.invoke(main, [*args, "--compare-with", "selbench"])
+    assert result.exit_code == 2 and "--compare-with needs --leaderboard" in result.output
+    assert not runs_by_status()  # nothing ran
+
+
+@pytest.mark.slow
+def test_sweep_output_has_no_third_party_progress_bars(tmp_path):
+    # CLIP_benchmark's tqdm bars once leaked into every cell's output: the --methods
+    # parser imported the harness (and tqdm) before the CLI quieted it.
+    pool, scale = make_tiny_pool(tmp_path), make_tiny_scale(tmp_path)
+    command = [
+        sys.executable, "-m", "selbench.cli", "sweep", "--methods", "random", "--budgets",
+        "0.25", "--seeds", "0", "--pool", str(pool), "--scale", str(scale), "--experiment",
+        EXPERIMENT, "--no-full-pool",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "it/s" not in done.stderr and "random budget=0.25 seed=0: done" in done.stderr
