@@ -345,9 +345,11 @@ def methods() -> None:
 @click.option(
     "--embedder",
     "-e",
-    default="proxy",
+    default="reference",
     show_default=True,
-    help="Embedder spec: proxy, or open_clip:ARCH:/path/to/weights.pt.",
+    help="Embedder spec: reference (the default of the strategies that embed: SynthWeb's "
+    "reference model, or the checkpoint the pool YAML names), proxy, proxy:RECIPE, or "
+    "open_clip:ARCH:/path/to/weights.pt (`selbench methods` lists them).",
 )
 @click.option("--device", default=None, help="torch device; default cuda when available.")
 @click.option(

@@ -286,3 +286,18 @@ def test_each_embedder_spec_gets_its_own_mlflow_key():
     assert len(set(keys)) == len(keys)
     assert keys[:2] == ["proxy", "proxy_scorer"]
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+", k) for k in keys)
+
+
+def test_embed_without_embedder_fills_the_entry_the_strategies_default_to(tiny_pool):
+    # `selbench embed` warms the cache the runs will read: the strategies that embed
+    # default to the reference model, so the command does too.
+    from click.testing import CliRunner
+
+    from selbench.cli import main
+
+    result = CliRunner().invoke(main, ["embed", "--pool", str(tiny_pool)])
+    assert result.exit_code == 0, result.output
+    assert "computed: entry" in result.output and "reference" in result.output
+    service, _ = _service(tiny_pool)
+    service.embeddings("reference")
+    assert service.usage["reference"]["hit"]
