@@ -150,11 +150,8 @@ def test_embedding_strategies_share_one_cache_entry(tiny):
     assert runs.loc[first.run_id, "params.embeddings.reference.spec"] == spec
     assert runs.loc[first.run_id, "params.embeddings.reference.hit"] == "False"
     assert runs.loc[second.run_id, "params.embeddings.reference.hit"] == "True"
-    # On this 320-sample pool fixed costs (building the model) dominate; on the default
-    # pool the hit costs under 1% of the first pass (docs/cache.md).
-    assert runs.loc[second.run_id, "metrics.embeddings/reference/seconds"] < (
-        0.25 * runs.loc[first.run_id, "metrics.embeddings/reference/seconds"]
-    )
+    # (What a hit saves is measured by benchmarks, not asserted here: on this 320-sample
+    # pool the first pass takes a fraction of a second, and timings are noise.)
     # clip_score keeps the best-aligned pairs: its scores are logged with the selection
     assert set(first.selection.uids) <= set(second.selection.uids)
 
