@@ -403,6 +403,13 @@ class Recorder:
                 "`mlflow ui` or `selbench leaderboard` lists runs"
             ) from None
 
+    @staticmethod
+    def experiment_name(experiment_id: str) -> str:
+        """The name of the experiment with id ``experiment_id``."""
+        import mlflow
+
+        return mlflow.get_experiment(experiment_id).name
+
     def search(self, filter_string: str = "", pandas: bool = False):
         """Runs of this recorder's experiment (a list of runs, or a pandas frame)."""
         import mlflow

@@ -1,0 +1,258 @@
+"""What a run is: the request, the method's spec and label, and the keys that name a run.
+
+Everything that needs a run's identity imports this module, not the orchestrator: the CLI
+and sweeps parse ``--method``/``--methods`` with :class:`MethodSpec`, runs log the label
+it formats, the leaderboard reads that label back with the same :meth:`MethodSpec.parse`,
+and the conformance kit names its cases with it. It is the one codec for
+``NAME(KEY=VALUE,...)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+import numpy as np
+
+from selbench.errors import ConfigError
+from selbench.tracking import DEFAULT_EXPERIMENT
+
+# How a run executes, not what it measures: a resumed run may change these (train on
+# another node, with more GPUs) without becoming a different benchmark cell.
+EXECUTION_SETTINGS = ("device", "nproc_per_node", "launcher")
+
+
+@dataclass
+class RunRequest:
+    """What the user asked for (``selbench run`` options)."""
+
+    method: str
+    budget: float
+    seed: int = 0
+    pool: str = "synthweb"
+    scale: str = "tiny"
+    protocol: str = "fixed-compute"
+    params: dict[str, Any] = field(default_factory=dict)
+    experiment: str = DEFAULT_EXPERIMENT
+    device: str | None = None
+    target: str | None = None  # target data for target-aware methods; default: the pool's
+    engine: str | None = None  # training engine; default: the scale's
+    nproc_per_node: int = 1  # training processes (open_clip engine, under torchrun)
+    launcher: str = "torchrun"  # open_clip engine: torchrun on this node, or srun (SLURM)
+    eval_suite: str | None = None  # configs/evals/NAME or a YAML; default: the pool's sets
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRequest:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class MethodSpecError(ConfigError):
+    """A method expression that does not parse; the message points at the position."""
+
+    def __init__(self, text: str, position: int, problem: str) -> None:
+        self.text, self.position, self.problem = text, position, problem
+        pointer = " " * (position + 2) + "^"
+        super().__init__(f"method {text!r}: {problem} at position {position}\n  {text}\n{pointer}")
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/\-]*")
+_KEY = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_.]*)\s*=")
+_CLOSE = {"(": ")", "[": "]", "{": "}"}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A strategy and the parameters given to it, ``NAME(KEY=VALUE,...)``.
+
+    Values stay strings, exactly as written: the strategy's ``Params`` parse them, as they
+    parse ``selbench run -p KEY=VALUE``. :meth:`format` writes the canonical label (keys
+    sorted, no spaces around separators), so two specs that differ only in spacing or order
+    have one label.
+    """
+
+    name: str
+    params: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> MethodSpec:
+        """``"tldr(refine=false, clusters=1)"`` -> ``MethodSpec("tldr", {"refine": "false",
+        "clusters": "1"})``. A comma separates parameters only outside brackets and quotes
+        and when a ``KEY=`` follows it; otherwise it belongs to the value (labels written by
+        older versions hold such values). Errors name the position."""
+        parser = _Parser(text)
+        spec = parser.method()
+        parser.end()
+        return spec
+
+    @classmethod
+    def from_params(
+        cls, name: str, params: Mapping[str, Any], defaults: Mapping[str, Any]
+    ) -> MethodSpec:
+        """The spec a run's label shows: ``name`` and the parameters that differ from the
+        strategy's defaults, each value as ``str()`` writes it."""
+        changed = {k: str(v) for k, v in params.items() if defaults.get(k) != v}
+        return cls(name, changed)
+
+    def format(self) -> str:
+        """The canonical label, ``name`` or ``name(k=v,k2=v2)`` with keys sorted."""
+        if not self.params:
+            return self.name
+        return f"{self.name}(" + ",".join(f"{k}={self.params[k]}" for k in sorted(self.params)) + ")"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+class _Parser:
+    """A small recursive-descent reader over one method expression.
+
+    Written by hand: the grammar is a few rules, and its errors must point at a position
+    in the user's text, which no lighter tool here gives."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.pos = text, 0
+
+    def fail(self, problem: str, position: int | None = None) -> MethodSpecError:
+        return MethodSpecError(self.text, self.pos if position is None else position, problem)
+
+    def skip_space(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def end(self) -> None:
+        self.skip_space()
+        if self.pos != len(self.text):
+            raise self.fail(f"unexpected {self.text[self.pos]!r}")
+
+    def method(self) -> MethodSpec:
+        self.skip_space()
+        match = _NAME.match(self.text, self.pos)
+        if match is None:
+            raise self.fail("expected a method name")
+        self.pos = match.end()
+        name = match.group()
+        self.skip_space()
+        if self.pos >= len(self.text) or self.text[self.pos] != "(":
+            return MethodSpec(name)
+        opened = self.pos
+        self.pos += 1
+        params: dict[str, str] = {}
+        self.skip_space()
+        if self.pos < len(self.text) and self.text[self.pos] == ")":
+            self.pos += 1
+            return MethodSpec(name, params)
+        while True:
+            key = _KEY.match(self.text, self.pos)
+            if key is None:
+                raise self.fail("expected KEY=VALUE")
+            if key.group(1) in params:
+                raise self.fail(f"parameter {key.group(1)!r} given twice")
+            self.pos = key.end()
+            params[key.group(1)] = self.value(opened)
+            if self.text[self.pos] == ")":
+                self.pos += 1
+                return MethodSpec(name, params)
+            self.pos += 1  # the comma before the next KEY=
+
+    def value(self, opened: int) -> str:
+        """Characters up to the ``)`` that closes the parameters, or a ``,`` before the next
+        ``KEY=``; brackets and quotes inside a value nest."""
+        start, stack, quote = self.pos, [], None
+        while self.pos < len(self.text):
+            char = self.text[self.pos]
+            if quote:
+                quote = None if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char in _CLOSE:
+                stack.append(_CLOSE[char])
+            elif stack and char == stack[-1]:
+                stack.pop()
+            elif not stack and char == ")":
+                return self.text[start : self.pos].strip()
+            elif not stack and char == "," and _KEY.match(self.text, self.pos + 1):
+                return self.text[start : self.pos].strip()
+            self.pos += 1
+        raise self.fail("unclosed '('", opened)
+
+
+def split_methods(value: str) -> list[str]:
+    """``"random,tldr(refine=false,clusters=1)"`` -> ``["random", "tldr(refine=false,
+    clusters=1)"]``: a list of method expressions; commas inside brackets belong to them."""
+    items, depth, start = [], 0, 0
+    for position, char in enumerate(value):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+            if depth < 0:
+                raise MethodSpecError(value, position, "unbalanced ')'")
+        elif char == "," and depth == 0:
+            items.append(value[start:position].strip())
+            start = position + 1
+    if depth:
+        raise MethodSpecError(value, len(value), "unclosed '('")
+    items.append(value[start:].strip())
+    return [item for item in items if item]
+
+
+class _Dumpable(Protocol):
+    def model_dump(self, *, mode: str = ...) -> dict[str, Any]: ...
+
+
+def cell_key(request: RunRequest, params: _Dumpable) -> str:
+    """sha256 of the resolved configuration of a run: method, every parameter (defaults
+    filled in), budget, seed, pool, scale, protocol, target. Runs with the same key are
+    the same benchmark cell; ``selbench sweep`` skips a cell that already has one."""
+    resolved: dict[str, Any] = {
+        "method": request.method,
+        "params": params.model_dump(mode="json"),
+        "budget": float(request.budget),
+        "seed": int(request.seed),
+        "pool": request.pool,
+        "scale": request.scale,
+        "protocol": request.protocol,
+        "target": request.target,
+    }
+    if request.engine is not None:  # only when overridden, so older cells keep their key
+        resolved["engine"] = request.engine
+    if request.eval_suite is not None:
+        resolved["eval"] = request.eval_suite
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def selection_hash(uids: list[str]) -> str:
+    """sha256 of the sorted selected uids: equal for equal subsets, whatever their order."""
+    return hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()
+
+
+def usage_key(spec: str) -> str:
+    """The MLflow key of an embedder spec, one per spec: ``proxy`` -> ``proxy``,
+    ``proxy:scorer`` -> ``proxy_scorer``; a spec with a path or other characters MLflow
+    keys cannot hold -> its name and a hash of the whole spec (``open_clip_1a2b3c4d``)."""
+    name, _, args = spec.partition(":")
+    if not args:
+        return name
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,40}", args):
+        return f"{name}_{args}"
+    return f"{name}_{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+
+def default_device() -> str:
+    import torch  # imported here: identity needs no torch until a device is asked for
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_seeds(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
