@@ -28,11 +28,14 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from selbench.errors import SelbenchError
+
+if TYPE_CHECKING:
+    from selbench.progress import Tracker
 
 # CoCa's loss weights: the paper's Section 4.1 (lambda_Cap = 2, lambda_Con = 1), also
 # open_clip_train's --coca-caption-loss-weight / --coca-contrastive-loss-weight defaults.
@@ -386,7 +389,7 @@ def evaluate_captioning(
     name: str,
     device: str,
     settings: DecodeSettings | None = None,
-    progress: Any = None,
+    progress: Tracker | None = None,
 ) -> dict[str, float]:
     """Caption every image of ``loader`` (batches of ``(images, list of reference lists)``,
     CLIP_benchmark's retrieval/captioning collate) and score the captions."""

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,10 @@ import pyarrow.parquet as pq
 from selbench.embedders import Embedder
 from selbench.errors import ConfigError, PoolError
 from selbench.paths import selbench_home
+
+if TYPE_CHECKING:
+    from selbench.progress import Tracker
+    from selbench.strategy import PoolView
 
 MODELS = {"b32": "OpenAI CLIP ViT-B/32", "l14": "OpenAI CLIP ViT-L/14"}
 
@@ -138,7 +142,7 @@ class DataCompFeaturesEmbedder(Embedder):
     def architecture(self) -> str:
         return self.key
 
-    def prepare(self, pool: Any, device: str, progress: Any) -> None:
+    def prepare(self, pool: PoolView, device: str, progress: Tracker) -> None:
         self.device = device
         self.weights_digest = self.metadata.digest(self.key)
         self.details = {"features": MODELS[self.key], "metadata": str(self.metadata.root)}
@@ -151,7 +155,7 @@ class DataCompFeaturesEmbedder(Embedder):
         )
 
     def precomputed_batches(
-        self, pool: Any, start: int, batch_size: int
+        self, pool: PoolView, start: int, batch_size: int
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The pool's features from row ``start`` on, in pool order, ``batch_size`` rows at
         a time. The metadata files are not in pool order, so the features are gathered

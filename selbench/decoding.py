@@ -35,7 +35,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
 import cv2
 import numpy as np
@@ -65,7 +65,7 @@ def decode_image_bytes(data: bytes) -> Image.Image:
     does; PIL's own ``convert("RGB")`` clips it at 255, which turns almost every such
     image white. The first frame of an animation is used; EXIF orientation is not applied.
     """
-    image = Image.open(io.BytesIO(data))
+    image: Image.Image = Image.open(io.BytesIO(data))
     image.load()
     if image.mode in _WIDE_MODES:
         wide = np.asarray(image).astype(np.int64)
@@ -103,7 +103,7 @@ class DecodeError(RuntimeError):
         self.position = position
 
 
-def _read_exact(stream: Any, size: int) -> bytes:
+def _read_exact(stream: IO[bytes], size: int) -> bytes:
     data = b""
     while len(data) < size:
         chunk = stream.read(size - len(data))
@@ -146,7 +146,7 @@ def _shared_folder() -> str | None:
     return "/dev/shm" if stats.f_bavail * stats.f_frsize >= 1 << 30 else None
 
 
-def _serve(stdin: Any, stdout: Any, in_fd: int, out_fd: int) -> None:
+def _serve(stdin: IO[bytes], stdout: IO[bytes], in_fd: int, out_fd: int) -> None:
     """The helper's loop: decode each batch handed over until stdin closes."""
     source, target = _Region(in_fd), _Region(out_fd)
     stdout.write(b"R")  # ready
@@ -198,6 +198,8 @@ class _Helper:
             pass_fds=(in_fd, out_fd),
             env=env,
         )
+        assert self.process.stdin is not None and self.process.stdout is not None  # PIPEs
+        self.requests, self.replies = self.process.stdin, self.process.stdout
         self.ready = False
 
     def alive(self) -> bool:
@@ -205,7 +207,7 @@ class _Helper:
 
     def _wait_ready(self) -> None:
         if not self.ready:
-            if self.process.stdout.read(1) != b"R":
+            if self.replies.read(1) != b"R":
                 raise DecodeError(self._exit_message())
             self.ready = True
 
@@ -226,10 +228,8 @@ class _Helper:
             position += len(data)
             sizes[i], pngs[i] = len(data), ext == "png"
         try:
-            self.process.stdin.write(
-                _REQUEST.pack(len(items), used) + sizes.tobytes() + pngs.tobytes()
-            )
-            self.process.stdin.flush()
+            self.requests.write(_REQUEST.pack(len(items), used) + sizes.tobytes() + pngs.tobytes())
+            self.requests.flush()
         except (BrokenPipeError, OSError):
             raise DecodeError(self._exit_message()) from None
 
@@ -238,11 +238,11 @@ class _Helper:
         valid until the next :meth:`submit`."""
         try:
             self._wait_ready()
-            status, count, size = _REPLY.unpack(_read_exact(self.process.stdout, _REPLY.size))
+            status, count, size = _REPLY.unpack(_read_exact(self.replies, _REPLY.size))
             if status == _FAILED:
-                message = _read_exact(self.process.stdout, size).decode(errors="replace")
+                message = _read_exact(self.replies, size).decode(errors="replace")
                 raise DecodeError(message, position=count)
-            shapes = np.frombuffer(_read_exact(self.process.stdout, 8 * count), dtype="<u4")
+            shapes = np.frombuffer(_read_exact(self.replies, 8 * count), dtype="<u4")
         except EOFError:
             raise DecodeError(self._exit_message()) from None
         pixels = np.frombuffer(self.target.ensure(size, grow=False), np.uint8, size)
@@ -255,7 +255,7 @@ class _Helper:
 
     def close(self) -> None:
         try:
-            self.process.stdin.close()
+            self.requests.close()
         except OSError:
             pass
         try:
@@ -263,7 +263,7 @@ class _Helper:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.process.stdout.close()
+        self.replies.close()
         for handle in self._files:
             handle.close()
 

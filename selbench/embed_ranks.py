@@ -1,11 +1,13 @@
-"""Embedding passes shared by several processes under torchrun (``torch.distributed.run``).
+"""``selbench embed``, in one process or shared by several under torchrun
+(``torch.distributed.run``): :func:`embed_command`.
 
 ``selbench embed --nproc-per-node N`` re-launches itself as N torchrun ranks on this host
 (:func:`launch`); on a cluster, start ``torchrun ... -m selbench.cli embed ...`` on every
 node instead. Each rank joins the process group torchrun describes in its environment
 (:func:`join_torchrun`) and calls the embedding cache with a :class:`~selbench.cache.Ranks`:
 the ranks split the entry's chunks, and rank 0 assembles the entry once all are done
-(docs/scale-out-embedding.md).
+(docs/scale-out-embedding.md). A single process is a world of one rank and takes the
+same steps.
 
 The process group: gloo on CPU; on GPU the default group is NCCL, one GPU per local rank,
 and the few small messages the ranks exchange (a hit, each share's outcome) go through a
@@ -14,16 +16,23 @@ gloo group beside it, so they need no GPU tensors.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from selbench.cache import Ranks
+from selbench.cache import Ranks, one_rank
 from selbench.errors import ConfigError, SelbenchError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from selbench.embedders import Embeddings
 
 # A rank that finishes its share waits in a collective for the slowest one, which after a
 # resume may have hours left; a rank that dies instead ends the job through torchrun.
@@ -93,7 +102,8 @@ def join_torchrun(device: str) -> Ranks:
         if gpu:
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl" if gpu else "gloo", timeout=GROUP_TIMEOUT)
-    messages = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)
+    # new_group returns a marker instead of a group only on ranks outside the group.
+    messages = cast(dist.ProcessGroup, dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT))
     world_size = dist.get_world_size()
 
     def all_gather(value: Any) -> list[Any]:
@@ -127,3 +137,92 @@ def rank_zero_first(ranks: Ranks, work: Callable[[], Any], what: str) -> Any:
     if ranks.rank != 0:
         result = work()
     return result
+
+
+@dataclass(frozen=True)
+class EmbedOutcome:
+    """What ``selbench embed`` did in this process: the line to print (rank 0 or the only
+    process; None elsewhere), or the exit code of the torchrun it launched."""
+
+    message: str | None = None
+    exit_code: int = 0
+
+
+def embed_command(
+    pool: str,
+    embedder: str,
+    device: str | None,
+    chunk_size: int,
+    nproc_per_node: int | None,
+    console: Console,
+) -> EmbedOutcome:
+    """Fill the embedding cache entry of ``pool`` by ``embedder`` (progress bars on
+    ``console``): here, as one torchrun rank, or by launching ``nproc_per_node`` ranks."""
+    if nproc_per_node is not None:
+        if under_torchrun():
+            raise SelbenchError(
+                "--nproc-per-node launches torchrun, but this is already a torchrun rank; "
+                "leave the option out under torchrun"
+            )
+        args = ["embed", "--pool", pool, "--embedder", embedder, "--chunk-size", str(chunk_size)]
+        if device is not None:
+            args += ["--device", device]
+        return EmbedOutcome(exit_code=launch(nproc_per_node, args))
+    if not under_torchrun():
+        from selbench.run.spec import default_device
+
+        return _embed(pool, embedder, device or default_device(), chunk_size, console, one_rank())
+    device = rank_device(device)
+    ranks = join_torchrun(device)
+    try:
+        return _embed(pool, embedder, device, chunk_size, console, ranks)
+    finally:
+        leave_torchrun()
+
+
+def _embed(
+    pool: str, embedder: str, device: str, chunk_size: int, console: Console, ranks: Ranks
+) -> EmbedOutcome:
+    """Rank 0 generates the pool and prepares the embedder first (the other ranks then
+    find both on disk); then the ranks split the entry's chunks."""
+    from selbench.embedders import EmbeddingService
+    from selbench.pools import resolve_pool
+    from selbench.progress import NullProgress, RichProgress
+    from selbench.registry import get_registry
+
+    with RichProgress(console) if ranks.leader else contextlib.nullcontext() as shown:
+        progress = shown if shown is not None else NullProgress()
+        resolved = rank_zero_first(
+            ranks,
+            lambda: resolve_pool(pool, progress=progress.counter("Generating SynthWeb")),
+            "resolving the pool",
+        )
+        service = EmbeddingService(
+            resolved.pool.strategy_view(),
+            device,
+            get_registry().make_embedder,
+            progress,
+            chunk_size=chunk_size,
+            ranks=ranks,
+        )
+        rank_zero_first(ranks, lambda: service.embedder(embedder), "preparing the embedder")
+        found = service.embeddings(embedder)
+    if not ranks.leader:
+        return EmbedOutcome()
+    return EmbedOutcome(embedded_message(found, service.usage[embedder], ranks.world_size))
+
+
+def embedded_message(found: Embeddings, usage: dict[str, Any], world_size: int = 1) -> str:
+    """The line ``selbench embed`` prints: hit or computed (by how many ranks, resumed
+    from where), the entry's id and shape, the time taken and the embedder id."""
+    verdict = "cache hit" if usage["hit"] else "computed"
+    if world_size > 1:
+        verdict += f" by {world_size} ranks"
+    if usage["resumed_from"] and world_size > 1:
+        verdict += f" (resumed: {usage['resumed_from']} samples were done already)"
+    elif usage["resumed_from"]:
+        verdict += f" (resumed from sample {usage['resumed_from']})"
+    return (
+        f"{verdict}: entry {found.entry_id} ({found.image.shape[0]} x {found.image.shape[1]}, "
+        f"{usage['total_seconds']:.1f} s) for embedder {found.embedder_id}"
+    )

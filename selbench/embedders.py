@@ -34,8 +34,9 @@ from selbench.decoding import (
     helpers_enabled,
     release_helpers,
 )
-from selbench.errors import ConfigError, PoolError
+from selbench.errors import ConfigError, PoolError, UndecodableImageError
 from selbench.progress import NullProgress
+from selbench.strategy import SelectionServices
 
 ENCODE_BATCH = 512
 
@@ -116,7 +117,7 @@ def _normalize_params(preprocess: Any) -> tuple[int, tuple, tuple] | None:
             mean, std = tuple(t.mean), tuple(t.std)
         elif kind not in ("MaybeConvertMode", "MaybeToTensor", "ToTensor"):
             return None
-    if size is None or mean is None:
+    if size is None or mean is None or std is None:
         return None
     return size, mean, std
 
@@ -140,8 +141,9 @@ def preprocess_batch(images: Sequence[Any], preprocess: Any) -> torch.Tensor:
     if params is not None:
         size, mean, std = params
         arrays = [_as_rgb_array(im, size) for im in images]
-        if arrays and all(a is not None for a in arrays):
-            batch = torch.from_numpy(np.stack(arrays)).float()  # (N, H, W, 3)
+        rgb = [a for a in arrays if a is not None]
+        if arrays and len(rgb) == len(arrays):
+            batch = torch.from_numpy(np.stack(rgb)).float()  # (N, H, W, 3)
             std_t = torch.tensor(std, dtype=torch.float64)
             scale = (1.0 / (255.0 * std_t)).float().repeat(size * size)
             shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).float().repeat(size * size)
@@ -289,14 +291,13 @@ def _decode_all(
     return [image for part in executor.map(decode_part, starts, chunks) for image in part]
 
 
-def _undecodable(uid: str, reason: str, pool: Any = None) -> PoolError:
+def _undecodable(uid: str, reason: str, pool: Any = None) -> UndecodableImageError:
     """The error for a sample whose image does not decode, naming its shard and member
     when the pool can say where the sample lives (``pool.locate``)."""
     locate = getattr(pool, "locate", None)
     where = f" ({locate(uid)})" if callable(locate) else ""
-    error = PoolError(f"sample {uid!r}{where}: its image cannot be decoded ({reason})")
-    error.uid, error.reason = uid, reason
-    return error
+    message = f"sample {uid!r}{where}: its image cannot be decoded ({reason})"
+    return UndecodableImageError(message, uid, reason)
 
 
 def _raw_batches(
@@ -394,9 +395,7 @@ def _batches_in_process(
         for position, uids, raw in _raw_batches(pool, start, batch_size):
             try:
                 decoded = _decode_all(raw, uids, executor, workers)
-            except PoolError as exc:
-                if not hasattr(exc, "uid"):
-                    raise
+            except UndecodableImageError as exc:
                 raise _undecodable(exc.uid, exc.reason, pool) from exc.__cause__
             images = preprocess_batch(decoded, preprocess)
             yield images, list(captions[position : position + len(raw)])
@@ -417,8 +416,9 @@ class Embeddings:
 
 
 @dataclass
-class EmbeddingService:
-    """Embeds a pool at most once per embedder, through the cache; what strategies call.
+class EmbeddingService(SelectionServices):
+    """Embeds a pool at most once per embedder, through the cache; what strategies call
+    (the :class:`~selbench.strategy.SelectionServices` of a run).
 
     ``usage`` records, per embedder spec, the cache entry, whether it was a hit and the
     seconds spent, for the run's MLflow record.

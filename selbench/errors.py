@@ -13,6 +13,14 @@ class PoolError(SelbenchError):
     """A pool cannot be read: missing directory, missing or corrupt shard."""
 
 
+class UndecodableImageError(PoolError):
+    """One sample's image does not decode; ``uid`` and ``reason`` say which and why."""
+
+    def __init__(self, message: str, uid: str, reason: str) -> None:
+        super().__init__(message)
+        self.uid, self.reason = uid, reason
+
+
 class UnknownMethodError(SelbenchError):
     """No strategy is registered under the requested name."""
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from selbench.configs import EvalSetConfig, EvalSuiteConfig, find_config, load_yaml_model
 from selbench.errors import PoolError
-from selbench.progress import NullProgress
+from selbench.progress import NullProgress, Progress
 
 RECALL_KS = (1, 5, 10)
 
@@ -312,7 +312,7 @@ def evaluate(
     tokenizer: Any,
     batch_size: int = 256,
     device: str = "cpu",
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """Run every eval set; return per-set metrics, ``{set}/main`` where the set names a
     main metric, ``mean_R1``, ``zeroshot_acc1`` and the ``datacomp/*`` summaries."""

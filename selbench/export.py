@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +37,11 @@ import pandas as pd
 
 from selbench.errors import SelbenchError
 from selbench.fileutil import temp_sibling
+from selbench.run.selection_io import SELECTION_COLUMNS, SELECTION_FILE, stored_selection
 
 #: DataComp's subset dtype (``u16`` in its resharder.py): two little-endian uint64 fields.
 DATACOMP_DTYPE = np.dtype("u8,u8")
 FORMATS = ("datacomp", "parquet", "shards")
-SELECTION_ARTIFACT = "selection.parquet"
-SELECTION_COLUMNS = ("uid", "caption", "train_caption", "score")
 _DATACOMP_UID = re.compile(r"[0-9a-fA-F]{32}")
 
 
@@ -137,15 +135,13 @@ def load_run_selection(run_id: str, recorder=None) -> pd.DataFrame:
     """The ``selection.parquet`` artifact of MLflow run ``run_id`` (selbench's store)."""
     recorder = recorder or _recorder()
     recorder.get_run(run_id)  # a SelbenchError naming the id when there is none
-    with tempfile.TemporaryDirectory(prefix="selbench-export-") as tmp:
-        try:
-            local = recorder.download(run_id, SELECTION_ARTIFACT, Path(tmp))
-        except Exception:
-            raise ExportError(
-                f"run {run_id} has no {SELECTION_ARTIFACT} artifact "
-                "(it stopped before its selection was logged)"
-            ) from None
-        return pd.read_parquet(local)
+    try:
+        return stored_selection(run_id)
+    except FileNotFoundError:
+        raise ExportError(
+            f"run {run_id} has no {SELECTION_FILE} artifact "
+            "(it stopped before its selection was logged)"
+        ) from None
 
 
 def write_selection_shards(run_id: str, selection: pd.DataFrame, out_dir: Path, recorder) -> Path:
@@ -155,7 +151,7 @@ def write_selection_shards(run_id: str, selection: pd.DataFrame, out_dir: Path, 
     must still be the pool the run selected from (same fingerprint)."""
     from selbench.materialize import materialize
     from selbench.pools import resolve_pool
-    from selbench.runner import selection_hash
+    from selbench.run.spec import selection_hash
 
     params = recorder.get_run(run_id).data.params
     spec, fingerprint = params.get("pool_spec"), params.get("pool_fingerprint")

@@ -87,6 +87,15 @@ def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
     return info
 
 
+def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The contents of ``member``, a regular file of ``tar``; a :class:`tarfile.TarError`
+    for a member that has none (a directory, a device)."""
+    handle = tar.extractfile(member)
+    if handle is None:
+        raise tarfile.TarError(f"tar member {member.name} is not a regular file")
+    return handle.read()
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old file or the new one, never a part."""
     path = Path(path)

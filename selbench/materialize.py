@@ -38,10 +38,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selbench.errors import PoolError, SelbenchError
-from selbench.fileutil import atomic_write_text, tar_member, temp_sibling
+from selbench.fileutil import atomic_write_text, read_member, tar_member, temp_sibling
+
+if TYPE_CHECKING:
+    from selbench.pools import ShardPool
 
 DEFAULT_SHARD_SIZE = 10_000  # DataComp resharder's --shard-size default
 MANIFEST = "manifest.json"
@@ -81,7 +84,7 @@ class Subset:
                         yield _sample(group)
                         group = {}
                     current = key
-                    group[ext] = tar.extractfile(member).read()
+                    group[ext] = read_member(tar, member)
                 if group:
                     yield _sample(group)
 
@@ -177,8 +180,8 @@ def write_shard(out_path: str, sources: Sequence[str], rows: Sequence[tuple], fi
         tmp.unlink(missing_ok=True)
         raise
     finally:
-        for handle in mapped.values():
-            handle.close()
+        for mapping in mapped.values():
+            mapping.close()
     return len(rows)
 
 
@@ -231,7 +234,7 @@ def _finish(
 
 
 def materialize(
-    pool: Any,
+    pool: ShardPool,
     uids: Sequence[str],
     train_captions: Sequence[str],
     captions: Sequence[str],

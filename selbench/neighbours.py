@@ -179,7 +179,7 @@ def knn(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(int(k), b.shape[0])
-    index = faiss.IndexFlatIP(b.shape[1])
+    index: faiss.Index = faiss.IndexFlatIP(b.shape[1])
     if use_faiss_gpu(use_gpu):
         if k <= GPU_MAX_K:
             index = faiss.index_cpu_to_all_gpus(index)

@@ -42,12 +42,12 @@ def die_with_parent() -> None:
 def allow_cpu_ddp() -> None:
     """Make ``DistributedDataParallel(module, device_ids=[cpu])`` mean what it says."""
     import torch
+    from torch.nn.parallel import DistributedDataParallel  # the patched one on a 2nd call
 
-    ddp = torch.nn.parallel.DistributedDataParallel
-    if getattr(ddp, "_selbench_cpu_friendly", False):
+    if getattr(DistributedDataParallel, "_selbench_cpu_friendly", False):
         return
 
-    class CpuFriendlyDDP(ddp):
+    class CpuFriendlyDDP(DistributedDataParallel):
         _selbench_cpu_friendly = True
 
         def __init__(self, module, device_ids=None, *args, **kwargs):
@@ -55,7 +55,8 @@ def allow_cpu_ddp() -> None:
                 device_ids = None
             super().__init__(module, device_ids, *args, **kwargs)
 
-    torch.nn.parallel.DistributedDataParallel = CpuFriendlyDDP
+    # Replacing torch's class is the point (open_clip_train builds its model with it).
+    torch.nn.parallel.DistributedDataParallel = CpuFriendlyDDP  # type: ignore[misc]
 
 
 def main() -> int:

@@ -121,12 +121,12 @@ def load_nlvr2(root: Path, split: str) -> ReasoningSplit:
         prefix = identifier.rsplit("-", 1)[0]
         directory = str(record.get("directory", ""))
         folders = [root / base / split / directory for base in ("images", "")]
-        pair = [_image(folders, f"{prefix}-img{side}") for side in (0, 1)]
-        if None in pair:
+        left, right = (_image(folders, f"{prefix}-img{side}") for side in (0, 1))
+        if left is None or right is None:
             out.skipped["missing_image"] = out.skipped.get("missing_image", 0) + 1
             continue
-        out.left.append(pair[0])
-        out.right.append(pair[1])
+        out.left.append(left)
+        out.right.append(right)
         out.sentences.append(sentence)
         out.labels.append(label)
     if not out.labels:

@@ -1,15 +1,21 @@
-"""Progress reporting: rich bars in the terminal, nothing in tests."""
+"""Progress reporting: rich bars in the terminal, nothing in tests.
+
+:class:`Progress` is what the harness's long steps (training, evaluation, building the
+reference model) report to; :class:`RichProgress` and :class:`NullProgress` implement it.
+:class:`Tracker`, its ``track`` alone, is all that the helpers strategies call too
+(training a model, loading a pool) ask for: a strategy's ``ctx.progress`` is one.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+from rich import progress as rich_progress
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -18,12 +24,39 @@ from rich.progress import (
 T = TypeVar("T")
 
 
+class Tracker(Protocol):
+    """Progress of iterations: what strategies are given (``selbench.strategy.Progress``)."""
+
+    def track(
+        self, iterable: Iterable[T], description: str, total: int | None = None
+    ) -> Iterator[T]:
+        """Yield ``iterable``'s items, advancing a bar called ``description``."""
+        ...
+
+
+class Progress(Tracker, Protocol):
+    """A progress display: bars for iterations and counts, notes, a status per bar."""
+
+    def counter(self, description: str) -> Callable[[int, int], None]:
+        """A ``callback(done, total)`` that drives one bar."""
+        ...
+
+    def note(self, message: str) -> None:
+        """Show one line of text."""
+        ...
+
+    def set_info(self, description: str, info: str) -> None:
+        """Show ``info`` beside the newest bar called ``description``."""
+        ...
+
+
 class RichProgress:
-    """Implements :class:`selbench.strategy.Progress` with rich progress bars."""
+    """Implements :class:`Progress` (and :class:`selbench.strategy.Progress`) with rich
+    progress bars."""
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
-        self._progress = Progress(
+        self._progress = rich_progress.Progress(
             TextColumn("[bold blue]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),

@@ -24,12 +24,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from selbench.configs import ScaleConfig, find_config, load_scale
 from selbench.errors import ConfigError
 from selbench.fileutil import cached_directory, file_sha256
 from selbench.paths import selbench_home
+
+if TYPE_CHECKING:
+    from selbench.progress import Progress
 
 #: The recipe ``reference`` means; the environment variable names another one (a scale
 #: YAML with a ``corpus``), e.g. a small one for tests.
@@ -98,7 +101,9 @@ def reference_dir(recipe: ScaleConfig) -> Path:
     )
 
 
-def build_reference(spec: str = "", device: str = "cpu", progress: Any = None) -> Reference:
+def build_reference(
+    spec: str = "", device: str = "cpu", progress: Progress | None = None
+) -> Reference:
     """The reference model of recipe ``spec`` (see :func:`recipe_spec`), trained now if it
     is not cached: generate the clean corpus (content-addressed, like every SynthWeb),
     train the recipe's CLIP on all of it with selbench's own training loop, and write

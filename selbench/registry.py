@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 from functools import cache
+from typing import Generic, TypeVar
 
 import pluggy
 
@@ -21,12 +22,15 @@ from selbench.strategy import Strategy, check_needs
 
 ENTRY_POINT_GROUP = "selbench"
 
+#: What a plugin registers: a strategy class or an embedder class.
+Plugged = TypeVar("Plugged", Strategy, Embedder)
+
 
 @dataclass(frozen=True)
-class StrategyInfo:
+class StrategyInfo(Generic[Plugged]):
     """A registered strategy (or embedder) and where it came from."""
 
-    cls: type
+    cls: type[Plugged]
     plugin: str  # the plugin module's name
     package: str  # the distribution that installed it, e.g. "selbench" or "my-plugin"
     version: str
@@ -92,8 +96,8 @@ class Registry:
 
     def __init__(self, plugin_manager: pluggy.PluginManager) -> None:
         self.plugin_manager = plugin_manager
-        self._strategies: dict[str, StrategyInfo] = {}
-        self._embedders: dict[str, StrategyInfo] = {}
+        self._strategies: dict[str, StrategyInfo[Strategy]] = {}
+        self._embedders: dict[str, StrategyInfo[Embedder]] = {}
         self.broken: list[BrokenPlugin] = list(getattr(plugin_manager, "broken", []))
         dists = getattr(plugin_manager, "distributions", {})
         for name, plugin in plugin_manager.list_name_plugin():
@@ -140,7 +144,7 @@ class Registry:
             )
         self._embedders[name] = StrategyInfo(cls, plugin, package, version)
 
-    def embedder_infos(self) -> list[StrategyInfo]:
+    def embedder_infos(self) -> list[StrategyInfo[Embedder]]:
         return [self._embedders[n] for n in sorted(self._embedders)]
 
     def make_embedder(self, spec: str) -> Embedder:
@@ -158,6 +162,8 @@ class Registry:
         plugin would do.
         """
         name = self.plugin_manager.register(plugin)
+        if name is None:  # a blocked plugin: pluggy registered nothing
+            return
         self._collect_plugin(name, package, version)
 
     def _add(self, cls: type, plugin: str, package: str, version: str) -> None:
@@ -180,10 +186,10 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._strategies)
 
-    def infos(self) -> list[StrategyInfo]:
+    def infos(self) -> list[StrategyInfo[Strategy]]:
         return [self._strategies[n] for n in self.names()]
 
-    def get(self, name: str) -> StrategyInfo:
+    def get(self, name: str) -> StrategyInfo[Strategy]:
         """The strategy registered as ``name``. Unknown: UnknownMethodError listing the known
         ones; provided by a broken plugin (its entry-point name): PluginError with its error."""
         try:

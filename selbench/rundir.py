@@ -3,7 +3,7 @@
 ``selbench run`` is four stages, each of which reads the previous one's files and
 writes its own, so any of them can be resumed, rerun or run on another machine:
 
-    select       -> selection.parquet (uid, caption, train_caption, score), select.json
+    select       -> the selection (selbench.run.selection_io names and writes it)
     materialize  -> subset/ (webdataset shards, selbench.materialize)
     train        -> train/ (a checkpoint; open_clip_train's own directory for that engine)
     evaluate     -> metrics.json
@@ -54,15 +54,6 @@ class RunDir:
     @property
     def request_path(self) -> Path:
         return self.root / "request.json"
-
-    @property
-    def selection_path(self) -> Path:
-        return self.root / "selection.parquet"
-
-    @property
-    def synthesized_path(self) -> Path:
-        """The pixels of a strategy's synthesized pairs (uint8 N x H x W x 3, ``.npy``)."""
-        return self.select_dir / "synthesized.npy"
 
     @property
     def select_dir(self) -> Path:

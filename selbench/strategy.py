@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,16 +88,17 @@ class Strategy:
 
 def check_needs(strategy_cls: type, plugin: str) -> frozenset[str]:
     """``strategy_cls.needs`` as a frozenset of known needs; else PluginError naming both."""
-    needs = getattr(strategy_cls, "needs", frozenset())
+    needs: Any = getattr(strategy_cls, "needs", frozenset())
+    name = getattr(strategy_cls, "name", strategy_cls)
     if isinstance(needs, str) or not isinstance(needs, (set, frozenset, list, tuple)):
         raise PluginError(
-            f"strategy {getattr(strategy_cls, 'name', strategy_cls)!r} (plugin {plugin!r}) "
+            f"strategy {name!r} (plugin {plugin!r}) "
             f"declares needs={needs!r}; use a frozenset such as frozenset({{'embeddings'}})"
         )
     unknown = sorted(str(n) for n in set(needs) - set(NEEDS))
     if unknown:
         raise PluginError(
-            f"strategy {strategy_cls.name!r} (plugin {plugin!r}) declares unknown needs "
+            f"strategy {name!r} (plugin {plugin!r}) declares unknown needs "
             f"{unknown}; known needs: {', '.join(sorted(NEEDS))}"
         )
     return frozenset(needs)
@@ -145,6 +147,24 @@ class PoolView(Protocol):
     ) -> Iterator[tuple[str, Any]]: ...
 
 
+class SelectionServices(Protocol):
+    """What the harness offers a strategy through its context: the pool's embeddings,
+    embeddings of other images, the prepared proxy model, the target data. Embedder specs
+    are as on the command line (``proxy``, ``reference``, ``open_clip:ARCH:PATH``).
+
+    :class:`selbench.embedders.EmbeddingService` implements it for runs; the stand-ins in
+    :mod:`selbench.testing` implement what the conformance kit needs.
+    """
+
+    def embeddings(self, spec: str = "proxy") -> Embeddings: ...
+
+    def embed_images(self, spec: str, images: Sequence[Any]) -> np.ndarray: ...
+
+    def embedder(self, spec: str = "proxy") -> Embedder: ...
+
+    def target(self) -> TargetSet: ...
+
+
 @dataclass
 class SelectionContext:
     """Everything a strategy may use to choose a subset.
@@ -164,7 +184,7 @@ class SelectionContext:
     device: str
     work_dir: Path
     progress: Progress = field(default_factory=NullProgress)
-    services: Any = None  # the harness's EmbeddingService; strategies use the methods below
+    services: SelectionServices | None = None  # strategies use the methods below
     strategy: str = ""
     needs: frozenset[str] | None = None
     image_size: int | None = None
@@ -186,12 +206,13 @@ class SelectionContext:
                     f"needs = frozenset({{{need!r}, ...}}) to the strategy class"
                 )
 
-    def _service(self, method: str) -> Any:
+    def _service(self, method: str) -> SelectionServices:
         self._check_need(method)
         if self.services is None:
             raise RuntimeError(
-                "this SelectionContext has no embedding service; build it with "
-                "selbench.runner.make_context() or pass services=EmbeddingService(...)"
+                "this SelectionContext has no embedding service; pass "
+                "services=EmbeddingService(...), or in tests build the context with "
+                "selbench.testing.context_with_embeddings()"
             )
         return self.services
 
@@ -342,8 +363,8 @@ def validate_selection(
         return validate_synthesized(selection, expected_count, plugin, image_size)
     uids = list(selection.uids)
     _refuse(plugin, [u for u in uids if not isinstance(u, str)], "returned {n} non-string uids")
-    seen: set[str] = set()
-    duplicates = sorted({u for u in uids if u in seen or seen.add(u)})
+    duplicates = sorted(u for u, n in Counter(uids).items() if n > 1)
+    seen = set(uids)
     _refuse(plugin, duplicates, "returned {n} duplicate uids", 3)
     known = known_uids if isinstance(known_uids, (set, frozenset)) else set(known_uids)
     unknown = [u for u in uids if u not in known]

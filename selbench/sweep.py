@@ -1,8 +1,8 @@
 """``selbench sweep``: a grid of methods x budgets x seeds as nested MLflow runs.
 
-Every cell is one :func:`selbench.runner.execute` call, nested under a sweep parent run.
+Every cell is one :func:`selbench.run.lifecycle.execute` call, nested under a sweep parent run.
 A cell is identified by the hash of its resolved configuration
-(:func:`selbench.runner.cell_key`, also tagged on every ``selbench run``), so running the
+(:func:`selbench.run.spec.cell_key`, also tagged on every ``selbench run``), so running the
 same sweep again skips the cells that already have a FINISHED run -- whether a sweep or
 a plain ``selbench run`` produced it -- and runs the missing and failed ones. A cell
 whose run was left RUNNING by a killed process is marked KILLED; a cell stopped after
@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from selbench import tracking
 from selbench.errors import ConfigError
 from selbench.progress import NullProgress
 from selbench.registry import get_registry
-from selbench.runner import RunRequest, cell_key, execute, reap_stale_runs, resume
+from selbench.run.lifecycle import execute, reap_stale_runs, resume
+from selbench.run.spec import MethodSpec, RunRequest, cell_key
 from selbench.strategy import check_budget, parse_params
 
 SWEEP_TAG = "selbench.sweep_key"
@@ -43,9 +46,7 @@ class Cell:
     @property
     def label(self) -> str:
         r = self.request
-        given = ",".join(f"{k}={v}" for k, v in r.params.items())
-        method = f"{r.method}({given})" if given else r.method
-        return f"{method} budget={r.budget:g} seed={r.seed}"
+        return f"{MethodSpec(r.method, r.params).format()} budget={r.budget:g} seed={r.seed}"
 
 
 @dataclass
@@ -56,47 +57,6 @@ class SweepResult:
 
     def count(self, status: str) -> int:
         return sum(c.status == status for c in self.cells)
-
-
-def split_methods(value: str) -> list[str]:
-    """``"random,tldr(refine=false,clusters=1)"`` -> ``["random", "tldr(refine=false,
-    clusters=1)"]``: commas inside parentheses belong to a method's parameters."""
-    specs, depth, current = [], 0, []
-    for char in value:
-        if char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth < 0:
-                raise ConfigError(f"unbalanced ')' in the method list {value!r}")
-        if char == "," and depth == 0:
-            specs.append("".join(current).strip())
-            current = []
-        else:
-            current.append(char)
-    if depth:
-        raise ConfigError(f"unclosed '(' in the method list {value!r}")
-    specs.append("".join(current).strip())
-    return [spec for spec in specs if spec]
-
-
-def parse_method_spec(spec: str) -> tuple[str, dict[str, str]]:
-    """``"tldr(refine=false, clusters=1)"`` -> ``("tldr", {"refine": "false", "clusters":
-    "1"})``; a bare name has no parameters. Values are parsed by the strategy's Params, as
-    ``selbench run -p KEY=VALUE`` values are."""
-    name, paren, rest = spec.partition("(")
-    name = name.strip()
-    if not paren:
-        return name, {}
-    if not rest.endswith(")"):
-        raise ConfigError(f"method {spec!r}: write parameters as NAME(KEY=VALUE,...)")
-    params: dict[str, str] = {}
-    for item in split_methods(rest[:-1]):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"method {spec!r}: expected KEY=VALUE, got {item!r}")
-        params[key.strip()] = value.strip()
-    return name, params
 
 
 def plan(
@@ -123,7 +83,8 @@ def plan(
         combos.append(("random", 1.0))
     cells = []
     for spec, budget in combos:
-        method, given = parse_method_spec(spec)
+        parsed = MethodSpec.parse(spec)
+        method, given = parsed.name, dict(parsed.params)
         info = registry.get(method)  # unknown names fail here, naming the method
         params = parse_params(info.cls, given)  # unknown or invalid values fail here
         for seed in seeds:
@@ -235,3 +196,88 @@ def run_sweep(
         cell.seconds = time.perf_counter() - started
         on_update(cell, cells)
     return result
+
+
+@dataclass
+class SweepOptions:
+    """What ``selbench sweep`` was asked for: the grid, where it runs, and its page."""
+
+    methods: list[str]  # as given; ``["all"]`` is every registered strategy
+    budgets: list[float]
+    seeds: list[int]
+    pool: str = "synthweb"
+    scale: str = "tiny"
+    protocol: str = "fixed-compute"
+    full_pool: bool = True
+    eval_suite: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    device: str | None = None
+    board_name: str | None = None  # write this sweep's leaderboard as NAME.* under out
+    out: Path = Path("leaderboards")
+    compare_with: str | None = None
+
+    def resolved_methods(self) -> list[str]:
+        if self.methods == ["all"]:
+            return sorted(get_registry().names())
+        return list(self.methods)
+
+    def command_line(self) -> str:
+        """The command that reproduces this sweep, every setting spelled out (the page
+        states it)."""
+        return shlex.join(
+            [
+                "selbench", "sweep", "--methods", ",".join(self.methods),
+                "--budgets", ",".join(f"{b:g}" for b in self.budgets),
+                "--seeds", ",".join(map(str, self.seeds)), "--pool", self.pool,
+                "--scale", self.scale, "--protocol", self.protocol,
+                "--full-pool" if self.full_pool else "--no-full-pool",
+                *(["--eval", self.eval_suite] if self.eval_suite else []),
+                "--experiment", self.experiment, "--leaderboard", str(self.board_name),
+                "--out", str(self.out),
+                *(["--compare-with", self.compare_with] if self.compare_with else []),
+            ]
+        )  # fmt: skip
+
+
+def run_grid(
+    options: SweepOptions,
+    progress: Any = None,
+    on_update: Callable[[Cell, list[Cell]], None] | None = None,
+) -> SweepResult:
+    """Plan the grid of ``options`` (every cell validated first) and run it."""
+    cells = plan(
+        options.resolved_methods(), options.budgets, options.seeds, options.pool,
+        options.scale, options.protocol, options.experiment, options.full_pool,
+        options.device, options.eval_suite,
+    )  # fmt: skip
+    return run_sweep(cells, options.experiment, progress=progress, on_update=on_update)
+
+
+def publish(options: SweepOptions, result: SweepResult, seconds: float, console: Any) -> None:
+    """Write the leaderboard of this sweep's cells (``--leaderboard NAME``), its page
+    saying which command made it and how long the last invocation took."""
+    from selbench.leaderboard import generate
+
+    methods, budgets = options.resolved_methods(), [f"{b:g}" for b in options.budgets]
+    intro = [
+        f"Produced by `{options.command_line()}` ({len(result.cells)} cells: "
+        f"{', '.join(methods)} at budgets {', '.join(budgets)} with seeds "
+        f"{', '.join(map(str, options.seeds))}"
+        + (", and the full pool" if options.full_pool else "")
+        + f"). The last invocation took {seconds / 60:.1f} min of wall time; "
+        f"{result.count('done')} cells ran in it and {result.count('skipped')} were "
+        "already finished."
+    ]
+    generate(
+        options.experiment,
+        options.out,
+        str(options.board_name),
+        (),  # R@1, zero-shot and the suite's summary columns
+        {},
+        True,
+        intro,
+        run_ids={cell.run_id for cell in result.cells},
+        source="`selbench sweep --leaderboard`",
+        compare_with=options.compare_with,
+        console=console,
+    )

@@ -20,6 +20,7 @@ from PIL import Image
 
 from selbench.configs import EvalSetConfig
 from selbench.errors import ConfigError, PoolError
+from selbench.fileutil import read_member
 from selbench.pools.shards import IMAGE_EXTENSIONS, decode_image_bytes
 
 
@@ -51,7 +52,7 @@ def _wds_images(root: Path) -> Iterator[tuple[str, Image.Image]]:
                 for member in tar:
                     key, _, ext = Path(member.name).name.partition(".")
                     if member.isreg() and ext.lower() in IMAGE_EXTENSIONS:
-                        data = tar.extractfile(member).read()
+                        data = read_member(tar, member)
                         yield f"{shard.stem}/{key}", decode_image_bytes(data)
         except (tarfile.TarError, OSError) as exc:
             raise PoolError(f"shard {shard} is corrupt or unreadable: {exc}") from exc
@@ -96,7 +97,9 @@ def _eval_images(eval_set: EvalSetConfig) -> Iterator[tuple[str, Image.Image]]:
 def load_target(root: Path | str, eval_sets: Sequence[EvalSetConfig]) -> TargetSet:
     """Load a target set and refuse it if it shares any image with an eval set."""
     root = Path(root).expanduser()
-    keys, images, hashes = [], [], {}
+    keys: list[str] = []
+    images: list[Image.Image] = []
+    hashes: dict[str, str] = {}  # pixel hash -> the first target key with it
     for key, image in read_images(root):
         keys.append(key)
         images.append(image)

@@ -40,13 +40,14 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
-from selbench.embedders import Embeddings
+from selbench.embedders import Embedder, Embeddings
 from selbench.errors import PluginError, UndeclaredNeedError
+from selbench.run.spec import MethodSpec
 from selbench.strategy import (
     NEEDS,
     SelectionContext,
@@ -55,6 +56,9 @@ from selbench.strategy import (
     parse_params,
     validate_selection,
 )
+
+if TYPE_CHECKING:
+    from selbench.target import TargetSet
 
 WORDS = ("red", "blue", "green", "circle", "square", "star", "small", "large", "photo", "icon")
 
@@ -110,7 +114,7 @@ class RecordingServices:
     pool: MemoryPool
     dim: int = 16
     used: set[str] = field(default_factory=set)
-    _proxy: Any = None
+    _proxy: Embedder | None = None
 
     def embeddings(self, spec: str = "proxy") -> Embeddings:
         self.used.add("embeddings")
@@ -129,7 +133,7 @@ class RecordingServices:
             f"{self.pool.fingerprint}-fake",
         )
 
-    def target(self) -> Any:
+    def target(self) -> TargetSet:
         self.used.add("target")
         from selbench.target import TargetSet
 
@@ -156,10 +160,9 @@ class RecordingServices:
             for uid, bad in zip(self.pool.uids, noisy, strict=True)
         }
 
-    def embedder(self, spec: str = "proxy") -> Any:
+    def embedder(self, spec: str = "proxy") -> Embedder:
         self.used.add("proxy")
         if self._proxy is None:
-            from selbench.embedders import Embedder
             from selbench.train import build_model
 
             proxy = Embedder("selbench-tiny")  # .architecture: the tiny open_clip model
@@ -180,8 +183,14 @@ class FixedEmbeddings:
     def embeddings(self, spec: str = "proxy") -> Embeddings:
         return Embeddings(self.image, self.text, self.pool.uids, f"fixed:{spec}", "fixed")
 
-    def embedder(self, spec: str = "proxy") -> Any:
+    def embedder(self, spec: str = "proxy") -> Embedder:
         raise AssertionError("the strategy asked for a proxy model; this context has none")
+
+    def embed_images(self, spec: str, images: Sequence[Any]) -> np.ndarray:
+        raise AssertionError("the strategy asked to embed other images; this context cannot")
+
+    def target(self) -> TargetSet:
+        raise AssertionError("the strategy asked for target data; this context has none")
 
 
 def context_with_embeddings(
@@ -397,14 +406,9 @@ def parametrize_with_checks(
     cases = []
     for given in strategies:
         strategy = _as_instance(given)
-        label = type(strategy).name
-        changed = {
-            k: v
-            for k, v in strategy.params.model_dump().items()
-            if v != type(strategy).Params.model_fields[k].default
-        }
-        if changed:
-            label += "[" + ",".join(f"{k}={v}" for k, v in sorted(changed.items())) + "]"
+        defaults = {k: f.default for k, f in type(strategy).Params.model_fields.items()}
+        params = strategy.params.model_dump()
+        label = MethodSpec.from_params(type(strategy).name, params, defaults).format()
         for check, reason in _checks(strategy, options, expected_failures):
             marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
             cases.append(pytest.param(strategy, check, id=f"{label}-{check.__name__}", marks=marks))

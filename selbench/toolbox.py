@@ -50,8 +50,15 @@ from selbench.neighbours import (
     unit_rows,
 )
 from selbench.paths import selbench_home
-from selbench.progress import NullProgress
-from selbench.strategy import NEEDS, Selection, SelectionContext, Strategy, Synthesized
+from selbench.progress import NullProgress, Tracker
+from selbench.strategy import (
+    NEEDS,
+    PoolView,
+    Selection,
+    SelectionContext,
+    Strategy,
+    Synthesized,
+)
 from selbench.target import TargetSet
 from selbench.train import (
     LoopResult,
@@ -168,7 +175,10 @@ def checkpoint_in(folder: Path, name: str = "model.pt") -> Path | None:
 
 # -- images --------------------------------------------------------------------------
 def pool_image_tensor(
-    pool: Any, preprocess: Any, progress: Any = None, description: str = "Loading pool"
+    pool: PoolView,
+    preprocess: Any,
+    progress: Tracker | None = None,
+    description: str = "Loading pool",
 ) -> torch.Tensor:
     """Every pool image through ``preprocess`` (a model's, e.g. ``ctx.proxy().preprocess``),
     stacked as one ``(N, 3, H, W)`` tensor in pool order: what a model is trained on."""

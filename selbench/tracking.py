@@ -1,4 +1,4 @@
-"""MLflow: where runs are stored and how selbench records them.
+"""MLflow: where runs are stored, how selbench records them and reads them back.
 
 The default store is a sqlite file under the run home (MLflow 3 refuses the old
 ``./mlruns`` file store); ``MLFLOW_TRACKING_URI`` overrides it.
@@ -194,14 +194,14 @@ def git_commit(path: Path | None = None) -> str | None:
 
 
 class Recorder:
-    """Every MLflow call selbench makes goes through one of these.
+    """Every MLflow call that writes goes through one of these (reads: :class:`Store`).
 
     A recorder is bound to an experiment and, while a run is open, to that run. The
     runner opens a run (:meth:`start`) or reopens one to resume it (:meth:`reopen`),
     logs through it, and closes it with exactly one of :meth:`finish` (all stages done),
     :meth:`pause` (SCHEDULED: stages remain, ``selbench run --resume`` continues),
-    :meth:`fail` (FAILED, or KILLED on an interrupt). Sweeps, the leaderboard and
-    ``export`` use its query methods. No other module imports mlflow to write.
+    :meth:`fail` (FAILED, or KILLED on an interrupt). Sweeps and ``export`` use its query
+    methods; the leaderboard reads through :class:`Store`. No other module imports mlflow.
     """
 
     def __init__(self, experiment: str = DEFAULT_EXPERIMENT) -> None:
@@ -292,7 +292,8 @@ class Recorder:
         """Make an existing run (SCHEDULED, FAILED, KILLED or stale RUNNING) active again."""
         import mlflow
 
-        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
             self.run_id = run_id
             return
         mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
@@ -369,6 +370,7 @@ class Recorder:
         import mlflow
         from mlflow.entities import Metric
 
+        assert self.run_id is not None, "series are logged to an open run"
         now = int(time.time() * 1000)
         batch = [Metric(key, v, now, s) for s, v in points]
         mlflow.MlflowClient().log_batch(self.run_id, metrics=batch)
@@ -391,17 +393,7 @@ class Recorder:
     # -- queries (no open run needed) -------------------------------------------
     def get_run(self, run_id: str):
         """The MLflow run, or a SelbenchError naming the id when there is none."""
-        import mlflow
-
-        try:
-            return mlflow.MlflowClient().get_run(run_id)
-        except Exception as exc:
-            if unreachable(exc):
-                raise unreachable_error(exc) from None
-            raise SelbenchError(
-                f"no MLflow run {run_id!r} in the store {tracking_uri()}; "
-                "`mlflow ui` or `selbench leaderboard` lists runs"
-            ) from None
+        return Store().run(run_id)
 
     @staticmethod
     def experiment_name(experiment_id: str) -> str:
@@ -457,11 +449,68 @@ class Recorder:
 
         return held()
 
-    def download(self, run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
+
+class Store:
+    """The read side of selbench's MLflow store: experiments, finished runs as a frame,
+    one run, a run's artifacts. The leaderboard and its plots read runs through this, as
+    runs are written through :class:`Recorder`; together they are every MLflow call
+    selbench makes. Each call points MLflow at :func:`tracking_uri` first."""
+
+    @staticmethod
+    def _mlflow():
         import mlflow
 
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst) if dst else None
-            )
+        mlflow.set_tracking_uri(tracking_uri())
+        return mlflow
+
+    def has_experiment(self, name: str) -> bool:
+        """Whether the store has an experiment called ``name`` (creates nothing)."""
+        return self._mlflow().get_experiment_by_name(name) is not None
+
+    def experiments(self) -> list[str]:
+        """The names of the store's experiments."""
+        return sorted(e.name for e in self._mlflow().search_experiments())
+
+    def experiment(self, name: str):
+        """The MLflow experiment called ``name``, or None."""
+        return self._mlflow().get_experiment_by_name(name)
+
+    def finished_runs(self, experiment: str = DEFAULT_EXPERIMENT):
+        """The FINISHED runs of ``experiment`` as MLflow's ``search_runs`` frame (columns
+        ``run_id``, ``params.*``, ``metrics.*``, ``tags.*``). Like every command that opens
+        an experiment (:func:`setup`), this creates it when the store has none, empty."""
+        import mlflow
+
+        setup(experiment)
+        return mlflow.search_runs(
+            experiment_names=[experiment],
+            filter_string="attributes.status = 'FINISHED'",
+            output_format="pandas",
         )
+
+    def run(self, run_id: str):
+        """The MLflow run ``run_id``, or a SelbenchError naming the id when there is none."""
+        mlflow = self._mlflow()
+        try:
+            return mlflow.MlflowClient().get_run(run_id)
+        except Exception as exc:
+            if unreachable(exc):
+                raise unreachable_error(exc) from None
+            raise SelbenchError(
+                f"no MLflow run {run_id!r} in the store {tracking_uri()}; "
+                "`mlflow ui` or `selbench leaderboard` lists runs"
+            ) from None
+
+    def download(self, run_id: str, artifact_path: str, dst: Path) -> Path:
+        """Copy run ``run_id``'s artifact ``artifact_path`` into the folder ``dst`` and return
+        the copy; FileNotFoundError, naming where the run's artifacts live, when the run has
+        no such artifact (its artifact store lost the file)."""
+        mlflow = self._mlflow()
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
+            )
+        except mlflow.exceptions.MlflowException as exc:
+            uri = mlflow.get_run(run_id).info.artifact_uri
+            raise FileNotFoundError(f"no {artifact_path} under {uri} ({exc})") from None
+        return Path(path)

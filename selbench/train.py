@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import open_clip
@@ -37,7 +37,10 @@ from selbench.configs import ScaleConfig
 from selbench.errors import ConfigError
 from selbench.fileutil import temp_sibling
 from selbench.paths import config_dir
-from selbench.progress import NullProgress
+from selbench.progress import NullProgress, Tracker
+
+if TYPE_CHECKING:
+    from selbench.strategy import PoolView
 
 PROTOCOLS = ("fixed-compute", "fixed-epochs")
 # in-memory: this module's loop over a decoded subset (tiny scales on CPU);
@@ -131,10 +134,10 @@ def build_training_data(
 
 
 def load_training_data(
-    pool: Any,
+    pool: PoolView,
     preprocess: Any,
     tokenizer: Any,
-    progress: Any = None,
+    progress: Tracker | None = None,
     description: str = "Loading pool",
 ) -> TrainingData:
     """A whole pool (``uids``, ``captions``, ``iter_images()``) as :class:`TrainingData`,
@@ -202,7 +205,8 @@ def weight_decay_groups(
 ) -> list[dict]:
     """AdamW parameter groups: ``weight_decay`` on every trainable parameter except those
     ``no_decay(name, param)`` exempts (default: open_clip's rule)."""
-    decay, exempt = [], []
+    decay: list[torch.nn.Parameter] = []
+    exempt: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -278,7 +282,7 @@ def training_loop(
     amp: bool = False,
     after_step: Callable[[], None] | None = None,
     device: str = "cpu",
-    progress: Any = None,
+    progress: Tracker | None = None,
     description: str = "Training",
     curve_key: str = "loss",
 ) -> LoopResult:
@@ -344,7 +348,7 @@ def train_model(
     samples_seen: int,
     seed: int,
     device: str = "cpu",
-    progress: Any = None,
+    progress: Tracker | None = None,
 ) -> TrainResult:
     """Train with the loss the architecture calls for: :func:`train_coca` for an open_clip
     ``CoCa``, :func:`train_clip` for a CLIP."""
@@ -361,7 +365,7 @@ def train_coca(
     samples_seen: int,
     seed: int,
     device: str = "cpu",
-    progress: Any = None,
+    progress: Tracker | None = None,
 ) -> TrainResult:
     """Train an open_clip ``CoCa`` on ``data`` with open_clip's ``CoCaLoss``: the weighted
     sum of the contrastive and the captioning loss (weights 1 and 2: CoCa, Yu et al. 2022,
@@ -400,7 +404,7 @@ def train_clip(
     samples_seen: int,
     seed: int,
     device: str = "cpu",
-    progress: Any = None,
+    progress: Tracker | None = None,
     forward_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]] | None = None,
     after_step: Callable[[], None] | None = None,
     description: str = "Training",
@@ -431,8 +435,10 @@ def train_clip(
 
     def clamp_temperature() -> None:
         # open_clip clamps the learnable temperature at 100 after each step.
+        temperature = model.logit_scale
+        assert isinstance(temperature, torch.Tensor)  # a Parameter of every CLIP model
         with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
+            temperature.clamp_(0, math.log(100))
         if after_step is not None:
             after_step()
 

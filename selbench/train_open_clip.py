@@ -35,14 +35,18 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from selbench.configs import ScaleConfig
 from selbench.errors import ConfigError, SelbenchError
 from selbench.open_clip_worker import ARGS_VARIABLE, die_with_parent
-from selbench.progress import NullProgress
+from selbench.progress import NullProgress, Progress
 from selbench.train import TrainResult, model_config
+
+if TYPE_CHECKING:
+    from selbench.materialize import Subset
 
 RUN_NAME = "open_clip"
 
@@ -55,6 +59,10 @@ _TRAIN_LINE = re.compile(
     r"LR: (?P<lr>[\d.eE+-]+).*?Logit Scale: (?P<scale>[\d.eE+-]+)\s+(?P<losses>.*)$"
 )
 _LOSS = re.compile(r"(\w+): ([\d.eE+-]+) \(")
+
+
+#: The progress bar of the training (its loss and rate are shown beside it).
+_BAR = "Training (open_clip_train)"
 
 
 class TrainingError(SelbenchError):
@@ -129,7 +137,7 @@ def plan(scale: ScaleConfig, samples_seen: int, nproc: int) -> dict[str, int]:
 
 
 def build_command(
-    subset: Any,
+    subset: Subset,
     scale: ScaleConfig,
     samples_seen: int,
     seed: int,
@@ -227,14 +235,14 @@ def checkpoint_path(out_dir: Path) -> Path:
 
 
 def train_open_clip(
-    subset: Any,
+    subset: Subset,
     scale: ScaleConfig,
     samples_seen: int,
     seed: int,
     out_dir: Path,
     device: str = "cpu",
     nproc_per_node: int = 1,
-    progress: Any = None,
+    progress: Progress | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     launch: str = "torchrun",
 ) -> TrainResult:
@@ -250,47 +258,13 @@ def train_open_clip(
     (out_dir / "command.txt").write_text(shlex.join(plain) + "\n")
     command = launcher(launch, nproc_per_node, log_dir=out_dir / "torchelastic")
     total = numbers["steps"] * scale.batch_size
-    bar = progress.counter("Training (open_clip_train)")
+    bar = progress.counter(_BAR)
     bar(0, total)
-    env = dict(os.environ)
-    env.setdefault("TQDM_DISABLE", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    env[ARGS_VARIABLE] = json.dumps(args)
-    tail: deque[str] = deque(maxlen=40)
-    curve: list[tuple[int, float]] = []
-    rates: list[float] = []
-    loss = float("nan")
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
-        start_new_session=True,
-    )
+    proc = _start(command, args)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            match = _TRAIN_LINE.search(line)
-            if not match:
-                continue
-            done = int(match["epoch"]) * numbers["samples_per_epoch"] + int(match["done"])
-            step = done // scale.batch_size
-            losses = {k.lower(): float(v) for k, v in _LOSS.findall(match["losses"])}
-            # "Loss" is the total when open_clip logs several terms (CoCa); else the one term.
-            loss = losses.get("loss", sum(losses.values())) if losses else loss
-            rate = float(match["rate"])
-            rates.append(rate)
-            curve.append((step, loss))
-            bar(min(done, total), total)
-            progress.set_info("Training (open_clip_train)", f"loss {loss:.3f}, {rate:.0f}/s")
-            if on_log is not None:
-                values = {"train_loss": loss, "lr": float(match["lr"]), "samples_per_second": rate}
-                on_log(step, values)
+        per_epoch = numbers["samples_per_epoch"]
+        seen = _follow(proc, per_epoch, scale.batch_size, bar, total, progress, on_log)
         code = proc.wait()
     except BaseException:
         _stop(proc)
@@ -298,7 +272,8 @@ def train_open_clip(
     if code != 0:
         log = out_dir / RUN_NAME / "out.log"
         raise TrainingError(
-            f"open_clip_train exited with code {code} (log: {log}); last lines:\n" + "\n".join(tail)
+            f"open_clip_train exited with code {code} (log: {log}); last lines:\n"
+            + "\n".join(seen.tail)
         )
     checkpoint = checkpoint_path(out_dir)
     if not checkpoint.is_file():
@@ -309,10 +284,72 @@ def train_open_clip(
         samples_seen=numbers["steps"] * scale.batch_size,
         batch_size=scale.batch_size,
         seconds=time.perf_counter() - started,
-        final_loss=loss,
-        loss_curve=curve,
+        final_loss=seen.loss,
+        loss_curve=seen.curve,
         checkpoint=checkpoint,
     )
+
+
+def _start(command: list[str], args: list[str]) -> subprocess.Popen[str]:
+    """Start the launcher in a session of its own (its workers join it), with
+    open_clip_train's arguments in its environment and its output piped back as text."""
+    env = dict(os.environ)
+    env.setdefault("TQDM_DISABLE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env[ARGS_VARIABLE] = json.dumps(args)
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
+        start_new_session=True,
+    )
+
+
+@dataclass
+class _Followed:
+    """What the launcher's output said: the last loss logged, the loss curve by step and
+    the last lines (for an error message)."""
+
+    loss: float = float("nan")
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+
+
+def _follow(
+    proc: subprocess.Popen[str],
+    samples_per_epoch: int,
+    batch_size: int,
+    bar: Callable[[int, int], None],
+    total: int,
+    progress: Progress,
+    on_log: Callable[[int, dict[str, float]], None] | None,
+) -> _Followed:
+    """Read the launcher's output to its end; report every logged training step (on the
+    ``bar`` of ``total`` samples, the loss and rate beside it, to ``on_log``)."""
+    seen = _Followed()
+    assert proc.stdout is not None  # a PIPE
+    for line in proc.stdout:
+        line = line.rstrip()
+        seen.tail.append(line)
+        match = _TRAIN_LINE.search(line)
+        if not match:
+            continue
+        done = int(match["epoch"]) * samples_per_epoch + int(match["done"])
+        step = done // batch_size
+        losses = {k.lower(): float(v) for k, v in _LOSS.findall(match["losses"])}
+        # "Loss" is the total when open_clip logs several terms (CoCa); else the one term.
+        seen.loss = losses.get("loss", sum(losses.values())) if losses else seen.loss
+        rate = float(match["rate"])
+        seen.curve.append((step, seen.loss))
+        bar(min(done, total), total)
+        progress.set_info(_BAR, f"loss {seen.loss:.3f}, {rate:.0f}/s")
+        if on_log is not None:
+            values = {"train_loss": seen.loss, "lr": float(match["lr"]), "samples_per_second": rate}
+            on_log(step, values)
+    return seen
 
 
 def _stop(proc: subprocess.Popen) -> None:

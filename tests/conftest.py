@@ -1,18 +1,21 @@
 from __future__ import annotations
 
 import getpass
-import io
-import json
 import os
 import secrets
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from e2e_helpers import (
+    TEST_REFERENCE_RECIPE,
+    make_tiny_pool,
+    make_tiny_scale,
+    png_bytes,
+    write_shard,
+)
 
 # -- the suite leaves nothing behind -------------------------------------------------------
 # Every process the tests start inherits this mark (orphans re-parented to init included),
@@ -87,10 +90,6 @@ def leaves_no_process_or_temporary_file_behind():
     SESSION_TMP.rmdir()
 
 
-#: The suite's reference recipe: configs/scales/reference.yaml shrunk to seconds.
-TEST_REFERENCE_RECIPE = Path(__file__).parent / "fixtures" / "reference" / "reference-tiny.yaml"
-
-
 @pytest.fixture(scope="session")
 def shared_reference_models(tmp_path_factory):
     """One folder of reference models for the whole session: the strategies that default
@@ -111,27 +110,27 @@ def isolated_home(tmp_path_factory, monkeypatch, shared_reference_models):
     return home
 
 
-def png_bytes(colour=(200, 30, 30), size=16) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
+# -- tiny SynthWeb: one pool and one scale for the whole session ---------------------------
+# Tests only read them (a test that damages a pool copies it first), and every cache a run
+# builds from them lands in that test's own home.
 
 
-def write_shard(path: Path, samples: list[tuple[str, bytes | None, str, dict]]) -> Path:
-    """Write an img2dataset-style shard: (key, image bytes or None, caption, json meta)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for key, image, caption, meta in samples:
-            members = {f"{key}.txt": caption.encode(), f"{key}.json": json.dumps(meta).encode()}
-            if image is not None:
-                members[f"{key}.png"] = image
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    stats = path.with_name(path.stem + "_stats.json")
-    stats.write_text(json.dumps({"count": len(samples), "successes": len(samples)}))
-    return path
+@pytest.fixture(scope="session")
+def tiny_pool(tmp_path_factory) -> Path:
+    """The tiny SynthWeb pool of e2e_helpers.TINY_POOL (320 pairs), generated once."""
+    return make_tiny_pool(tmp_path_factory.mktemp("tiny-pool"))
+
+
+@pytest.fixture(scope="session")
+def tiny_scale(tmp_path_factory) -> Path:
+    """The one-epoch training scale of e2e_helpers.TINY_SCALE."""
+    return make_tiny_scale(tmp_path_factory.mktemp("tiny-scale"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_pool, tiny_scale) -> tuple[Path, Path]:
+    """(tiny pool, tiny scale): what an end-to-end run needs."""
+    return tiny_pool, tiny_scale
 
 
 @pytest.fixture

@@ -1,8 +1,20 @@
-"""Shared builders for end-to-end tests: a tiny SynthWeb pool and a one-epoch scale."""
+"""Helpers that test modules import: a tiny SynthWeb pool and a one-epoch scale, shards
+written by hand, the suite's reference recipe, the MLflow runs of an experiment.
+
+Fixtures live in conftest.py (which uses these); no test module imports conftest.
+"""
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from pathlib import Path
+
+from PIL import Image
+
+#: The suite's reference recipe: configs/scales/reference.yaml shrunk to seconds.
+TEST_REFERENCE_RECIPE = Path(__file__).parent / "fixtures" / "reference" / "reference-tiny.yaml"
 
 TINY_POOL = dict(
     seed=0,
@@ -39,3 +51,41 @@ def make_tiny_scale(root: Path) -> Path:
     path = root / "test-tiny.yaml"
     path.write_text(TINY_SCALE)
     return path
+
+
+def png_bytes(colour=(200, 30, 30), size=16) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shard(path: Path, samples: list[tuple[str, bytes | None, str, dict]]) -> Path:
+    """Write an img2dataset-style shard: (key, image bytes or None, caption, json meta)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, image, caption, meta in samples:
+            members = {f"{key}.txt": caption.encode(), f"{key}.json": json.dumps(meta).encode()}
+            if image is not None:
+                members[f"{key}.png"] = image
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    stats = path.with_name(path.stem + "_stats.json")
+    stats.write_text(json.dumps({"count": len(samples), "successes": len(samples)}))
+    return path
+
+
+def logged_runs(experiment: str, home: Path | None = None) -> list:
+    """The MLflow runs (``mlflow.entities.Run``) of ``experiment``: in the store selbench
+    uses now (after ``tracking.setup``, which also creates the experiment), or, given the
+    ``SELBENCH_HOME`` of other processes, in that home's default store."""
+    import mlflow
+
+    from selbench import tracking
+
+    if home is None:
+        tracking.setup(experiment)
+    else:
+        mlflow.set_tracking_uri(f"sqlite:///{home / 'runs' / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")

@@ -32,7 +32,7 @@ def main() -> None:
     point, args = sys.argv[1], sys.argv[2:]
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if point == "cache":
-        import selbench.cache as cache
+        import selbench.cache.chunks as cache
 
         real_write = cache._write_chunk
 

@@ -36,7 +36,7 @@ def main() -> None:
         materialize.write_shard = write_then_die
         materialize.default_workers = lambda n: 1  # in-process, so the patch applies
     elif point == "train":
-        import selbench.runner as runner
+        import selbench.run.stages as runner
         from selbench.progress import NullProgress
 
         real_train = runner.train_model
@@ -53,7 +53,7 @@ def main() -> None:
 
         runner.train_model = train_then_die
     elif point == "select":
-        import selbench.cache as cache
+        import selbench.cache.entries as cache
 
         real_reserve = cache._reserve
 
@@ -63,7 +63,7 @@ def main() -> None:
 
         cache._reserve = reserve_then_die
     elif point == "evaluate":
-        import selbench.runner as runner
+        import selbench.run.stages as runner
 
         runner.evaluate = lambda *a, **kw: _die()
     else:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from e2e_helpers import make_tiny_pool, make_tiny_scale
 
 from selbench.errors import PluginError, UnknownMethodError
 from selbench.registry import Registry, make_plugin_manager
@@ -91,9 +90,8 @@ def test_a_run_asking_for_the_broken_plugin_fails_with_its_error(broken_site, tm
 
 
 @pytest.mark.slow
-def test_run_random_works_with_a_broken_plugin_installed(broken_site, tmp_path):
-    pool = make_tiny_pool(tmp_path)
-    scale = make_tiny_scale(tmp_path)
+def test_run_random_works_with_a_broken_plugin_installed(broken_site, tiny, tmp_path):
+    pool, scale = tiny
     env = dict(broken_site, SELBENCH_HOME=str(tmp_path / "home"))
     done = subprocess.run(
         SELBENCH

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import selbench.cache as cache_mod
+import selbench.cache.chunks as cache_chunks
+import selbench.cache.entries as cache_entries
 from selbench.cache import CACHE_FORMAT, CacheEntry, EmbeddingCache
 from selbench.errors import ConfigError, SelbenchError, StorageError
 
@@ -296,7 +298,7 @@ def test_interrupted_assembly_resumes_without_producing(cache, reference, monkey
     def broken(path):
         raise OSError("disk fell off")
 
-    monkeypatch.setattr(cache_mod, "file_sha256", broken)
+    monkeypatch.setattr(cache_entries, "file_sha256", broken)
     with pytest.raises(StorageError, match="cannot write embedding cache entry .* disk fell off"):
         compute(cache)
     monkeypatch.undo()
@@ -431,7 +433,7 @@ def test_sha256_is_memoised_for_unchanged_files(cache, tmp_path, monkeypatch):
     def no_hashing(path):
         raise AssertionError(f"{path} hashed again")
 
-    monkeypatch.setattr(cache_mod, "file_sha256", no_hashing)
+    monkeypatch.setattr(cache_entries, "file_sha256", no_hashing)
     assert cache.load(POOL, EMBEDDER) is not None
     monkeypatch.undo()
 
@@ -665,7 +667,7 @@ def test_one_process_fills_the_gaps_a_rank_left(cache, reference):
     (partial / "partial.json").write_text(json.dumps(spec))
     for index in (0, 2, 4):  # chunks 1 and 3 missing
         rows = slice(index * 8, index * 8 + 8)
-        cache_mod._write_chunk(
+        cache_chunks._write_chunk(
             partial / cache_mod.chunk_name(index), entry.image[rows], entry.text[rows]
         )
     shutil.rmtree(entry.path)

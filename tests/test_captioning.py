@@ -266,19 +266,18 @@ def test_leaderboards_show_captioning_where_runs_logged_it():
 
 
 @pytest.mark.slow
-def test_acceptance_command_prints_bleu4_and_cider_and_a_clip_run_skips_them(tmp_path):
+def test_acceptance_command_prints_bleu4_and_cider_and_a_clip_run_skips_them(tiny_pool):
     """``selbench run --method random --budget 0.25 --scale tiny-coca`` on a small SynthWeb
     pool: BLEU@4 and CIDEr printed and in MLflow; the same run at ``tiny`` skips
     captioning, says so, and logs no captioning metric."""
     import mlflow
     import pandas as pd
     from click.testing import CliRunner
-    from e2e_helpers import make_tiny_pool
 
     from selbench import tracking
     from selbench.cli import main
 
-    pool = make_tiny_pool(tmp_path)
+    pool = tiny_pool
     outputs = {}
     for scale in ("tiny-coca", "tiny"):
         args = ["run", "--method", "random", "--budget", "0.25", "--scale", scale]

@@ -7,18 +7,11 @@ import types
 import mlflow
 import pytest
 from click.testing import CliRunner
-from e2e_helpers import make_tiny_pool, make_tiny_scale
 
 import selbench
 from selbench import tracking
 from selbench.cli import main
 from selbench.registry import Registry, make_plugin_manager
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-errors")
-    return make_tiny_pool(root), make_tiny_scale(root)
 
 
 def invoke(*args):
@@ -102,7 +95,7 @@ def bad_plugins(monkeypatch):
     module.register_strategies = register_strategies
     registry = Registry(make_plugin_manager())
     registry.add_plugin(module, package="bad-plugin", version="0.0.1")
-    monkeypatch.setattr("selbench.runner.get_registry", lambda: registry)
+    monkeypatch.setattr("selbench.run.stages.get_registry", lambda: registry)
 
 
 @pytest.mark.slow
@@ -129,7 +122,8 @@ class Interrupted(selbench.Strategy):
 
 @pytest.mark.slow
 def test_ctrl_c_during_a_run_marks_it_killed_not_running(tiny, monkeypatch):
-    from selbench.runner import RunRequest, execute
+    from selbench.run.lifecycle import execute
+    from selbench.run.spec import RunRequest
 
     module = types.ModuleType("interrupting_plugin")
 
@@ -140,7 +134,7 @@ def test_ctrl_c_during_a_run_marks_it_killed_not_running(tiny, monkeypatch):
     module.register_strategies = register_strategies
     registry = Registry(make_plugin_manager())
     registry.add_plugin(module)
-    monkeypatch.setattr("selbench.runner.get_registry", lambda: registry)
+    monkeypatch.setattr("selbench.run.stages.get_registry", lambda: registry)
     pool, scale = tiny
     with pytest.raises(KeyboardInterrupt):
         execute(RunRequest(method="interrupted", budget=0.25, pool=str(pool), scale=str(scale)))

@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
-from e2e_helpers import make_tiny_pool, make_tiny_scale
+from e2e_helpers import logged_runs
 
 from selbench.cache import EmbeddingCache
 
@@ -22,14 +21,14 @@ EXPERIMENT = "together"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny, tmp_path_factory):
     from selbench.train import build_model
 
     root = tmp_path_factory.mktemp("concurrency")
     model, _, _ = build_model("selbench-tiny", seed=3)
     weights = root / "tiny.pt"
     torch.save(model.state_dict(), weights)
-    return make_tiny_pool(root), make_tiny_scale(root), weights
+    return *tiny, weights
 
 
 def _start(home: Path, *args: str) -> subprocess.Popen:
@@ -50,12 +49,6 @@ def _finish(*processes: subprocess.Popen) -> list[str]:
         assert process.returncode == 0, err[-3000:]
         outputs.append(out)
     return outputs
-
-
-def _runs(home: Path):
-    uri = f"sqlite:///{home / 'runs' / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    return mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
 
 
 def _run_args(setup, method: str, seed: int, *extra: str) -> list[str]:
@@ -84,7 +77,7 @@ def test_two_runs_of_one_method_at_once_share_one_embedding_pass(setup, shared_h
     first = _start(home, *_run_args(setup, "clip_score", 0))
     second = _start(home, *_run_args(setup, "clip_score", 1))
     _finish(first, second)
-    runs = _runs(home)
+    runs = logged_runs(EXPERIMENT, home)
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
     assert _embedding_hits(runs) == ["False", "True"]  # one computed, the other loaded it
     entries = EmbeddingCache(home / "embeddings").ls()
@@ -96,7 +89,7 @@ def test_two_methods_at_once_share_one_embedding_pass(setup, tmp_path_factory):
     first = _start(home, *_run_args(setup, "clip_score", 0, "--stage", "select"))
     second = _start(home, *_run_args(setup, "semdedup", 0, "--stage", "select"))
     _finish(first, second)
-    runs = _runs(home)
+    runs = logged_runs(EXPERIMENT, home)
     assert sorted(r.data.params["method"] for r in runs) == ["clip_score", "semdedup"]
     assert [r.info.status for r in runs] == ["SCHEDULED", "SCHEDULED"]
     assert _embedding_hits(runs) == ["False", "True"]
@@ -118,5 +111,6 @@ def test_a_sweep_and_a_leaderboard_at_once(setup, shared_home, tmp_path):
     swept, _ = _finish(sweep, board)
     assert "1 ran" in swept
     assert (out / f"{EXPERIMENT}.md").is_file()
-    statuses = {r.info.status for r in _runs(home) if "selbench.method" in r.data.tags}
+    runs = logged_runs(EXPERIMENT, home)
+    statuses = {r.info.status for r in runs if "selbench.method" in r.data.tags}
     assert statuses == {"FINISHED"}

@@ -9,7 +9,6 @@ import signal
 import numpy as np
 import pytest
 import torch
-from e2e_helpers import make_tiny_pool
 from PIL import Image
 
 import selbench.decoding as decoding
@@ -25,8 +24,8 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="decoding helpers are
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    return resolve_pool(str(make_tiny_pool(tmp_path_factory.mktemp("dec")))).pool.strategy_view()
+def pool(tiny_pool):
+    return resolve_pool(str(tiny_pool)).pool.strategy_view()
 
 
 @pytest.fixture(scope="module")

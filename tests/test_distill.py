@@ -9,22 +9,21 @@ import re
 import types
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from e2e_helpers import make_tiny_pool, make_tiny_scale
+from e2e_helpers import logged_runs
 from selbench_plugins.distill import Distill, trajectory_loss
 
 import selbench
-from selbench import tracking
 from selbench.cli import main
 from selbench.errors import PluginError
 from selbench.leaderboard import SYNTHESIZED_MARK, mark_synthesized
 from selbench.materialize import load_subset
 from selbench.registry import Registry, make_plugin_manager
+from selbench.run.selection_io import selection_path, synthesized_path
 from selbench.rundir import RunDir
 from selbench.strategy import (
     SelectionContext,
@@ -143,12 +142,6 @@ class GoodMaker(selbench.Strategy):
         )
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distill")
-    return make_tiny_pool(root), make_tiny_scale(root)
-
-
 @pytest.fixture
 def makers(monkeypatch):
     module = types.ModuleType("maker_plugin")
@@ -165,7 +158,7 @@ def makers(monkeypatch):
     module.register_strategies = register_strategies
     registry = Registry(make_plugin_manager())
     registry.add_plugin(module, package="maker-plugin", version="0.0.1")
-    monkeypatch.setattr("selbench.runner.get_registry", lambda: registry)
+    monkeypatch.setattr("selbench.run.stages.get_registry", lambda: registry)
 
 
 def _run(method, tiny, *extra):
@@ -178,9 +171,7 @@ def _run(method, tiny, *extra):
 
 
 def _runs(method):
-    tracking.setup(EXPERIMENT)
-    found = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
-    return [r for r in found if r.data.params.get("method") == method]
+    return [r for r in logged_runs(EXPERIMENT) if r.data.params.get("method") == method]
 
 
 @pytest.mark.parametrize(
@@ -200,7 +191,7 @@ def test_a_bad_synthesized_return_fails_the_run_naming_the_strategy(tiny, makers
     (found,) = _runs(f"bad_{fault}")
     assert found.info.status == "FAILED"  # never left RUNNING
     rundir = RunDir(Path(found.data.tags["selbench.run_dir"]))
-    assert not rundir.selection_path.exists() and not rundir.synthesized_path.exists()
+    assert not selection_path(rundir).exists() and not synthesized_path(rundir).exists()
     assert not rundir.subset_dir.exists()
 
 
@@ -215,7 +206,7 @@ def test_synthesized_pairs_are_stored_trained_on_and_marked(tiny, makers):
     assert metrics["synthesized_samples"] == 32 and metrics["samples_seen"] > 0
     assert not any(k.startswith("diag/") for k in metrics)  # pool ground truth: n/a
     rundir = RunDir(Path(found.data.tags["selbench.run_dir"]))
-    frame = pd.read_parquet(rundir.selection_path)
+    frame = pd.read_parquet(selection_path(rundir))
     assert frame["synthesized"].all() and frame["uid"].map(is_synthetic_uid).all()
     subset = load_subset(rundir.subset_dir)
     samples = list(subset.iter_samples())
@@ -296,7 +287,7 @@ def test_a_distill_run_trains_on_its_synthesized_pairs_and_resumes(tiny, makers)
     assert result.exit_code == 0, result.output
     (found,) = _runs("distill")
     rundir = RunDir(Path(found.data.tags["selbench.run_dir"]))
-    assert rundir.synthesized_path.is_file() and "train" not in rundir.stages()
+    assert synthesized_path(rundir).is_file() and "train" not in rundir.stages()
     resumed = CliRunner().invoke(
         main, ["run", "--resume", found.info.run_id, "--experiment", EXPERIMENT]
     )

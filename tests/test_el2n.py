@@ -129,13 +129,12 @@ def test_negatives_are_clipped_to_the_pool_and_every_uid_is_scored():
 
 
 @pytest.mark.slow
-def test_el2n_end_to_end_on_tiny_synthweb(tmp_path):
-    from e2e_helpers import make_tiny_pool, make_tiny_scale
-
+def test_el2n_end_to_end_on_tiny_synthweb(tiny):
     from selbench.pools import resolve_pool
-    from selbench.runner import RunRequest, execute
+    from selbench.run.lifecycle import execute
+    from selbench.run.spec import RunRequest
 
-    pool, scale = make_tiny_pool(tmp_path), make_tiny_scale(tmp_path)
+    pool, scale = tiny
     # 320 pairs: the proxy recipe (batch 256) would take ~1 step per epoch and learn nothing
     # in a few epochs; the tiny scale's batch of 64 with 10 epochs (50 steps) separates them.
     params = {"runs": 1, "scoring_epochs": 10.0, "negatives": 63, "recipe": str(scale)}

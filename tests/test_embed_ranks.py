@@ -12,17 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from e2e_helpers import make_tiny_pool
 
 from selbench.cache import EmbeddingCache, rank_chunks
 from selbench.train import build_model
 
 CHUNK = 32  # the tiny pool's 320 samples in 10 chunks: 5 per rank
-
-
-@pytest.fixture(scope="module")
-def tiny_pool(tmp_path_factory):
-    return make_tiny_pool(tmp_path_factory.mktemp("ranks"))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +102,7 @@ def test_two_ranks_write_the_entry_one_process_writes(tiny_pool, spec, one_proce
 KILL_RANK_1 = textwrap.dedent(
     """
     import os, signal
-    import selbench.cache as cache
+    import selbench.cache.chunks as cache
 
     if os.environ["RANK"] == "1":
         write, written = cache._write_chunk, []

@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from e2e_helpers import make_tiny_pool
 from PIL import Image
 
 from selbench.cache import EmbeddingCache
@@ -21,13 +20,8 @@ from selbench.embedders import EmbeddingService, _prefetch, preprocess_batch
 from selbench.errors import ConfigError
 from selbench.pools import resolve_pool
 from selbench.registry import get_registry
-from selbench.runner import usage_key
+from selbench.run.spec import usage_key
 from selbench.train import build_model
-
-
-@pytest.fixture(scope="module")
-def tiny_pool(tmp_path_factory):
-    return make_tiny_pool(tmp_path_factory.mktemp("emb"))
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from e2e_helpers import make_tiny_pool, make_tiny_scale
 
 from selbench import leaderboard as lb
 from selbench import tracking
 from selbench.cli import main
-from selbench.runner import RunRequest, execute
+from selbench.run.lifecycle import execute
+from selbench.run.spec import RunRequest
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +21,6 @@ pytestmark = pytest.mark.slow
 def is_timing(key: str) -> bool:
     """Wall-clock figures (seconds, rates): the only metrics that may differ between runs."""
     return "seconds" in key or key.endswith("per_second")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return make_tiny_pool(root), make_tiny_scale(root)
 
 
 def _request(tiny, **kw):

@@ -10,32 +10,21 @@ import sys
 import types
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from e2e_helpers import make_tiny_pool, make_tiny_scale
+from e2e_helpers import logged_runs
 
 import selbench
 from selbench import tracking
 from selbench.cache import EmbeddingCache
 from selbench.cli import main
 from selbench.registry import Registry, make_plugin_manager
+from selbench.run.selection_io import selection_path
 from selbench.rundir import RunDir
 
 HERE = Path(__file__).parent
 EXPERIMENT = "faults"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    return make_tiny_pool(root), make_tiny_scale(root)
-
-
-def _runs():
-    tracking.setup(EXPERIMENT)
-    return mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
 
 
 def _temporary_files(root: Path) -> list[Path]:
@@ -74,7 +63,7 @@ def exiting_plugins(monkeypatch):
     module.register_strategies = register_strategies
     registry = Registry(make_plugin_manager())
     registry.add_plugin(module, package="exiting-plugin", version="0.0.1")
-    monkeypatch.setattr("selbench.runner.get_registry", lambda: registry)
+    monkeypatch.setattr("selbench.run.stages.get_registry", lambda: registry)
 
 
 @pytest.mark.slow
@@ -96,7 +85,7 @@ def test_a_strategy_calling_sys_exit_fails_its_run_with_an_error_naming_it(
     )
     assert result.exit_code == 1
     assert f"error: strategy {method!r} (package 'exiting-plugin') called {call}" in result.output
-    (found,) = _runs()
+    (found,) = logged_runs(EXPERIMENT)
     assert found.info.status == "FAILED"
     assert call in found.data.tags["selbench.error"]
 
@@ -156,19 +145,19 @@ def test_a_full_disk_while_the_selection_is_written_fails_the_run_and_resume_red
     full = _driven("selection", *args)
     assert full.returncode == 1, full.stderr[-2000:]
     assert "cannot write the selection" in full.stderr and "Traceback" not in full.stderr
-    (found,) = _runs()
+    (found,) = logged_runs(EXPERIMENT)
     assert found.info.status == "FAILED"
     assert "cannot write the selection" in found.data.tags["selbench.error"]
     rundir = RunDir.for_run(found.info.run_id)
-    assert not rundir.selection_path.exists() and "select" not in rundir.stages()
+    assert not selection_path(rundir).exists() and "select" not in rundir.stages()
     assert _temporary_files(rundir.root) == []
 
     again = _cli(
         "run", "--resume", found.info.run_id, "--stage", "select", "--experiment", EXPERIMENT
     )
     assert again.returncode == 0, again.stderr[-2000:]
-    assert rundir.selection_path.is_file() and "select" in rundir.stages()
-    (found,) = _runs()
+    assert selection_path(rundir).is_file() and "select" in rundir.stages()
+    (found,) = logged_runs(EXPERIMENT)
     assert found.info.status == "SCHEDULED"
 
 

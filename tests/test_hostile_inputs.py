@@ -185,18 +185,16 @@ def _hostile_pool(root: Path, tiny: Path) -> tuple[Path, Counter, list[str]]:
 
 
 @pytest.mark.slow
-def test_a_pool_of_every_case_embeds_trains_and_evaluates(tmp_path):
-    from e2e_helpers import make_tiny_pool, make_tiny_scale
-
-    from selbench.runner import RunRequest, execute
+def test_a_pool_of_every_case_embeds_trains_and_evaluates(tiny_pool, tiny_scale, tmp_path):
+    from selbench.run.lifecycle import execute
+    from selbench.run.spec import RunRequest
     from selbench.train import build_model
 
-    tiny = make_tiny_pool(tmp_path / "tiny")
-    scale = make_tiny_scale(tmp_path)
+    scale = tiny_scale
     model, _, _ = build_model("selbench-tiny", seed=7)
     weights = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), weights)
-    config, expected, kept_keys = _hostile_pool(tmp_path / "hostile", tiny)
+    config, expected, kept_keys = _hostile_pool(tmp_path / "hostile", tiny_pool)
     before = _files(tmp_path)
 
     request = RunRequest(

@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from selbench import leaderboard as lb
-from selbench import plots
+from selbench.leaderboard import plots
+from selbench.run.spec import MethodSpec
 
 T_975_DF2 = 4.302652729749464  # Student's t, 97.5th percentile, 2 degrees of freedom
 T_975_DF1 = 12.706204736174707
@@ -221,11 +222,13 @@ def test_runs_of_one_label_with_different_parameters_get_separate_rows():
 
 
 def test_labels_read_as_written_and_stay_unambiguous():
-    assert lb.label_parts("tldr(captioner_epochs=10.0,refine=False)") == (
+    spec = MethodSpec.parse("tldr(captioner_epochs=10.0,refine=False)")
+    assert (spec.name, dict(spec.params)) == (
         "tldr",
         {"captioner_epochs": "10.0", "refine": "False"},
     )
-    assert lb.label_parts("random") == ("random", {})
+    spec = MethodSpec.parse("random")
+    assert (spec.name, dict(spec.params)) == ("random", {})
     assert lb.readable_label("tldr", {"refine": "False", "captioner_epochs": "10.0"}) == (
         "tldr (captioner_epochs=10, refine=False)"
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from e2e_helpers import make_tiny_pool, make_tiny_scale
+from e2e_helpers import logged_runs
 
 from selbench import tracking
 from selbench.rundir import RunDir
@@ -106,12 +106,6 @@ def server(tmp_path_factory):
     assert pid is None or not _group_alive(pid)  # uvicorn and the job runner went with it
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server-tiny")
-    return make_tiny_pool(root), make_tiny_scale(root)
-
-
 @pytest.fixture
 def against(server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
@@ -129,11 +123,6 @@ def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     )
 
 
-def _runs(experiment: str = EXPERIMENT):
-    tracking.setup(experiment)
-    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
-
-
 def test_run_sweep_and_leaderboard_log_to_the_server(against, tiny, tmp_path):
     pool, scale = tiny
     common = ["--pool", str(pool), "--scale", str(scale), "--experiment", EXPERIMENT]
@@ -149,11 +138,11 @@ def test_run_sweep_and_leaderboard_log_to_the_server(against, tiny, tmp_path):
     assert (tmp_path / "boards" / "board.md").is_file()
     assert (tmp_path / "again" / f"{EXPERIMENT}.md").is_file()
 
-    runs = [r for r in _runs() if "selbench.method" in r.data.tags]
+    runs = [r for r in logged_runs(EXPERIMENT) if "selbench.method" in r.data.tags]
     assert [r.data.params["budget"] for r in runs] == ["0.5"]
     assert {r.info.status for r in runs} == {"FINISHED"}
     # artifacts went through the server into its own artifact root
-    selection = tracking.Recorder(EXPERIMENT).download(
+    selection = tracking.Store().download(
         runs[0].info.run_id, "selection.parquet", tmp_path / "download"
     )
     assert len(pd.read_parquet(selection)) == int(runs[0].data.params["budget_count"])
@@ -163,38 +152,39 @@ def test_run_sweep_and_leaderboard_log_to_the_server(against, tiny, tmp_path):
 def test_a_server_that_goes_away_mid_run_then_returns(against, tiny, monkeypatch):
     """The server stops while the subset is materialized: the run goes on, ends with an
     error saying where the selection and the metrics are, and ``--resume`` logs them."""
-    from selbench import runner
+    from selbench.run import lifecycle, stages
+    from selbench.run.selection_io import selection_path
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    real_materialize = runner.materialize
+    real_materialize = stages.materialize
 
     def server_goes_away(*args, **kwargs):
         against.stop()
         return real_materialize(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "materialize", server_goes_away)
+    monkeypatch.setattr(stages, "materialize", server_goes_away)
     pool, scale = tiny
-    request = runner.RunRequest(
+    request = lifecycle.RunRequest(
         method="random", budget=0.25, seed=4, pool=str(pool), scale=str(scale), experiment="outage"
     )
     with pytest.raises(tracking.TrackingUnreachable) as raised:
-        runner.execute(request)
+        lifecycle.execute(request)
     message = str(raised.value)
     run_id = message.split("during run ")[1].split()[0]
     rundir = RunDir.for_run(run_id)
-    assert f"the selection in {rundir.selection_path}" in message
+    assert f"the selection in {selection_path(rundir)}" in message
     assert f"the metrics in {rundir.metrics_path}" in message
     assert f"selbench run --resume {run_id}" in message
     assert set(rundir.stages()) == {"select", "materialize", "train", "evaluate"}
     assert rundir.journal_path.is_file()
 
     against.start()
-    monkeypatch.setattr(runner, "materialize", real_materialize)
+    monkeypatch.setattr(stages, "materialize", real_materialize)
     resumed = _cli("run", "--resume", run_id, "--experiment", "outage")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not rundir.journal_path.exists()
-    (found,) = _runs("outage")
+    (found,) = logged_runs("outage")
     assert found.info.status == "FINISHED"
     kept = json.loads(rundir.metrics_path.read_text())
     assert found.data.metrics["mean_R1"] == pytest.approx(kept["mean_R1"])

@@ -4,7 +4,6 @@ exactly the clean pairs at a budget that fits, and refuses pools without ground 
 from __future__ import annotations
 
 import pytest
-from e2e_helpers import make_tiny_pool
 
 from selbench.errors import ConfigError, UndeclaredNeedError
 from selbench.pools import resolve_pool
@@ -32,8 +31,8 @@ def oracle(**params):
 
 
 @pytest.fixture(scope="module")
-def synthweb(tmp_path_factory):
-    return resolve_pool(str(make_tiny_pool(tmp_path_factory.mktemp("oracle")))).pool
+def synthweb(tiny_pool):
+    return resolve_pool(str(tiny_pool)).pool
 
 
 def test_keeps_only_clean_pairs_of_a_synthweb_pool(synthweb, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import selbench_plugins.prototypes as prototypes
-from e2e_helpers import make_tiny_pool, make_tiny_scale
 from selbench_plugins.prototypes import Prototypes
 
 from selbench.neighbours import scaled_cluster_count
@@ -90,10 +89,11 @@ def test_unknown_parameters_are_rejected():
 
 
 @pytest.mark.slow
-def test_end_to_end_on_tiny_synthweb(tmp_path):
-    from selbench.runner import RunRequest, execute
+def test_end_to_end_on_tiny_synthweb(tiny):
+    from selbench.run.lifecycle import execute
+    from selbench.run.spec import RunRequest
 
-    pool, scale = make_tiny_pool(tmp_path), make_tiny_scale(tmp_path)
+    pool, scale = tiny
     outcome = execute(
         RunRequest(method="prototypes", budget=0.25, pool=str(pool), scale=str(scale))
     )

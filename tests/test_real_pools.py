@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import png_bytes, write_shard
+from e2e_helpers import png_bytes, write_shard
 from PIL import Image
 
 from selbench.errors import PoolError
@@ -292,13 +292,12 @@ def test_decodability_check_catches_cut_and_corrupt_images():
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 def test_clip_score_runs_end_to_end_on_an_img2dataset_pool_with_an_eval_suite(
-    tmp_path, loopback_server
+    tmp_path, loopback_server, tiny_scale
 ):
     """Issue 18's acceptance: `selbench run --pool <YAML over img2dataset's output> --method
     clip_score --budget 0.25 --eval <a suite>`, every stage on the real tools' files: the pool
     from img2dataset, the suite's sets from CLIP_benchmark's exporter."""
     from clip_benchmark.webdataset_builder import convert_dataset, convert_retrieval_dataset
-    from e2e_helpers import make_tiny_scale
     from test_eval_suites import TinyClassification, TinyRetrieval, write_suite
 
     out, _ = download_with_img2dataset(tmp_path, loopback_server)
@@ -314,7 +313,7 @@ def test_clip_score_runs_end_to_end_on_an_img2dataset_pool_with_an_eval_suite(
     pool_yaml.write_text(f"name: i2dpool\nkind: shards\npath: {out}\n")
     argv = [
         "selbench", "run", "--pool", str(pool_yaml), "--method", "clip_score",
-        "--budget", "0.25", "--eval", str(suite), "--scale", str(make_tiny_scale(tmp_path)),
+        "--budget", "0.25", "--eval", str(suite), "--scale", str(tiny_scale),
         "--experiment", "i2d",
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900)

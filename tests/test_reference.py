@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEST_REFERENCE_RECIPE, png_bytes, write_shard
+from e2e_helpers import TEST_REFERENCE_RECIPE, png_bytes, write_shard
 from selbench_plugins.embedders import ReferenceEmbedder
 
 from selbench import reference as ref

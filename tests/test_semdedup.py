@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from e2e_helpers import make_tiny_pool, make_tiny_scale
 from selbench_plugins import semdedup
 from selbench_plugins.semdedup import (
     SemDeDup,
@@ -253,10 +252,11 @@ def test_cluster_count_is_scaled_down_for_small_pools():
 
 
 @pytest.mark.slow
-def test_end_to_end_on_tiny_synthweb(tmp_path):
-    from selbench.runner import RunRequest, execute
+def test_end_to_end_on_tiny_synthweb(tiny):
+    from selbench.run.lifecycle import execute
+    from selbench.run.spec import RunRequest
 
-    pool, scale = make_tiny_pool(tmp_path), make_tiny_scale(tmp_path)
+    pool, scale = tiny
     outcome = execute(RunRequest(method="semdedup", budget=0.25, pool=str(pool), scale=str(scale)))
     assert len(outcome.selection.uids) == 80  # round(0.25 * 320)
     assert len(set(outcome.selection.uids)) == 80

@@ -13,12 +13,14 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from e2e_helpers import TINY_SCALE, make_tiny_pool
+from e2e_helpers import TINY_SCALE, logged_runs
 
 from selbench import tracking
 from selbench.errors import SelbenchError
+from selbench.run.lifecycle import execute, reap_stale_runs, resume
+from selbench.run.selection_io import selection_path
+from selbench.run.spec import RunRequest, selection_hash
 from selbench.rundir import RunBusyError, RunDir
-from selbench.runner import RunRequest, execute, reap_stale_runs, resume, selection_hash
 
 pytestmark = pytest.mark.slow
 
@@ -27,18 +29,12 @@ EXPERIMENT = "stages"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    pool = make_tiny_pool(root)
-    scale = root / "stages-tiny.yaml"
+def tiny(tiny_pool, tmp_path_factory):
+    """conftest's tiny pool with a scale of this module's own (it overrides ``tiny``)."""
+    scale = tmp_path_factory.mktemp("stages") / "stages-tiny.yaml"
     # Small shards so that materialize writes several; 4 checkpoints for the open_clip engine.
     scale.write_text(TINY_SCALE + "shard_size: 20\nnum_checkpoints: 4\nepochs: 3\n")
-    return pool, scale
-
-
-def _runs():
-    tracking.setup(EXPERIMENT)
-    return mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
+    return tiny_pool, scale
 
 
 def _cli(*args, driver: str | None = None, timeout=900):
@@ -58,7 +54,7 @@ def _request(tiny, **kw):
 def test_select_stage_alone_then_resume_in_steps(tiny):
     first = execute(_request(tiny, seed=1), stages=["select"])
     assert first.next_stage == "materialize" and first.stages_run == ["select"]
-    (found,) = _runs()
+    (found,) = logged_runs(EXPERIMENT)
     assert found.info.status == "SCHEDULED"
     assert found.data.tags["selbench.next_stage"] == "materialize"
     with pytest.raises(SelbenchError, match="needs stage 'materialize' first"):
@@ -69,7 +65,7 @@ def test_select_stage_alone_then_resume_in_steps(tiny):
     assert middle.next_stage == "evaluate"
     last = resume(first.run_id, experiment=EXPERIMENT)
     assert last.next_stage is None and "mean_R1" in last.metrics
-    (found,) = _runs()
+    (found,) = logged_runs(EXPERIMENT)
     assert found.info.status == "FINISHED"
     assert found.data.params["selection_sha256"] == selection_hash(first.selection.uids)
     assert last.selection.uids == first.selection.uids
@@ -80,7 +76,7 @@ def test_select_stage_alone_then_resume_in_steps(tiny):
 def test_a_new_run_must_start_with_select_and_a_busy_run_is_refused(tiny):
     with pytest.raises(SelbenchError, match="starts with the select stage"):
         execute(_request(tiny), stages=["train"])
-    assert _runs() == []  # refused before any run was created
+    assert logged_runs(EXPERIMENT) == []  # refused before any run was created
     outcome = execute(_request(tiny, seed=2), stages=["select"])
     lock = RunDir.for_run(outcome.run_id).acquire(outcome.run_id)
     try:
@@ -88,7 +84,7 @@ def test_a_new_run_must_start_with_select_and_a_busy_run_is_refused(tiny):
             resume(outcome.run_id, experiment=EXPERIMENT)
     finally:
         lock.release()
-    (found,) = _runs()
+    (found,) = logged_runs(EXPERIMENT)
     assert found.info.status == "SCHEDULED"  # the refused resume changed nothing
 
 
@@ -98,7 +94,7 @@ def test_kill_during_materialize_and_during_training_then_resume_finishes_one_ru
     args += ["--scale", str(scale), "--experiment", EXPERIMENT, "--seed", "3"]
     killed = _cli(*args, driver="materialize")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    (found,) = _runs()
+    (found,) = logged_runs(EXPERIMENT)
     run_id = found.info.run_id
     rundir = RunDir.for_run(run_id)
     assert found.info.status == "RUNNING"  # nobody could mark it
@@ -109,7 +105,7 @@ def test_kill_during_materialize_and_during_training_then_resume_finishes_one_ru
 
     # A later command on this host sees the dead owner and marks the run KILLED.
     assert reap_stale_runs(tracking.Recorder(EXPERIMENT)) == [run_id]
-    assert _runs()[0].info.status == "KILLED"
+    assert logged_runs(EXPERIMENT)[0].info.status == "KILLED"
 
     killed = _cli("run", "--resume", run_id, "--experiment", EXPERIMENT, driver="train")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -118,10 +114,10 @@ def test_kill_during_materialize_and_during_training_then_resume_finishes_one_ru
     done = _cli("run", "--resume", run_id, "--experiment", EXPERIMENT)
     assert done.returncode == 0, done.stderr
     assert "R@1" in done.stdout
-    (found,) = _runs()  # still one run
+    (found,) = logged_runs(EXPERIMENT)  # still one run
     assert found.info.status == "FINISHED"
     assert found.data.params["selection_sha256"] == digest
-    frame = pd.read_parquet(rundir.selection_path)
+    frame = pd.read_parquet(selection_path(rundir))
     assert selection_hash(frame["uid"].tolist()) == digest
     assert "mean_R1" in found.data.metrics
     assert not list(rundir.root.rglob("*.tmp"))
@@ -150,7 +146,7 @@ def test_kill_while_embedding_and_while_evaluating_then_every_next_command_clean
     args += ["-p", f"embedder=open_clip:selbench-tiny:{weights}"]
     killed = _cli(*args, driver="select")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    (found,) = _runs()
+    (found,) = logged_runs(EXPERIMENT)
     run_id = found.info.run_id
     assert found.info.status == "RUNNING" and RunDir.for_run(run_id).stages() == {}
     assert list((home / "embeddings").glob(".tmp-*"))  # the half-assembled entry
@@ -165,11 +161,11 @@ def test_kill_while_embedding_and_while_evaluating_then_every_next_command_clean
         "--experiment", EXPERIMENT, "--stage", "select",
     )  # fmt: skip
     assert other.returncode == 0, other.stderr[-2000:]
-    assert {r.info.run_id: r.info.status for r in _runs()}[run_id] == "KILLED"
+    assert {r.info.run_id: r.info.status for r in logged_runs(EXPERIMENT)}[run_id] == "KILLED"
 
     done = _cli("run", "--resume", run_id, "--experiment", EXPERIMENT)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert {r.info.run_id: r.info.status for r in _runs()}[run_id] == "FINISHED"
+    assert {r.info.run_id: r.info.status for r in logged_runs(EXPERIMENT)}[run_id] == "FINISHED"
     assert _temporary_files(home) == []
 
 
@@ -222,13 +218,13 @@ def test_open_clip_engine_two_process_gloo_trains_resumes_after_kill_and_evaluat
         time.sleep(0.5)
     assert _processes_mentioning(str(run_dir)) == []  # nothing outlives the run
 
-    (found,) = _runs()
+    (found,) = logged_runs(EXPERIMENT)
     assert set(RunDir(run_dir).stages()) == {"select", "materialize"}
     done = _cli("run", "--resume", found.info.run_id, "--experiment", EXPERIMENT)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (run_dir / "train" / "open_clip" / "out.log").read_text()
     assert "resuming checkpoint" in log or "loaded checkpoint" in log
-    (found,) = _runs()
+    (found,) = logged_runs(EXPERIMENT)
     assert found.info.status == "FINISHED"
     assert found.data.params["engine"] == "open_clip"
     assert found.data.params["nproc_per_node"] == "2"

@@ -8,16 +8,15 @@ import subprocess
 import sys
 import time
 
-import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from e2e_helpers import make_tiny_pool, make_tiny_scale
+from e2e_helpers import logged_runs
 
 from selbench import sweep as sw
-from selbench import tracking
 from selbench.cli import main
 from selbench.errors import ConfigError, UnknownMethodError
+from selbench.run.spec import MethodSpec, split_methods
 
 EXPERIMENT = "sweep-test"
 
@@ -35,8 +34,7 @@ def grid(pool, scale):
 
 
 def runs_by_status():
-    tracking.setup(EXPERIMENT)
-    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list")
+    runs = logged_runs(EXPERIMENT)
     cells = [r for r in runs if sw.CELL_TAG in r.data.tags]
     out: dict[str, list] = {}
     for run in cells:
@@ -55,8 +53,8 @@ def test_plan_validates_names_and_budgets_before_running(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_sweep_resumes_only_the_missing_cells(tmp_path):
-    pool, scale = make_tiny_pool(tmp_path), make_tiny_scale(tmp_path)
+def test_killed_sweep_resumes_only_the_missing_cells(tiny, tmp_path):
+    pool, scale = tiny
     cells = grid(pool, scale)
     assert len(cells) == 8
     command = [
@@ -132,13 +130,13 @@ def test_killed_sweep_resumes_only_the_missing_cells(tmp_path):
 
 
 @pytest.mark.slow
-def test_failed_cells_are_recorded_and_retried(tmp_path, monkeypatch):
-    pool, scale = make_tiny_pool(tmp_path), make_tiny_scale(tmp_path)
+def test_failed_cells_are_recorded_and_retried(tiny, monkeypatch):
+    pool, scale = tiny
     cells = sw.plan(
         ["random"], [0.5], [0], pool=str(pool), scale=str(scale), experiment=EXPERIMENT,
         full_pool=False,
     )  # fmt: skip
-    import selbench.runner as runner
+    import selbench.run.stages as runner
 
     real = runner.train_model
 
@@ -159,12 +157,12 @@ def test_failed_cells_are_recorded_and_retried(tmp_path, monkeypatch):
 
 
 def test_methods_with_parameters_are_their_own_cells():
-    assert sw.split_methods("random, tldr(refine=false,clusters=1),clip_score") == [
+    assert split_methods("random, tldr(refine=false,clusters=1),clip_score") == [
         "random",
         "tldr(refine=false,clusters=1)",
         "clip_score",
     ]
-    assert sw.parse_method_spec("tldr(refine=false, clusters=1)") == (
+    assert MethodSpec.parse("tldr(refine=false, clusters=1)") == MethodSpec(
         "tldr",
         {"refine": "false", "clusters": "1"},
     )
@@ -174,14 +172,14 @@ def test_methods_with_parameters_are_their_own_cells():
     assert variant.label == "tldr(refine=false) budget=0.25 seed=0"
     # the same cell as `selbench run --method tldr -p refine=false`
     from selbench.registry import get_registry
-    from selbench.runner import RunRequest, cell_key
+    from selbench.run.spec import RunRequest, cell_key
     from selbench.strategy import parse_params
 
     request = RunRequest(method="tldr", budget=0.25, seed=0, params={"refine": "false"})
     params = parse_params(get_registry().get("tldr").cls, {"refine": "false"})
     assert cell_key(request, params) == variant.key
     with pytest.raises(ConfigError, match="unclosed"):
-        sw.split_methods("tldr(refine=false")
+        split_methods("tldr(refine=false")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         sw.plan(["tldr(refine)"], [0.25], [0])
     with pytest.raises(ConfigError, match="nope"):
@@ -201,10 +199,10 @@ def test_compare_with_is_checked_before_any_cell_runs():
 
 
 @pytest.mark.slow
-def test_sweep_output_has_no_third_party_progress_bars(tmp_path):
+def test_sweep_output_has_no_third_party_progress_bars(tiny):
     # CLIP_benchmark's tqdm bars once leaked into every cell's output: the --methods
     # parser imported the harness (and tqdm) before the CLI quieted it.
-    pool, scale = make_tiny_pool(tmp_path), make_tiny_scale(tmp_path)
+    pool, scale = tiny
     command = [
         sys.executable, "-m", "selbench.cli", "sweep", "--methods", "random", "--budgets",
         "0.25", "--seeds", "0", "--pool", str(pool), "--scale", str(scale), "--experiment",

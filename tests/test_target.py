@@ -8,20 +8,14 @@ import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from e2e_helpers import make_tiny_pool, make_tiny_scale
 from selbench_plugins.knn_target import max_similarity, round_robin
 
 from selbench.cli import main
 from selbench.errors import ConfigError
 from selbench.pools import resolve_pool
-from selbench.runner import RunRequest, execute
+from selbench.run.lifecycle import execute
+from selbench.run.spec import RunRequest
 from selbench.target import load_target
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("target")
-    return make_tiny_pool(root), make_tiny_scale(root)
 
 
 def test_round_robin_takes_each_targets_nearest_in_turn():

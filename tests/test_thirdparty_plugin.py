@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_helpers import make_tiny_pool, make_tiny_scale
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SELBENCH = [sys.executable, "-m", "selbench.cli"]
@@ -84,10 +83,9 @@ def test_methods_without_the_plugins_does_not_list_them():
 
 
 @pytest.mark.slow
-def test_installed_plugin_runs_end_to_end(installed_plugin, tmp_path):
+def test_installed_plugin_runs_end_to_end(installed_plugin, tiny, tmp_path):
     fixture, env = installed_plugin
-    pool = make_tiny_pool(tmp_path)
-    scale = make_tiny_scale(tmp_path)
+    pool, scale = tiny
     done = subprocess.run(
         SELBENCH
         + ["run", "--method", PLUGINS[fixture][1], "--budget", "0.25", "--pool", str(pool)]

@@ -8,11 +8,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from selbench.configs import EvalSetConfig, PoolConfig, find_config, load_yaml_model
 from selbench.errors import ConfigError, PoolError
 from selbench.paths import data_home
 from selbench.pools.shards import PoolForStrategies, ShardPool
+
+if TYPE_CHECKING:
+    from selbench.synthweb import SynthWebConfig
 
 __all__ = ["PoolForStrategies", "ResolvedPool", "ShardPool", "resolve_pool", "synthweb_dir"]
 
@@ -32,7 +36,7 @@ class ResolvedPool:
     config: dict = field(default_factory=dict)
 
 
-def synthweb_dir(overrides: dict) -> tuple[Path, object]:
+def synthweb_dir(overrides: dict) -> tuple[Path, SynthWebConfig]:
     """Where the SynthWeb dataset for these config overrides lives (content-addressed)."""
     from selbench.synthweb import SynthWebConfig
 
@@ -71,7 +75,9 @@ def _from_synthweb_dir(root: Path, spec: str) -> ResolvedPool:
     for name, rel in manifest["eval_sets"].items():
         task_file = root / rel / "dataset_type.txt"
         task = task_file.read_text().strip() if task_file.exists() else "classification"
-        eval_sets.append(EvalSetConfig(name=name, task=task, path=str(root / rel)))
+        # Validated like a pool YAML's entry: a task file naming no task is an error.
+        entry = {"name": name, "task": task, "path": str(root / rel)}
+        eval_sets.append(EvalSetConfig.model_validate(entry))
     if "retrieval" in manifest["eval_sets"]:
         # The retrieval set's images with their reference captions are also the captioning
         # set (CLIP_benchmark reads both tasks from the same wds layout); only models that

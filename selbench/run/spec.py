@@ -103,7 +103,9 @@ class MethodSpec:
         """The canonical label, ``name`` or ``name(k=v,k2=v2)`` with keys sorted."""
         if not self.params:
             return self.name
-        return f"{self.name}(" + ",".join(f"{k}={self.params[k]}" for k in sorted(self.params)) + ")"
+        return (
+            f"{self.name}(" + ",".join(f"{k}={self.params[k]}" for k in sorted(self.params)) + ")"
+        )
 
     def __str__(self) -> str:
         return self.format()

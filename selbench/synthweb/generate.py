@@ -202,7 +202,10 @@ def corrupt_scene(rng: np.random.Generator, scene: Scene) -> tuple[Scene, str, s
     values = options[attribute]
     value = values[int(rng.integers(len(values)))]
     objects = list(scene.objects)
-    objects[k] = replace(obj, **{attribute: value})
+    # attribute is one of the four semantic fields, all str; the typed dict is what
+    # dataclasses.replace accepts for a field named at run time.
+    change: dict[str, Any] = {attribute: value}
+    objects[k] = replace(obj, **change)
     return Scene(background=scene.background, objects=tuple(objects)), attribute, value
 
 
@@ -424,7 +427,7 @@ def retrieval_items(
     for i in range(n):
         scene, png, digest = render_unique(lambda: sample_scene(rng, dist), config.image_size, seen)
         captions = distinct_captions(rng, scene, config.captions_per_retrieval_image)
-        meta = {"key": sample_key(i, EVAL_SHARD_SIZE), "sha256": digest}
+        meta: dict[str, Any] = {"key": sample_key(i, EVAL_SHARD_SIZE), "sha256": digest}
         meta["synthweb"] = {"split": split, "scene": scene.to_dict(), "captions": captions}
         yield (
             meta["key"],
@@ -450,7 +453,7 @@ def classification_items(config: SynthWebConfig, split: str, seen: set[str]) -> 
             return sample_scene(rng, dist, n_objects=1, **forced)
 
         scene, png, digest = render_unique(sample, config.image_size, seen)
-        meta = {"key": sample_key(i, EVAL_SHARD_SIZE), "sha256": digest}
+        meta: dict[str, Any] = {"key": sample_key(i, EVAL_SHARD_SIZE), "sha256": digest}
         meta["synthweb"] = {
             "split": split,
             "scene": scene.to_dict(),

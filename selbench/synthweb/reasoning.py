@@ -176,6 +176,11 @@ def balanced_plan(rng: np.random.Generator, n: int) -> list[tuple[str, bool]]:
     return [plan[i] for i in order]
 
 
+def _always(scene: Scene) -> Callable[[], Scene]:
+    """A ``sample_fn`` for ``render`` that gives the scene already drawn."""
+    return lambda: scene
+
+
 def write_reasoning_set(
     root: Path,
     seed_rng: Callable[[str], np.random.Generator],
@@ -207,7 +212,7 @@ def write_reasoning_set(
             left, right, sentence = draw_example(rng, family, label, new_scene)
             # Rendered only once chosen; ``render`` keeps every image distinct from all
             # written before (pool and eval sets included).
-            pngs = [render(lambda scene=scene: scene)[1] for scene in (left, right)]
+            pngs = [render(_always(scene))[1] for scene in (left, right)]
             prefix = f"{name}-{index}-0"
             directory = str(index // 1000) if name == "train" else None
             folder = root / "images" / name / (directory or "")

@@ -46,7 +46,8 @@ class TextSign:
 
 
 @lru_cache(maxsize=8)
-def _font(side: int) -> ImageFont.FreeTypeFont:
+def _font(side: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # A FreeTypeFont wherever Pillow has FreeType; its bitmap font otherwise.
     return ImageFont.load_default(size=max(1, round(FONT_FRACTION * side)))
 
 
@@ -54,7 +55,7 @@ def _line_height(side: int) -> int:
     # Every line gets the height of the tallest glyph run, so a sign's height depends
     # only on its number of lines.
     box = _font(side).getbbox("bdfhklgjpqy")
-    return box[3]
+    return int(box[3])  # whole pixels already: Pillow's stubs say float
 
 
 def sign_height(n_lines: int, size: int) -> float:

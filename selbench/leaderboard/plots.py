@@ -15,7 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from selbench.leaderboard import Leaderboard, metric_name  # noqa: E402
+from selbench.leaderboard.keys import metric_name  # noqa: E402
+from selbench.leaderboard.stats import Leaderboard  # noqa: E402
+from selbench.run.selection_io import stored_selection  # noqa: E402
+
+# tab20's 20 colours, one per method.
+_TAB20 = [plt.cm.tab20(i) for i in range(20)]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ def metric_vs_budget(board: Leaderboard, metric: str, path: Path) -> Path | None
     if table.empty or f"{metric}_mean" not in table:
         return None
     fig, ax = plt.subplots(figsize=(8.4, 4.2))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    ax.set_prop_cycle(color=_TAB20)
     for method, rows in table[~table["reference"]].groupby("method"):
         rows = rows.sort_values("budget")
         mean, half = rows[f"{metric}_mean"], rows[f"{metric}_ci95"].fillna(0.0)
@@ -73,7 +78,7 @@ def quality_vs_compute(board: Leaderboard, metric: str, path: Path) -> Path | No
     if table.empty or "training_seconds_mean" not in table:
         return None
     fig, ax = plt.subplots(figsize=(8.4, 4.2))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    ax.set_prop_cycle(color=_TAB20)
     for method, rows in table.groupby("method"):
         total = rows["selection_seconds_mean"].fillna(0) + rows["training_seconds_mean"]
         ax.scatter(total, rows[f"{metric}_mean"], label=method, s=22)
@@ -166,23 +171,10 @@ def selection_overlap(
     return _save(fig, path)
 
 
-def mlflow_uids(run_id: str) -> set[str]:
-    """The selected uids of a run, from its ``selection.parquet`` artifact."""
-    import tempfile
-
-    import mlflow
-
-    # Into a folder removed afterwards: without dst_path MLflow leaves a temporary
-    # directory per run behind, one per plotted run and leaderboard.
-    with tempfile.TemporaryDirectory(prefix="selbench-uids-") as folder:
-        try:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="selection.parquet", dst_path=folder
-            )
-        except mlflow.exceptions.MlflowException as exc:
-            uri = mlflow.get_run(run_id).info.artifact_uri
-            raise FileNotFoundError(f"no selection.parquet under {uri} ({exc})") from None
-        return set(pd.read_parquet(path, columns=["uid"])["uid"])
+def stored_uids(run_id: str) -> set[str]:
+    """The selected uids of a run, from its ``selection.parquet`` artifact in the store;
+    FileNotFoundError when the store has lost it."""
+    return set(stored_selection(run_id, columns=["uid"])["uid"])
 
 
 def all_plots(
@@ -190,7 +182,7 @@ def all_plots(
     runs: pd.DataFrame,
     out_dir: Path,
     name: str,
-    load_uids: Callable[[str], set[str]] = mlflow_uids,
+    load_uids: Callable[[str], set[str]] = stored_uids,
 ) -> dict[str, Path]:
     """Every plot the data allows, as ``{caption: path}`` (files ``<name>_*.png``)."""
     out_dir.mkdir(parents=True, exist_ok=True)

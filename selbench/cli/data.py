@@ -1,0 +1,219 @@
+"""``selbench embed``, ``reference``, ``cache`` and ``datasets``: data made ahead of runs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from selbench.cli.common import (
+    console,
+    err_console,
+    friendly_errors,
+    main,
+    parse_assignments,
+)
+from selbench.cli.common import (
+    quiet_libraries as _quiet_libraries,
+)
+from selbench.errors import SelbenchError
+
+
+@main.command()
+@click.option("--pool", default="synthweb", show_default=True, help="Pool to embed (as for run).")
+@click.option(
+    "--embedder",
+    "-e",
+    default="reference",
+    show_default=True,
+    help="Embedder spec: reference (the default of the strategies that embed: SynthWeb's "
+    "reference model, or the checkpoint the pool YAML names), proxy, proxy:RECIPE, or "
+    "open_clip:ARCH:/path/to/weights.pt (`selbench methods` lists them).",
+)
+@click.option("--device", default=None, help="torch device; default cuda when available.")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Rows per chunk; an interrupted run resumes from the last complete chunk.",
+)
+@click.option(
+    "--nproc-per-node",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Split the pass over N processes on this host, launched with torchrun "
+    "(gloo on CPU; NCCL and one GPU each on GPU). Rerun the same command to resume a killed "
+    "pass. On several nodes, start `torchrun ... -m selbench.cli embed` yourself instead.",
+)
+@friendly_errors
+def embed(pool, embedder, device, chunk_size, nproc_per_node) -> None:
+    """Fill the embedding cache for POOL with EMBEDDER ahead of runs."""
+    _quiet_libraries()
+    from selbench.embed_ranks import embed_command
+
+    outcome = embed_command(pool, embedder, device, chunk_size, nproc_per_node, err_console)
+    if outcome.message is not None:
+        console.print(outcome.message, soft_wrap=True)
+    if outcome.exit_code:
+        sys.exit(outcome.exit_code)
+
+
+@main.group()
+def reference() -> None:
+    """SynthWeb's reference model: the offline stand-in for a pretrained CLIP.
+
+    CLIP-score, SemDeDup, the DataComp-era filters and TL;DR score or embed with it by
+    default (their papers use OpenAI's CLIP or BLIP). It trains once, on a separate clean
+    SynthWeb corpus, and is cached in $SELBENCH_HOME/reference/ (docs/embeddings.md).
+    """
+
+
+@reference.command("build")
+@click.option(
+    "--recipe",
+    default="",
+    help="a scale YAML with a 'corpus' (name in configs/scales/ or a path); default "
+    "$SELBENCH_REFERENCE_RECIPE, else reference.",
+)
+@click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@friendly_errors
+def reference_build(recipe, device) -> None:
+    """Train the reference model now (about 4.5 minutes on 2 CPU cores), unless it is cached.
+
+    Runs need it the first time a strategy uses it and build it then; building it ahead
+    keeps that time out of the first run, as downloading a pretrained CLIP would.
+
+    \b
+    Example:
+      selbench reference build && selbench run --method clip_score --budget 0.25
+    """
+    _quiet_libraries()
+    from selbench.progress import RichProgress
+    from selbench.reference import build_reference, recipe_spec
+    from selbench.run.spec import default_device
+
+    started = time.perf_counter()
+    with RichProgress(err_console) as progress:
+        built = build_reference(recipe, device or default_device(), progress)
+    meta = built.meta
+    state = "trained" if built.built else "cached"
+    console.print(
+        f"reference model ({recipe_spec(recipe)}): {state}, {built.checkpoint}\n"
+        f"  sha256 {built.sha256}\n"
+        f"  corpus {meta['corpus_dir']} ({meta['corpus_size']} clean pairs), "
+        f"{meta['samples_seen']} samples seen, final loss {meta['final_loss']:.4f}, "
+        f"trained in {meta['train_seconds']:.0f} s on {meta['device']}"
+        + (f"; this call took {time.perf_counter() - started:.0f} s" if built.built else ""),
+        highlight=False,
+    )
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and remove embedding cache entries ($SELBENCH_HOME/embeddings)."""
+
+
+@cache.command("ls")
+@friendly_errors
+def cache_ls() -> None:
+    """List cache entries: id, status, pool, embedder, size."""
+    from selbench.cache import EmbeddingCache
+
+    table = Table(title="embedding cache")
+    for column in ("entry", "status", "samples", "embedder", "size (MB)", "created"):
+        table.add_column(column, overflow="fold")
+    for row in EmbeddingCache().ls():
+        done = row.get("n_samples", "")
+        if row.get("status") == "partial":
+            done = f"{row.get('done', 0)}/{row.get('n_samples', '?')}"
+        table.add_row(
+            row["entry_id"],
+            row.get("status", ""),
+            str(done),
+            str(row.get("embedder_id", "")),
+            f"{row.get('size_mb', 0):.1f}",
+            str(row.get("created", "")),
+        )
+    console.print(table)
+
+
+@cache.command("info")
+@click.argument("entry_id")
+@friendly_errors
+def cache_info(entry_id) -> None:
+    """Show the manifest of one cache entry."""
+    import json
+
+    from selbench.cache import EmbeddingCache
+
+    console.print_json(json.dumps(EmbeddingCache().info(entry_id), default=str))
+
+
+@cache.command("rm")
+@click.argument("entry_ids", nargs=-1, required=True)
+@friendly_errors
+def cache_rm(entry_ids) -> None:
+    """Remove cache entries (complete or partial)."""
+    from selbench.cache import EmbeddingCache
+
+    store = EmbeddingCache()
+    for entry_id in entry_ids:
+        store.rm(entry_id)
+        console.print(f"removed {entry_id}")
+
+
+@main.group()
+def datasets() -> None:
+    """Generate and inspect datasets."""
+
+
+@datasets.command("make")
+@click.argument("name", type=click.Choice(["synthweb"]))
+@click.option("--seed", type=int, default=None, help="Generator seed (default 0).")
+@click.option("--n-samples", type=int, default=None, help="Pool size (default 16000).")
+@click.option("--image-size", type=int, default=None, help="Image side in pixels (default 32).")
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other SynthWeb setting, e.g. --set rate_misaligned=0.4 (docs/synthweb.md).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write here instead of the data home (then pass it as --pool DIR).",
+)
+@friendly_errors
+def make(name, seed, n_samples, image_size, settings, out) -> None:
+    """Generate a dataset. `--pool synthweb` does this automatically on first use."""
+    from selbench.pools import ensure_synthweb, synthweb_dir
+    from selbench.progress import RichProgress
+    from selbench.synthweb import generate_synthweb
+
+    overrides: dict = dict(parse_assignments(settings, "--set"))
+    for key, value in (("seed", seed), ("n_samples", n_samples), ("image_size", image_size)):
+        if value is not None:
+            overrides[key] = value
+    target, config = synthweb_dir(overrides)
+    with RichProgress(err_console) as progress:
+        callback = progress.counter("Generating SynthWeb")
+        if out is not None:
+            if out.exists():
+                raise SelbenchError(f"output directory {out} already exists")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            generate_synthweb(out, config, progress=callback)
+            target = out
+        else:
+            existed = (target / "manifest.json").is_file()
+            target = ensure_synthweb(overrides, progress=callback)
+            if existed:
+                console.print("Already generated (same settings); nothing to do.")
+    console.print(f"SynthWeb at {target}")
+    if out is not None or overrides:
+        console.print(f"Use it with: selbench run --pool {target} --method random --budget 0.25")

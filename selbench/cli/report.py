@@ -1,0 +1,135 @@
+"""``selbench methods`` and ``leaderboard``: what is installed, and what the runs say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from selbench.cli.common import (
+    console,
+    friendly_errors,
+    main,
+    parse_assignments,
+)
+from selbench.cli.common import (
+    quiet_libraries as _quiet_libraries,
+)
+
+
+@main.command()
+@friendly_errors
+def methods() -> None:
+    """List installed selection strategies, their package, parameters and defaults."""
+    from selbench.registry import get_registry
+
+    table = Table(title="selbench strategies", show_lines=True)
+    for column in ("name", "package", "parameters (default)", "reference"):
+        table.add_column(column, overflow="fold")
+    for info in get_registry().infos():
+        params = []
+        for key, field in info.cls.Params.model_fields.items():
+            line = f"{key} = {field.default!r}"
+            if field.description:
+                line += f"  ({field.description})"
+            params.append(line)
+        table.add_row(
+            f"[bold]{info.name}[/]\n{info.cls.summary}",
+            f"{info.package} {info.version}".strip(),
+            "\n".join(params) or "-",
+            info.cls.reference,
+        )
+    console.print(table)
+    broken = get_registry().broken
+    if broken:
+        failed = Table(title="broken plugins (not loaded; a run asking for them fails)")
+        for column in ("entry point", "package", "module", "error"):
+            failed.add_column(column, overflow="fold")
+        for plugin in broken:
+            failed.add_row(
+                plugin.entry_point,
+                f"{plugin.package} {plugin.version}".strip(),
+                plugin.module,
+                plugin.error,
+            )
+        console.print(failed)
+    embedders = Table(title="selbench embedders (--embedder / -p embedder=SPEC)")
+    for column in ("name", "package", "spec", "reference"):
+        embedders.add_column(column, overflow="fold")
+    for embedder in get_registry().embedder_infos():
+        embedders.add_row(
+            embedder.name,
+            f"{embedder.package} {embedder.version}".strip(),
+            embedder.cls.summary,
+            embedder.cls.reference,
+        )
+    console.print(embedders)
+
+
+@main.command()
+@click.option("--experiment", default="selbench", show_default=True, help="MLflow experiment.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("leaderboards"),
+    show_default=True,
+    help="Directory for the markdown, CSV, HTML and PNG files.",
+)
+@click.option("--name", default=None, help="File name stem (default: the experiment name).")
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    help="Metric column(s) to aggregate, repeatable; the first one is plotted. Default: "
+    "mean_R1 and zeroshot_acc1, then the summary columns of every evaluation suite the runs "
+    "used (`summary:` in configs/evals/NAME.yaml, e.g. DataComp's average).",
+)
+@click.option(
+    "--where",
+    "where",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only runs whose param or selbench tag KEY equals VALUE, repeatable: e.g. "
+    "--where git_commit=abc123, --where plugin_package=selbench==0.1.0, --where pool=synthweb.",
+)
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Draw the PNG plots.")
+@click.option(
+    "--compare-with",
+    "compare_with",
+    default=None,
+    metavar="EXPERIMENT_OR_POOL",
+    help="Rank the methods on a second configuration too and report, per budget, Kendall's "
+    "tau between the two rankings (how stable the ranking is). An MLflow experiment name, "
+    "or a pool of this experiment's runs (the page then keeps the other pools); write "
+    "experiment:NAME or pool:NAME when a name is both. --where filters apply to both "
+    "sides except pool=; each side must come down to one pool, scale and protocol.",
+)
+@click.option(
+    "--baseline",
+    default="random",
+    show_default=True,
+    metavar="METHOD",
+    help="The method every row is paired with (its method label, as in the tables, e.g. "
+    "clip_score or clip_score(mode=threshold)); its budget-1.0 runs are the full-pool row.",
+)
+@friendly_errors
+def leaderboard(experiment, out, name, metrics, where, plots, compare_with, baseline) -> None:
+    """Aggregate finished runs: one table per budget with each method's mean and 95% CI
+    over seeds, its paired difference from the baseline (--baseline, default random),
+    and its selection cost; counts the
+    method pairs that differ beyond their paired 95% CI; writes markdown, CSV, HTML and
+    plots.
+
+    \b
+    Example, the same sweep on a second SynthWeb in experiment synthweb-b:
+      selbench leaderboard --experiment synthweb --compare-with synthweb-b
+    """
+    _quiet_libraries()
+    from selbench.leaderboard import generate
+
+    filters = parse_assignments(where, "--where")
+    generate(
+        experiment, out, name or experiment, tuple(metrics), filters, plots,
+        compare_with=compare_with, baseline=baseline, console=console,
+    )  # fmt: skip
