@@ -67,9 +67,11 @@ def measure_selection(method: str, work: Path) -> dict[str, object]:
     code, tail, seconds = _run(args, run_home)
     if code != 0:
         return {"error": tail, "seconds": round(seconds, 1)}
+    # The file names are spelled out here, not imported: this script measures old code too.
     frame = pd.read_parquet(_only("selection.parquet", run_home))
     uids = frame["uid"].tolist()
-    captions = "\n".join(f"{u}\t{c}" for u, c in sorted(zip(uids, frame["train_caption"])))
+    pairs = sorted(zip(uids, frame["train_caption"], strict=True))
+    captions = "\n".join(f"{u}\t{c}" for u, c in pairs)
     return {
         "selection_sha256": hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest(),
         "captions_sha256": hashlib.sha256(captions.encode()).hexdigest(),
@@ -114,7 +116,8 @@ def compare(before_path: Path, after_path: Path) -> int:
         for key in sorted(set(old_m) | set(new_m)):
             same = old_m.get(key) == new_m.get(key)
             differ += not same
-            print(f"  {key:<40} {old_m.get(key)!s:<22} {new_m.get(key)!s:<22} {'yes' if same else 'NO'}")
+            verdict = "yes" if same else "NO"
+            print(f"  {key:<40} {old_m.get(key)!s:<22} {new_m.get(key)!s:<22} {verdict}")
     print(f"\n{'all identical' if not differ else f'{differ} differ'}")
     return 1 if differ else 0
 

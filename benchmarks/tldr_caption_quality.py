@@ -17,11 +17,11 @@ import argparse
 import re
 from collections import Counter
 
-import mlflow
 import pandas as pd
 
 from selbench import tracking
 from selbench.pools import resolve_pool
+from selbench.run.selection_io import stored_selection
 from selbench.synthweb.captions import COLOUR_SYNONYMS, SHAPE_SYNONYMS
 from selbench.synthweb.scene import COLOUR_NAMES
 
@@ -53,20 +53,13 @@ def main() -> None:
     head_shape = Counter(
         o["shape"] for t in truth.values() for o in t["scene"]["objects"]
     ).most_common(1)[0][0]
-    runs = mlflow.search_runs(
-        experiment_names=[args.experiment],
-        filter_string="attributes.status = 'FINISHED'",
-        output_format="list",
-    )
+    runs = tracking.Store().finished_runs(args.experiment)
     rows = []
-    for run in runs:
-        method = run.data.params.get("method", "")
-        if not method.startswith("tldr") or run.data.metrics.get("caption_rewrites", 0) == 0:
+    for _, run in runs.iterrows():
+        method = str(run.get("params.method") or "")
+        if not method.startswith("tldr") or not run.get("metrics.caption_rewrites", 0):
             continue
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run.info.run_id, artifact_path="selection.parquet"
-        )
-        frame = pd.read_parquet(path)
+        frame = stored_selection(run["run_id"])
         sep = "; "
         generated = [
             t[len(c) + len(sep) :] if t.startswith(c + sep) else ""
@@ -83,8 +76,8 @@ def main() -> None:
         for source, judged in (("generated", gen), ("original", orig)):
             rows.append(
                 {
-                    "label": run.data.params.get("method_label", method),
-                    "seed": run.data.params.get("seed"),
+                    "label": run.get("params.method_label") or method,
+                    "seed": run.get("params.seed"),
                     "text": source,
                     **{k: sum(j[k] for j in judged) / len(judged) for k in judged[0]},
                 }

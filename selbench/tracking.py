@@ -196,8 +196,9 @@ def git_commit(path: Path | None = None) -> str | None:
 class Recorder:
     """Every MLflow call that writes goes through one of these (reads: :class:`Store`).
 
-    A recorder is bound to an experiment and, while a run is open, to that run. The
-    runner opens a run (:meth:`start`) or reopens one to resume it (:meth:`reopen`),
+    A recorder is bound to an experiment and, while a run is open, to that run. The run's
+    lifecycle (:mod:`selbench.run.lifecycle`) opens a run (:meth:`start`) or reopens one
+    to resume it (:meth:`reopen`),
     logs through it, and closes it with exactly one of :meth:`finish` (all stages done),
     :meth:`pause` (SCHEDULED: stages remain, ``selbench run --resume`` continues),
     :meth:`fail` (FAILED, or KILLED on an interrupt). Sweeps and ``export`` use its query

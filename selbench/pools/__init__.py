@@ -138,7 +138,7 @@ def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) 
         # Not checked here: a run given --eval SUITE never reads the pool's own suite.
         eval_sets = resolve_eval_suite(config.eval_suite, check=False)
     # No sets is allowed here (embedding, export, or a run given --eval SUITE need none);
-    # a run that would evaluate on nothing is refused by the runner, naming the fix.
+    # a run that would evaluate on nothing is refused when the run is prepared, naming the fix.
     pool = ShardPool(config.path, name=config.name)
     pool.reference = config.reference
     return ResolvedPool(
