@@ -56,7 +56,7 @@ def allow_cpu_ddp() -> None:
             super().__init__(module, device_ids, *args, **kwargs)
 
     # Replacing torch's class is the point (open_clip_train builds its model with it).
-    torch.nn.parallel.DistributedDataParallel = CpuFriendlyDDP  # type: ignore[misc]
+    torch.nn.parallel.DistributedDataParallel = CpuFriendlyDDP
 
 
 def main() -> int:
