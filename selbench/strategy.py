@@ -85,6 +85,31 @@ class Strategy:
     def select(self, ctx: SelectionContext) -> Selection:  # pragma: no cover - interface
         raise NotImplementedError(f"strategy {self.name!r} does not implement select()")
 
+    def score(self, ctx: SelectionContext) -> np.ndarray:  # pragma: no cover - interface
+        """Optional: one finite score per sample of ``ctx.pool``, in its order; higher means
+        keep. A strategy that implements it is a *scorer* (:meth:`is_scorer`): pipelines
+        can intersect, unite and fuse it with other scorers (``docs/pipelines.md``). It
+        must not depend on ``ctx.budget_count``; the scores of the strategy's own rule
+        (the ones its ``select`` ranks or thresholds), not a proxy for them."""
+        raise NotImplementedError(f"strategy {self.name!r} does not score samples")
+
+    def passes(self, ctx: SelectionContext) -> np.ndarray:  # pragma: no cover - interface
+        """Optional: a boolean per sample of ``ctx.pool`` (its order), the samples the
+        strategy's own rule keeps without a budget (DataComp's basic filtering keeps what
+        passes its rules). A pipeline step that is not last and gives no ``keep=`` keeps
+        these (:meth:`has_rule`)."""
+        raise NotImplementedError(f"strategy {self.name!r} has no rule of its own")
+
+    @classmethod
+    def is_scorer(cls) -> bool:
+        """Whether the strategy implements :meth:`score`."""
+        return cls.score is not Strategy.score
+
+    @classmethod
+    def has_rule(cls) -> bool:
+        """Whether the strategy implements :meth:`passes`."""
+        return cls.passes is not Strategy.passes
+
 
 def check_needs(strategy_cls: type, plugin: str) -> frozenset[str]:
     """``strategy_cls.needs`` as a frozenset of known needs; else PluginError naming both."""
@@ -321,6 +346,9 @@ class Selection:
     artifacts: list[Path] | None = None
     synthesized: Synthesized | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)  # set by the harness
+    # Pipelines only: uid -> the step that removed it ("2: clip_score"), for every pool
+    # sample not selected; recorded in selection.parquet.
+    dropped: dict[str, str] | None = field(default=None, repr=False)
 
 
 def check_budget(budget: float) -> float:
@@ -382,6 +410,12 @@ def validate_selection(
     stray = [u for u in selection.scores or {} if u not in known]
     _refuse(plugin, stray, "returned scores for {n} uids not in the pool", 3)
     _check_report(selection, plugin)
+    dropped = selection.dropped
+    if dropped is not None:
+        _refuse(plugin, [u for u in dropped if u in seen], "marked {n} selected uids as dropped", 3)
+        _refuse(
+            plugin, [u for u in dropped if u not in known], "dropped {n} uids not in the pool", 3
+        )
     return Selection(
         uids=uids,
         captions=selection.captions,
@@ -389,6 +423,7 @@ def validate_selection(
         metrics=selection.metrics,
         series=selection.series,
         artifacts=selection.artifacts,
+        dropped=dropped,
     )
 
 
@@ -471,6 +506,40 @@ def validate_synthesized(
         synthesized=Synthesized(images=pixels, captions=captions, sources=sources),
         pixels=np.ascontiguousarray(pixels),
     )
+
+
+def validate_scores(values: object, expected: int, plugin: str) -> np.ndarray:
+    """A scorer's output as float64, checked: one finite number per sample of the view;
+    else PluginError naming the plugin."""
+    try:
+        scores = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise PluginError(
+            f"strategy {plugin!r} returned scores that are not numbers: {exc}"
+        ) from None
+    if scores.shape != (expected,):
+        raise PluginError(
+            f"strategy {plugin!r} returned scores of shape {scores.shape}; expected one per "
+            f"sample of its view, ({expected},)"
+        )
+    _refuse(
+        plugin,
+        np.flatnonzero(~np.isfinite(scores)).tolist(),
+        "returned {n} non-finite scores, e.g. at row",
+        3,
+    )
+    return scores
+
+
+def validate_mask(values: object, expected: int, plugin: str) -> np.ndarray:
+    """A rule's output (:meth:`Strategy.passes`) as a bool array of the view's length."""
+    mask = np.asarray(values)
+    if mask.shape != (expected,) or mask.dtype != np.bool_:
+        raise PluginError(
+            f"strategy {plugin!r} returned a rule mask of shape {mask.shape} and dtype "
+            f"{mask.dtype}; expected ({expected},) booleans, one per sample of its view"
+        )
+    return mask
 
 
 def _refuse(plugin: str, found: list, problem: str, examples: int = 0) -> None:

@@ -26,8 +26,9 @@ from selbench.errors import ConfigError
 from selbench.progress import NullProgress
 from selbench.registry import get_registry
 from selbench.run.lifecycle import execute, reap_stale_runs, resume
+from selbench.run.plan import resolve_method
 from selbench.run.spec import MethodSpec, RunRequest, cell_key
-from selbench.strategy import check_budget, parse_params
+from selbench.strategy import check_budget
 
 SWEEP_TAG = "selbench.sweep_key"
 CELL_TAG = "selbench.cell_key"
@@ -75,7 +76,6 @@ def plan(
     reference cells ``random`` at budget 1.0 for every seed."""
     if not methods or not budgets or not seeds:
         raise ConfigError("a sweep needs at least one method, one budget and one seed")
-    registry = get_registry()
     for budget in budgets:
         check_budget(budget)
     combos = [(m, float(b)) for m in methods for b in budgets]
@@ -83,14 +83,12 @@ def plan(
         combos.append(("random", 1.0))
     cells = []
     for spec, budget in combos:
-        parsed = MethodSpec.parse(spec)
-        method, given = parsed.name, dict(parsed.params)
-        info = registry.get(method)  # unknown names fail here, naming the method
-        params = parse_params(info.cls, given)  # unknown or invalid values fail here
+        # Unknown names, invalid values and pipelines that cannot run fail here.
+        resolved = resolve_method(spec)
         for seed in seeds:
             request = RunRequest(
-                method=method,
-                params=given,
+                method=resolved.method,
+                params=resolved.given,
                 budget=budget,
                 seed=int(seed),
                 pool=pool,
@@ -100,7 +98,7 @@ def plan(
                 device=device,
                 eval_suite=eval_suite,
             )
-            cells.append(Cell(request, cell_key(request, params)))
+            cells.append(Cell(request, cell_key(request, resolved.params)))
     return cells
 
 

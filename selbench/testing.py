@@ -7,7 +7,11 @@ pools, as one pytest item per check (scikit-learn's ``parametrize_with_checks``)
     def test_my_strategy_conforms(strategy, check):
         check(strategy)
 
-or all at once with ``check_strategy(MyStrategy)``. The checks (each failure is an
+or all at once with ``check_strategy(MyStrategy)``. A method expression is accepted
+wherever a strategy is: ``check_strategy("semdedup(keep=0.8) >> clip_score",
+budgets=(0.1, 0.25))`` checks a pipeline of installed strategies (``docs/pipelines.md``;
+a chain that keeps less than the whole pool before its last step cannot fill budget 1.0,
+so give it budgets below what its steps keep). The checks (each failure is an
 ``AssertionError`` naming the strategy and the case):
 
 - ``check_params``: every ``Params`` field has a default and a description, and the
@@ -24,6 +28,11 @@ or all at once with ``check_strategy(MyStrategy)``. The checks (each failure is 
 - ``check_seed``: a strategy stochastic with its parameters
   (:meth:`~selbench.strategy.Strategy.is_stochastic`) selects differently under another
   seed; one that is not never does.
+- ``check_scores``: a scorer (:meth:`~selbench.strategy.Strategy.is_scorer`) gives one
+  finite number per sample of the pool from ``score()``, the same ones for the same seed
+  whatever the budget (:func:`~selbench.strategy.validate_scores`); a strategy with a rule
+  (:meth:`~selbench.strategy.Strategy.has_rule`) gives one boolean per sample from
+  ``passes()``. A strategy that is neither passes it trivially.
 
 A strategy declares the checks it is expected to fail, with the reason, in
 ``expected_check_failures = {"check_seed": "why"}`` (or, when that depends on the
@@ -54,6 +63,8 @@ from selbench.strategy import (
     Strategy,
     budget_count,
     parse_params,
+    validate_mask,
+    validate_scores,
     validate_selection,
 )
 
@@ -215,27 +226,34 @@ def context_with_embeddings(
     )
 
 
+def _context(
+    strategy: Strategy, pool: MemoryPool, budget: float, seed: int, work: str
+) -> tuple[SelectionContext, RecordingServices]:
+    """The context the kit runs ``strategy`` in: the harness's need checks, recording
+    services, ``round(budget x N)`` to select."""
+    services = RecordingServices(pool)
+    ctx = SelectionContext(
+        pool=pool,
+        budget_count=budget_count(budget, len(pool)),
+        budget_fraction=budget,
+        seed=seed,
+        device="cpu",
+        work_dir=Path(work),
+        services=services,
+        strategy=type(strategy).name,
+        needs=frozenset(type(strategy).needs),
+        image_size=pool.images[0].size[0] if pool.images else None,
+        truth=services.ground_truth,
+    )
+    return ctx, services
+
+
 def _run(
     strategy: Strategy, pool: MemoryPool, budget: float, seed: int
 ) -> tuple[list[str], set[str]]:
-    count = budget_count(budget, len(pool))
-    services = RecordingServices(pool)
     name = type(strategy).name
-    image_size = pool.images[0].size[0] if pool.images else None
     with tempfile.TemporaryDirectory() as work:
-        ctx = SelectionContext(
-            pool=pool,
-            budget_count=count,
-            budget_fraction=budget,
-            seed=seed,
-            device="cpu",
-            work_dir=Path(work),
-            services=services,
-            strategy=name,
-            needs=frozenset(type(strategy).needs),
-            image_size=image_size,
-            truth=services.ground_truth,
-        )
+        ctx, services = _context(strategy, pool, budget, seed, work)
         try:
             selection = type(strategy)(strategy.params).select(ctx)
         except UndeclaredNeedError as exc:
@@ -243,12 +261,37 @@ def _run(
                 f"{name}: uses a service without declaring it in `needs`: {exc}"
             ) from None
         try:  # inside the work dir: reported artifacts must still exist
-            checked = validate_selection(selection, set(pool.uids), count, name, image_size)
+            checked = validate_selection(
+                selection, set(pool.uids), ctx.budget_count, name, ctx.image_size
+            )
         except PluginError as exc:
             raise AssertionError(
                 f"{name}: budget {budget}, pool of {len(pool)}, seed {seed}: {exc}"
             ) from None
     return checked.uids, services.used
+
+
+def _score_run(
+    strategy: Strategy, pool: MemoryPool, budget: float, seed: int, method: str = "score"
+) -> np.ndarray:
+    """``score()`` (or ``passes()``) of a fresh instance of ``strategy``, checked by the
+    harness's :func:`~selbench.strategy.validate_scores` (:func:`validate_mask`)."""
+    name = type(strategy).name
+    with tempfile.TemporaryDirectory() as work:
+        ctx, _ = _context(strategy, pool, budget, seed, work)
+        try:
+            values = getattr(type(strategy)(strategy.params), method)(ctx)
+        except UndeclaredNeedError as exc:
+            raise AssertionError(
+                f"{name}: {method}() uses a service without declaring it in `needs`: {exc}"
+            ) from None
+    validate = validate_scores if method == "score" else validate_mask
+    try:
+        return validate(values, len(pool), name)
+    except PluginError as exc:
+        raise AssertionError(
+            f"{name}: {method}(), budget {budget}, pool of {len(pool)}, seed {seed}: {exc}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -278,7 +321,12 @@ def _first_run(strategy: Strategy, size: int, budget: float, seed: int) -> list[
     return _first_runs[key][0]
 
 
-def _as_instance(strategy: Strategy | type[Strategy], params: dict | None = None) -> Strategy:
+def _as_instance(strategy: Strategy | type[Strategy] | str, params: dict | None = None) -> Strategy:
+    if isinstance(strategy, str):  # a method expression: a strategy or a pipeline
+        from selbench.run.plan import resolve_method
+
+        method = resolve_method(strategy, params)
+        return method.info.cls(method.params)
     if isinstance(strategy, type):
         assert issubclass(strategy, Strategy), f"{strategy!r} is not a selbench.Strategy subclass"
         return strategy(params or {})
@@ -287,7 +335,14 @@ def _as_instance(strategy: Strategy | type[Strategy], params: dict | None = None
 
 
 def check_params(strategy: Strategy | type[Strategy], options: KitOptions = KitOptions()) -> None:
-    """Every parameter has a default and a description; defaults round-trip via str and JSON."""
+    """Every parameter has a default and a description; defaults round-trip via str and JSON.
+    For a pipeline: every step's strategy."""
+    from selbench.run.pipeline import PipelineStrategy, leaves
+
+    if isinstance(strategy, PipelineStrategy):
+        for step in leaves(strategy.plan):
+            check_params(step.info.cls, options)
+        return
     strategy_cls = strategy if isinstance(strategy, type) else type(strategy)
     name = strategy_cls.name
     fields = strategy_cls.Params.model_fields
@@ -356,12 +411,45 @@ def check_seed(strategy: Strategy, options: KitOptions = KitOptions()) -> None:
         assert differs, f"{name}: declared stochastic, but no seed changed the selection"
 
 
+def check_scores(strategy: Strategy, options: KitOptions = KitOptions()) -> None:
+    """A scorer's ``score()`` (:meth:`Strategy.is_scorer`) is one finite number per sample,
+    deterministic for a seed and blind to the budget; a rule's ``passes()``
+    (:meth:`Strategy.has_rule`) is one boolean per sample. Nothing to check otherwise.
+
+    The scores at the smallest and the largest budget (same pool, same seed) must be
+    equal; only when they differ is the smallest budget scored again, to tell a score
+    that is not deterministic from one that reads ``ctx.budget_count``. Scorers that
+    train models score twice, not three times."""
+    strategy_cls = type(strategy)
+    name = strategy_cls.name
+    size, seed = options.pool_sizes[0], options.seeds[0]
+    pool = make_memory_pool(size, seed=size)
+    low, high = min(options.budgets), max(options.budgets)
+    if strategy_cls.is_scorer():
+        first = _score_run(strategy, pool, low, seed)
+        other = _score_run(strategy, pool, high, seed)  # low == high: a plain second run
+        if not np.array_equal(first, other):
+            again = first if high == low else _score_run(strategy, pool, low, seed)
+            assert high != low and np.array_equal(first, again), (
+                f"{name}: score() is not deterministic: the same seed {seed} gave "
+                f"different scores (pool {size}, budget {low})"
+            )
+            raise AssertionError(
+                f"{name}: score() depends on the budget: budgets {low} and {high} gave "
+                f"different scores (pool {size}, seed {seed}); a score must not read "
+                "ctx.budget_count"
+            )
+    if strategy_cls.has_rule():
+        _score_run(strategy, pool, low, seed, method="passes")
+
+
 CHECKS: tuple[Callable[..., None], ...] = (
     check_params,
     check_needs,
     check_budget,
     check_deterministic,
     check_seed,
+    check_scores,
 )
 
 
@@ -380,8 +468,19 @@ def _checks(
         yield bound, expected.get(check.__name__)
 
 
+def _label(strategy: Strategy) -> str:
+    """The case's name: the method's label (a pipeline's canonical expression)."""
+    expression = getattr(strategy, "expression", None)
+    if isinstance(expression, str) and expression:
+        return expression
+    defaults = {k: f.default for k, f in type(strategy).Params.model_fields.items()}
+    return MethodSpec.from_params(
+        type(strategy).name, strategy.params.model_dump(), defaults
+    ).format()
+
+
 def parametrize_with_checks(
-    strategies: Sequence[Strategy | type[Strategy]],
+    strategies: Sequence[Strategy | type[Strategy] | str],
     pool_sizes: Sequence[int] = KitOptions.pool_sizes,
     budgets: Sequence[float] = KitOptions.budgets,
     seeds: Sequence[int] = KitOptions.seeds,
@@ -390,8 +489,9 @@ def parametrize_with_checks(
     """A ``pytest.mark.parametrize`` decorator: one test item per (strategy, check), with
     ids like ``clip_score-check_budget``, as scikit-learn's ``parametrize_with_checks``.
 
-    ``strategies`` are instances (their ``params`` are used) or classes (default
-    parameters). A check named in the strategy's ``expected_check_failures`` (or in
+    ``strategies`` are instances (their ``params`` are used), classes (default
+    parameters) or method expressions (``"clip_score(embedder=proxy)"``, a pipeline). A
+    check named in the strategy's ``expected_check_failures`` (or in
     ``expected_failures``) is marked ``xfail(strict=True)`` with that reason: it must
     fail, so a stale expectation shows up. The test receives ``(strategy, check)`` and
     calls ``check(strategy)``::
@@ -406,9 +506,7 @@ def parametrize_with_checks(
     cases = []
     for given in strategies:
         strategy = _as_instance(given)
-        defaults = {k: f.default for k, f in type(strategy).Params.model_fields.items()}
-        params = strategy.params.model_dump()
-        label = MethodSpec.from_params(type(strategy).name, params, defaults).format()
+        label = _label(strategy)
         for check, reason in _checks(strategy, options, expected_failures):
             marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
             cases.append(pytest.param(strategy, check, id=f"{label}-{check.__name__}", marks=marks))
@@ -416,7 +514,7 @@ def parametrize_with_checks(
 
 
 def check_strategy(
-    strategy_cls: Strategy | type[Strategy],
+    strategy_cls: Strategy | type[Strategy] | str,
     params: dict | None = None,
     pool_sizes: Sequence[int] = KitOptions.pool_sizes,
     budgets: Sequence[float] = KitOptions.budgets,
@@ -425,9 +523,10 @@ def check_strategy(
 ) -> None:
     """Run every check (module docstring) in one call; each failure is an AssertionError
     naming the strategy and the case. A check the strategy expects to fail
-    (``expected_check_failures``, ``expected_failures``) must fail."""
+    (``expected_check_failures``, ``expected_failures``) must fail. ``strategy_cls`` may
+    be a method expression (a pipeline)."""
     name = getattr(strategy_cls, "name", type(strategy_cls).__name__)
-    assert isinstance(strategy_cls, Strategy) or (
+    assert isinstance(strategy_cls, (Strategy, str)) or (
         isinstance(strategy_cls, type) and issubclass(strategy_cls, Strategy)
     ), f"{name} is not a selbench.Strategy subclass"
     strategy = _as_instance(strategy_cls, params)

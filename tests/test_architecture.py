@@ -67,6 +67,10 @@ LAYERS: list[tuple[str, list[str]]] = [
         "selbench.datacomp_metadata",
         "selbench.neighbours",
         "selbench.run.selection_io",
+        "selbench.run.views",
+        "selbench.run.fusion",
+        "selbench.run.plan",
+        "selbench.run.pipeline",
     ]),
     ("stages", [
         "selbench.run.stages",

@@ -96,6 +96,7 @@ def bad_plugins(monkeypatch):
     registry = Registry(make_plugin_manager())
     registry.add_plugin(module, package="bad-plugin", version="0.0.1")
     monkeypatch.setattr("selbench.run.stages.get_registry", lambda: registry)
+    monkeypatch.setattr("selbench.run.plan.get_registry", lambda: registry)
 
 
 @pytest.mark.slow
@@ -135,6 +136,7 @@ def test_ctrl_c_during_a_run_marks_it_killed_not_running(tiny, monkeypatch):
     registry = Registry(make_plugin_manager())
     registry.add_plugin(module)
     monkeypatch.setattr("selbench.run.stages.get_registry", lambda: registry)
+    monkeypatch.setattr("selbench.run.plan.get_registry", lambda: registry)
     pool, scale = tiny
     with pytest.raises(KeyboardInterrupt):
         execute(RunRequest(method="interrupted", budget=0.25, pool=str(pool), scale=str(scale)))

@@ -159,6 +159,7 @@ def makers(monkeypatch):
     registry = Registry(make_plugin_manager())
     registry.add_plugin(module, package="maker-plugin", version="0.0.1")
     monkeypatch.setattr("selbench.run.stages.get_registry", lambda: registry)
+    monkeypatch.setattr("selbench.run.plan.get_registry", lambda: registry)
 
 
 def _run(method, tiny, *extra):

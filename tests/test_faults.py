@@ -64,6 +64,7 @@ def exiting_plugins(monkeypatch):
     registry = Registry(make_plugin_manager())
     registry.add_plugin(module, package="exiting-plugin", version="0.0.1")
     monkeypatch.setattr("selbench.run.stages.get_registry", lambda: registry)
+    monkeypatch.setattr("selbench.run.plan.get_registry", lambda: registry)
 
 
 @pytest.mark.slow

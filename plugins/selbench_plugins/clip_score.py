@@ -60,14 +60,23 @@ class ClipScore(Strategy):
     def is_stochastic(self) -> bool:
         return self.params.mode == "threshold"  # samples the budget with ctx.rng
 
-    def select(self, ctx: SelectionContext) -> Selection:
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """The CLIP score of every pair, ``s_i = <f_img(x_i), f_txt(t_i)>`` with
+        L2-normalised embeddings (DataComp, Gadre et al. 2023, Sec. 4; :func:`clip_scores`),
+        float32 in pool order. Higher means keep: ``mode=top_k`` keeps the budget's best."""
         found = ctx.embeddings(self.params.embedder)
-        scores = clip_scores(np.asarray(found.image), np.asarray(found.text))
+        return clip_scores(np.asarray(found.image), np.asarray(found.text))
+
+    def _passing(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores >= self.params.threshold)
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        scores = self.score(ctx)
         uids = list(ctx.pool.uids)
         if self.params.mode == "top_k":
             chosen = top_k(scores, ctx.budget_count)
         else:
-            passing = np.flatnonzero(scores >= self.params.threshold)
+            passing = np.flatnonzero(self._passing(scores))
             if len(passing) < ctx.budget_count:
                 raise PluginError(
                     f"clip_score: only {len(passing)} pairs score >= {self.params.threshold}, "

@@ -196,7 +196,16 @@ class Dfn(Strategy):
     needs = frozenset({"target", "proxy"})
     Params = DfnParams
 
-    def select(self, ctx: SelectionContext) -> Selection:
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """The DFN score of every pool pair (Fang et al. 2024, Sec. 3): the CLIP score under
+        the data filtering network ``F`` trained on the high-quality set,
+        ``s_i = <F_img(x_i), F_txt(t_i)>`` with L2-normalised embeddings
+        (:func:`score_pairs`). Float32; higher means keep, and :meth:`select` keeps exactly
+        the top ``budget``. The filter and the scores are cached by content."""
+        return self._scored(ctx)[0]
+
+    def _scored(self, ctx: SelectionContext) -> tuple[np.ndarray, dict[str, float]]:
+        """:meth:`score` and the metrics of the filter (trained now or cached)."""
         p = self.params
         recipe = load_scale(p.recipe)
         target = ctx.target()
@@ -236,6 +245,10 @@ class Dfn(Strategy):
             tmp = temp_sibling(scores_file).with_suffix(".npy")
             np.save(tmp, scores)
             os.replace(tmp, scores_file)
+        return scores, metrics
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        scores, metrics = self._scored(ctx)
         uids = list(ctx.pool.uids)
         chosen = top_k(scores, ctx.budget_count)
         return Selection(

@@ -161,7 +161,17 @@ class El2n(Strategy):
     stochastic = True  # the proxies' seeds and the reference negatives come from ctx.seed
     Params = El2nParams
 
-    def select(self, ctx: SelectionContext) -> Selection:
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """The EL2N score of every pair (Paul et al. 2021,
+        ``EL2N(x, y) = E_w || p(w, x) - y ||_2``), averaged over ``runs`` proxies trained
+        for ``scoring_epochs`` and over the image->text and text->image directions, with
+        ``p`` the softmax over the pair's contrastive logits against ``M`` fixed reference
+        negatives (:func:`el2n_from_logits`, :func:`pair_logits`). Float64 in
+        ``[0, sqrt(2)]``; higher means keep (the hardest pairs). The proxies' seeds and the
+        negatives follow ``ctx.seed``. :meth:`select` keeps the top ``budget`` when
+        ``offset=0`` (the default); a positive ``offset`` first skips the
+        ``round(offset * N)`` highest (:func:`window_indices`), so its selection is then a
+        window of ranks, not the top of the score."""
         p = self.params
         uids = list(ctx.pool.uids)
         n = len(uids)
@@ -186,7 +196,13 @@ class El2n(Strategy):
             samples = max(1, int(round(p.scoring_epochs * n)))
             train_clip(model, data, scale, samples, seed, ctx.device, ctx.progress)
             total += self._score(model, data, reference, drop, scale.eval_batch_size, ctx, r)
-        scores = total / p.runs
+        return total / p.runs
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        p = self.params
+        uids = list(ctx.pool.uids)
+        n = len(uids)
+        scores = self.score(ctx)
         chosen = window_indices(scores, ctx.budget_count, p.offset)
         return Selection(
             uids=[uids[i] for i in chosen],

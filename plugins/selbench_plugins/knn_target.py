@@ -72,11 +72,27 @@ class KnnTarget(Strategy):
     needs = frozenset({"embeddings", "target"})
     Params = KnnTargetParams
 
-    def select(self, ctx: SelectionContext) -> Selection:
+    def _scored(self, ctx: SelectionContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pool's and the target's image embeddings (float32, rows L2-normalised) and
+        :meth:`score`, computed from them."""
         pool = np.asarray(ctx.embeddings(self.params.embedder).image, dtype=np.float32)
         target = ctx.embed_images(ctx.target().images, self.params.embedder)
+        return pool, target, max_similarity(pool, target)
+
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """Each pool image's highest cosine similarity to a target image,
+        ``s_i = max_t <f(x_i), f(x_t)>`` (DataComp's image-based filtering, Gadre et al.
+        2023, Sec. 4: keep pool samples close to the target in CLIP image space); higher
+        means keep. ``rule=max_similarity`` selects exactly the top ``budget`` of it. The
+        default ``rule=round_robin`` does not: it takes every target's nearest neighbour,
+        then every target's second, and so on, so the nearest pool sample of an outlying
+        target is kept even when its score is lower than that of a sample ranked second
+        or later by a target in a crowded region."""
+        return self._scored(ctx)[2]
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        pool, target, best = self._scored(ctx)
         uids = list(ctx.pool.uids)
-        best = max_similarity(pool, target)
         if self.params.rule == "max_similarity":
             chosen = rank(best)[: ctx.budget_count]
         else:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selbench.toolbox import (
     ConfigError,
+    Embeddings,
     Selection,
     SelectionContext,
     Strategy,
@@ -161,10 +162,16 @@ class NegClipLoss(Strategy):
     needs = frozenset({"embeddings", "proxy"})
     Params = NegClipLossParams
 
-    def select(self, ctx: SelectionContext) -> Selection:
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """negCLIPLoss of every pair (Wang et al. 2024, Sec. 3.1): its CLIP score minus the
+        normaliser ``R_i``, the temperature-scaled log-sum-exp of its similarities to the
+        other pairs of a random batch in both directions, averaged over ``K`` random
+        batches, ``negCLIPLoss_i = CLIPScore_i - 1/K sum_k R_i^(B_k) = -tau CLIPLoss_i``
+        (:func:`negcliploss`, :func:`batch_normaliser`). Float32; higher means keep, and
+        :meth:`select` keeps exactly the top ``budget``."""
         p = self.params
         found = ctx.embeddings(p.embedder)
-        scores = negcliploss(
+        return negcliploss(
             np.asarray(found.image, dtype=np.float32),
             np.asarray(found.text, dtype=np.float32),
             teacher_temperature(ctx, p),
@@ -172,6 +179,9 @@ class NegClipLoss(Strategy):
             p.repeats,
             p.batch_seed,
         )
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        scores = self.score(ctx)
         uids = list(ctx.pool.uids)
         chosen = top_k(scores, ctx.budget_count)
         return Selection(
@@ -214,6 +224,31 @@ class NormSim(Strategy):
     needs = frozenset({"embeddings", "target", "proxy"})
     Params = NormSimParams
 
+    def _scored(
+        self, ctx: SelectionContext
+    ) -> tuple[Embeddings, np.ndarray, np.ndarray, np.ndarray]:
+        """The pool's embeddings, its image rows (float32), the target's image embeddings
+        and :meth:`score`, computed from them."""
+        p = self.params
+        found = ctx.embeddings(p.embedder)
+        image = np.asarray(found.image, dtype=np.float32)
+        target = ctx.embed_images(ctx.target().images, p.embedder)
+        return found, image, target, normsim(image, target, float(p.norm))
+
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """NormSim_p of every pool image (Wang et al. 2024, Sec. 3.2): the p-norm of its
+        cosine similarities to the target's image embeddings,
+        ``NormSim_p(x) = (sum_t |<f(x_t), f(x)>|^p)^(1/p)``, ``p = norm`` (``inf``: the
+        largest ``|<f(x_t), f(x)>|``; :func:`normsim`). Float32; higher means keep.
+
+        Only the NormSim step: the quality prefilter (``prefilter``) keeps
+        ``prefilter_ratio`` times the budget, so it depends on the budget and is not part
+        of the score. :meth:`select` keeps the top ``budget`` of this score among the
+        prefilter's survivors; with ``prefilter=none`` it is exactly the top ``budget``.
+        A pipeline that filters by ``negcliploss`` first and then ranks by
+        ``normsim(prefilter=none)`` spells the paper's combination."""
+        return self._scored(ctx)[3]
+
     def select(self, ctx: SelectionContext) -> Selection:
         p = self.params
         if p.prefilter_ratio < 1:
@@ -221,10 +256,7 @@ class NormSim(Strategy):
                 f"normsim: prefilter_ratio must be >= 1 (the prefilter keeps at least the "
                 f"budget), got {p.prefilter_ratio}"
             )
-        found = ctx.embeddings(p.embedder)
-        image = np.asarray(found.image, dtype=np.float32)
-        target = ctx.embed_images(ctx.target().images, p.embedder)
-        similarity = normsim(image, target, float(p.norm))
+        found, image, target, similarity = self._scored(ctx)
         metrics: dict[str, float] = {"target_size": float(len(target))}
         among = None
         if p.prefilter != "none":

@@ -70,10 +70,15 @@ class Prototypes(Strategy):
     needs = frozenset({"embeddings"})
     Params = PrototypesParams
 
-    def select(self, ctx: SelectionContext) -> Selection:
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """The self-supervised prototype metric (Sorscher et al. 2022, Sec. 5), oriented so
+        that higher means keep: every example's cosine distance to its nearest k-means
+        prototype, ``d_i = 1 - <x_i, c_{a_i}> / (|x_i| |c_{a_i}|)`` (:func:`centroid_distances`),
+        for ``keep=hard`` (far from the prototype first), and ``-d_i`` for ``keep=easy``.
+        Float32; k-means is seeded with ``ctx.seed``. :meth:`select` keeps exactly the top
+        ``budget``."""
         found = ctx.embeddings(self.params.embedder)
         image = unit_rows(np.asarray(found.image))
-        n = len(image)
         # The assignment's search already computed each row's inner product with its
         # (unit) centroid: for unit rows, the cosine similarity of centroid_distances.
         # Reusing it saves three passes over the pool (benchmarks/cluster_scale.py).
@@ -86,13 +91,19 @@ class Prototypes(Strategy):
             "prototypes",
             return_scores=True,
         )
-        scores = (1.0 - similarity).astype(np.float32)
+        distances = (1.0 - similarity).astype(np.float32)
+        return distances if self.params.keep == "hard" else -distances
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        oriented = self.score(ctx)
         # hard: the largest distances; easy: the smallest; ties to the earlier position.
-        chosen = top_k(scores, ctx.budget_count, largest=self.params.keep == "hard")
+        # (Negation is exact, so ranking -d from the top ranks d from the bottom.)
+        chosen = top_k(oriented, ctx.budget_count)
+        scores = oriented if self.params.keep == "hard" else -oriented  # the distances
         uids = list(ctx.pool.uids)
         return Selection(
             uids=[uids[i] for i in chosen],
-            scores={uids[i]: float(scores[i]) for i in range(n)},
+            scores={uids[i]: float(scores[i]) for i in range(len(uids))},
         )
 
 

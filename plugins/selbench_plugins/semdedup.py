@@ -244,10 +244,11 @@ class SemDeDup(Strategy):
     def is_stochastic(self) -> bool:
         return self.params.keep == "random"  # the visiting order draws from ctx.rng
 
-    def select(self, ctx: SelectionContext) -> Selection:
+    def _redundancy(self, ctx: SelectionContext) -> tuple[np.ndarray, int]:
+        """Algorithm 1's ``M`` for every sample (:func:`semdedup_scores`) and the number of
+        k-means clusters it ran on."""
         found = ctx.embeddings(self.params.embedder)
         image = unit_rows(np.asarray(found.image))
-        n = len(image)
         centroids, assignment = kmeans_scaled(
             image,
             self.params.clusters,
@@ -259,6 +260,26 @@ class SemDeDup(Strategy):
         scores = semdedup_scores(
             image, centroids, assignment, self.params.keep, ctx.rng, normalized=True
         )
+        return scores, len(centroids)
+
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """Minus Algorithm 1's ``M`` (Abbas et al. 2023, Sec. 3, Algorithm 1): for every
+        sample, ``-M_j = -max_{i < j} <x_i, x_j>``, minus its highest cosine similarity to
+        a member of its k-means cluster visited before it (``keep`` sets the visiting
+        order; the first-visited member has ``M = -1``, so scores ``1``). Higher means keep:
+        the least redundant samples first.
+
+        The top ``budget`` of this score, ties to the earlier pool position, is exactly
+        :meth:`select`'s selection. Algorithm 1 keeps ``{j : M_j <= 1 - eps}``, a set of
+        the lowest ``M``; :func:`choose_epsilon` picks the ``eps`` that keeps the budget
+        and :func:`exact_budget` trims or tops up by ``M`` (ties by pool position), so
+        every case ends at the ``budget`` lowest ``M``. With ``keep=random`` the visiting
+        order, and so the score, follows ``ctx.rng``."""
+        return -self._redundancy(ctx)[0]
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        scores, clusters_used = self._redundancy(ctx)
+        n = len(scores)
         epsilon = choose_epsilon(scores, ctx.budget_count)
         kept = kept_mask(scores, epsilon)
         chosen = exact_budget(scores, kept, ctx.budget_count)
@@ -275,7 +296,7 @@ class SemDeDup(Strategy):
             scores={uids[i]: float(scores[i]) for i in range(n)},
             metrics={
                 "epsilon_used": epsilon,
-                "clusters_used": float(len(centroids)),
+                "clusters_used": float(clusters_used),
                 "kept_at_epsilon": float(kept.sum()),
             },
         )

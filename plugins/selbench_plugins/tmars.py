@@ -142,7 +142,17 @@ class TMars(Strategy):
     needs = frozenset({"embeddings"})
     Params = TMarsParams
 
-    def select(self, ctx: SelectionContext) -> Selection:
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """The T-MARS score of every pair (Maini et al. 2024, Sec. 4): the CLIP score of the
+        *text-masked* image against its caption, ``s_i = <f_img(mask(x_i)), f_txt(t_i)>``
+        with L2-normalised embeddings, where ``mask`` fills every detected text box with
+        the mean colour around it (:func:`mask_text`); an image with no text detected keeps
+        its cached embedding, i.e. its plain CLIP score. Higher means keep; :meth:`select`
+        keeps exactly the top ``budget``."""
+        return self._masked_scores(ctx)[0]
+
+    def _masked_scores(self, ctx: SelectionContext) -> tuple[np.ndarray, int]:
+        """:meth:`score` and the number of images in which text was detected."""
         p = self.params
         detector = TextDetector(upsample=p.upsample, min_edge_fill=p.min_edge_fill)
         found = ctx.embeddings(p.embedder)
@@ -174,8 +184,14 @@ class TMars(Strategy):
                     flush()
         flush()
         rows /= np.linalg.norm(rows, axis=1, keepdims=True).clip(1e-12)
-        text /= np.linalg.norm(text, axis=1, keepdims=True).clip(1e-12)
+        # Not in place: np.asarray may have returned the cached embeddings themselves.
+        text = text / np.linalg.norm(text, axis=1, keepdims=True).clip(1e-12)
         scores = np.einsum("ij,ij->i", rows, text)
+        return scores, detected
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        scores, detected = self._masked_scores(ctx)
+        uids = list(ctx.pool.uids)
         chosen = top_k(scores, ctx.budget_count)
         return Selection(
             uids=[uids[i] for i in chosen],

@@ -119,18 +119,35 @@ class Vas(Strategy):
     needs = frozenset({"embeddings", "target"})
     Params = VasParams
 
+    def _aligned(self, ctx: SelectionContext, image: np.ndarray) -> tuple[np.ndarray, int]:
+        """:meth:`score` of the pool's image rows ``image`` and the number of target images."""
+        target = ctx.embed_images(ctx.target().images, self.params.embedder)
+        return variance_alignment(image, second_moment(target)), len(target)
+
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """The variance alignment score of every pool image against the target (Wang et al.
+        2024, VAS): ``VAS_i = f_i^T Sigma_T f_i`` with ``Sigma_T = 1/|T| sum_t f_t f_t^T``
+        the target's second moment, on L2-normalised image embeddings
+        (:func:`variance_alignment`, :func:`second_moment`). Float64; higher means keep.
+
+        Only the VAS step: the CLIP-score prefilter keeps ``prefilter_ratio`` times the
+        budget, so it depends on the budget and is not part of the score. :meth:`select`
+        keeps the top ``budget`` of this score among the prefilter's survivors, so it is
+        the top ``budget`` of the score only when the prefilter keeps the whole pool."""
+        image = np.asarray(ctx.embeddings(self.params.embedder).image, dtype=np.float32)
+        return self._aligned(ctx, image)[0]
+
     def select(self, ctx: SelectionContext) -> Selection:
         found = ctx.embeddings(self.params.embedder)
         image = np.asarray(found.image, dtype=np.float32)
         candidates = _prefilter(ctx, self.params.prefilter_ratio, image, np.asarray(found.text))
-        target = ctx.embed_images(ctx.target().images, self.params.embedder)
-        scores = variance_alignment(image, second_moment(target))
+        scores, target_size = self._aligned(ctx, image)
         chosen = top_k(scores, ctx.budget_count, candidates)
         uids = list(ctx.pool.uids)
         return Selection(
             uids=[uids[i] for i in chosen],
             scores={u: float(s) for u, s in zip(uids, scores, strict=True)},
-            metrics={"prefilter_kept": float(len(candidates)), "target_size": float(len(target))},
+            metrics={"prefilter_kept": float(len(candidates)), "target_size": float(target_size)},
         )
 
 
@@ -148,12 +165,32 @@ class VasD(Strategy):
     needs = frozenset({"embeddings"})
     Params = VasDParams
 
+    def score(self, ctx: SelectionContext) -> np.ndarray:
+        """The variance alignment score of every pool image against the pool's own second
+        moment (Wang et al. 2024, VAS-D's first step): ``VAS_i = f_i^T Sigma_0 f_i`` with
+        ``Sigma_0 = 1/N sum_j f_j f_j^T`` over the whole pool, on L2-normalised image
+        embeddings. Float64; higher means keep (the samples best aligned with the data's
+        dominant directions).
+
+        VAS-D itself is not the top ``budget`` of any fixed score: after each of ``steps``
+        removals it recomputes ``Sigma`` over the samples still kept, and it ranks only the
+        CLIP-score prefilter's survivors (``prefilter_ratio`` times the budget). Both
+        depend on the budget, which a score may not, so this is the ranking of its first
+        removal step with ``initial_sigma=pool`` (the default); with
+        ``initial_sigma=prefiltered`` the first ``Sigma`` is over the budget-dependent
+        prefiltered set, and the score still uses the whole pool's. :meth:`select` equals
+        the top ``budget`` of this score only when ``steps=1`` and the prefilter keeps the
+        whole pool."""
+        image = np.asarray(ctx.embeddings(self.params.embedder).image, dtype=np.float32)
+        return variance_alignment(image, second_moment(image))
+
     def select(self, ctx: SelectionContext) -> Selection:
         p = self.params
         found = ctx.embeddings(p.embedder)
         image = np.asarray(found.image, dtype=np.float32)
         candidates = _prefilter(ctx, p.prefilter_ratio, image, np.asarray(found.text))
         first = image if p.initial_sigma == "pool" else image[candidates]
+        # With initial_sigma=pool, second_moment(first) is score()'s Sigma_0.
         chosen, scores = vas_d(image, candidates, ctx.budget_count, p.steps, second_moment(first))
         uids = list(ctx.pool.uids)
         return Selection(

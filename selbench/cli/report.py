@@ -21,7 +21,9 @@ from selbench.cli.common import (
 @main.command()
 @friendly_errors
 def methods() -> None:
-    """List installed selection strategies, their package, parameters and defaults."""
+    """List installed selection strategies (scorers can be combined by &, | and fuse in a
+    pipeline; choosers only chained), their package, parameters and defaults, the
+    embedders, and the pipeline recipes."""
     from selbench.registry import get_registry
 
     table = Table(title="selbench strategies", show_lines=True)
@@ -34,8 +36,11 @@ def methods() -> None:
             if field.description:
                 line += f"  ({field.description})"
             params.append(line)
+        kind = "scorer" if info.cls.is_scorer() else "chooser"
+        if info.cls.has_rule():
+            kind += ", rule"
         table.add_row(
-            f"[bold]{info.name}[/]\n{info.cls.summary}",
+            f"[bold]{info.name}[/] ({kind})\n{info.cls.summary}",
             f"{info.package} {info.version}".strip(),
             "\n".join(params) or "-",
             info.cls.reference,
@@ -65,6 +70,15 @@ def methods() -> None:
             embedder.cls.reference,
         )
     console.print(embedders)
+    from selbench.run.plan import load_recipe, recipe_names
+
+    recipes = Table(title="recipes (--method recipe:NAME; docs/pipelines.md)")
+    for column in ("name", "pipeline", "paper"):
+        recipes.add_column(column, overflow="fold")
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        recipes.add_row(name, recipe["pipeline"], str(recipe.get("paper", "")))
+    console.print(recipes)
 
 
 @main.command()

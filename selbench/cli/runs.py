@@ -31,7 +31,14 @@ if TYPE_CHECKING:
 
 
 @main.command()
-@click.option("--method", "-m", default=None, help="Strategy name; `selbench methods` lists them.")
+@click.option(
+    "--method",
+    "-m",
+    default=None,
+    help="Strategy name (`selbench methods` lists them), NAME(KEY=VALUE,...), a pipeline "
+    "such as 'semdedup(keep=0.8) >> clip_score' or 'fuse(clip_score, normsim)', or "
+    "recipe:NAME (configs/recipes/); docs/pipelines.md has the grammar.",
+)
 @click.option(
     "--budget",
     "-b",
@@ -278,7 +285,9 @@ def _method_list(ctx, param, value: str) -> list[str]:
     callback=_method_list,
     help="Comma-separated strategy names, e.g. tldr,clip_score,random; `all` runs every "
     "registered strategy. A method with parameters is NAME(KEY=VALUE,...), e.g. "
-    "'tldr(refine=false)', as `selbench run -p KEY=VALUE` would set them.",
+    "'tldr(refine=false)', as `selbench run -p KEY=VALUE` would set them; a pipeline "
+    "('semdedup(keep=0.8) >> clip_score', 'fuse(clip_score,normsim)') or recipe:NAME "
+    "is one method (docs/pipelines.md).",
 )
 @click.option(
     "--budgets",

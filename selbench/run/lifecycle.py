@@ -118,6 +118,7 @@ def execute(
     """
     progress = progress or NullProgress()
     plan = prepare(request, progress)
+    request = plan.request  # as resolved: a pipeline's canonical label, however spelt
     if stages and "select" not in stages:
         raise SelbenchError(
             f"a new run starts with the select stage, not {', '.join(stages)}; "

@@ -12,6 +12,12 @@ artifact of the same name, with one row per selected sample in selection order:
 ``score``
     the strategy's score for the sample, NaN where it gave none
 
+A pipeline's selection (``docs/pipelines.md``) adds ``selected`` (false for the rest of
+the pool) and ``dropped_by`` (the step that removed a sample, ``"2: clip_score"``; null for
+the selected), with a row for every pool sample: the selected first, in selection order,
+then the dropped in pool order. :func:`read_selection` returns the selected rows unless
+asked for all.
+
 A selection of synthesized pairs adds ``synthesized`` (all true) and ``source_uid`` (the
 pool uid a pair started from, or null), and keeps its pixels beside it in
 ``select/synthesized.npy`` (uint8 N x H x W x 3), written before the parquet so that a
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from selbench import tracking
 from selbench.errors import SelbenchError
@@ -52,7 +59,12 @@ def stored_selection(run_id: str, columns: list[str] | None = None) -> pd.DataFr
     # behind per download.
     with tempfile.TemporaryDirectory(prefix="selbench-selection-") as folder:
         path = tracking.Store().download(run_id, SELECTION_FILE, Path(folder))
-        return pd.read_parquet(path, columns=columns)
+        if columns is None:
+            return only_selected(pd.read_parquet(path))
+        if "selected" not in pq.read_schema(path).names:
+            return pd.read_parquet(path, columns=columns)
+        frame = pd.read_parquet(path, columns=[*columns, "selected"])
+        return only_selected(frame)[columns]
 
 
 def selection_path(rundir: RunDir) -> Path:
@@ -83,7 +95,7 @@ def selection_frame(resolved: ResolvedPool, selection: Selection) -> pd.DataFram
     captions = dict(zip(resolved.pool.uids, resolved.pool.captions, strict=True))
     rewrites = selection.captions or {}
     scores = selection.scores or {}
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "uid": selection.uids,
             "caption": [captions[u] for u in selection.uids],
@@ -91,6 +103,22 @@ def selection_frame(resolved: ResolvedPool, selection: Selection) -> pd.DataFram
             "score": [float(scores[u]) if u in scores else np.nan for u in selection.uids],
         }
     )
+    if selection.dropped is None:
+        return frame
+    dropped = [u for u in resolved.pool.uids if u in selection.dropped]
+    rest = pd.DataFrame(
+        {
+            "uid": dropped,
+            "caption": [captions[u] for u in dropped],
+            "train_caption": [captions[u] for u in dropped],
+            "score": np.full(len(dropped), np.nan),
+        }
+    )
+    frame["selected"] = True
+    frame["dropped_by"] = pd.array([None] * len(frame), dtype="string")
+    rest["selected"] = False
+    rest["dropped_by"] = pd.array([selection.dropped[u] for u in dropped], dtype="string")
+    return pd.concat([frame, rest], ignore_index=True)
 
 
 def write_selection(rundir: RunDir, resolved: ResolvedPool, selection: Selection) -> list[Path]:
@@ -110,14 +138,22 @@ def write_selection(rundir: RunDir, resolved: ResolvedPool, selection: Selection
     return [selection_path(rundir), *written]
 
 
-def read_selection(rundir: RunDir) -> pd.DataFrame:
-    """The run's ``selection.parquet``; a SelbenchError when the select stage's output is
-    gone."""
+def read_selection(rundir: RunDir, dropped: bool = False) -> pd.DataFrame:
+    """The run's ``selection.parquet``: its selected rows (with ``dropped``, a pipeline's
+    dropped rows too); a SelbenchError when the select stage's output is gone."""
     path = selection_path(rundir)
     try:
-        return pd.read_parquet(path)
+        frame = pd.read_parquet(path)
     except FileNotFoundError:
         raise SelbenchError(f"{path} is missing: the select stage's output is gone") from None
+    return frame if dropped else only_selected(frame)
+
+
+def only_selected(frame: pd.DataFrame) -> pd.DataFrame:
+    """The selected rows of a selection frame (a pipeline's keeps its dropped rows too)."""
+    if "selected" not in frame.columns:
+        return frame
+    return frame[frame["selected"]].reset_index(drop=True)
 
 
 def is_synthesized(frame: pd.DataFrame) -> bool:

@@ -4,7 +4,16 @@ Everything that needs a run's identity imports this module, not the orchestrator
 and sweeps parse ``--method``/``--methods`` with :class:`MethodSpec`, runs log the label
 it formats, the leaderboard reads that label back with the same :meth:`MethodSpec.parse`,
 and the conformance kit names its cases with it. It is the one codec for
-``NAME(KEY=VALUE,...)``.
+``NAME(KEY=VALUE,...)`` and for pipelines of them (:func:`parse_method`):
+
+    expression := chain
+    chain      := union ( ">>" union )*          B chooses among what A kept
+    union      := both ( "|" both )*
+    both       := term ( "&" term )*             "&" binds tighter than "|", "|" than ">>"
+    term       := "(" expression ")" | fuse | NAME [ "(" KEY=VALUE, ... ")" ]
+    fuse       := "fuse(" expression ( "," expression )* ( "," KEY=VALUE )* ")"
+
+(``docs/pipelines.md`` says what each operator selects.)
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -111,6 +120,83 @@ class MethodSpec:
         return self.format()
 
 
+@dataclass(frozen=True)
+class Chain:
+    """``A >> B >> ...``: each step chooses among what the step before it kept."""
+
+    steps: tuple[Expression, ...]
+
+    def format(self) -> str:
+        return " >> ".join(_operand(step, self) for step in self.steps)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@dataclass(frozen=True)
+class Combine:
+    """``A & B & ...`` (``op="&"``) or ``A | B | ...`` (``op="|"``) of scoring steps."""
+
+    op: str
+    operands: tuple[Expression, ...]
+
+    def format(self) -> str:
+        return f" {self.op} ".join(_operand(term, self) for term in self.operands)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+@dataclass(frozen=True)
+class Fuse:
+    """``fuse(A, B, ..., KEY=VALUE)``: one score from several scoring steps' scores."""
+
+    operands: tuple[Expression, ...]
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def format(self) -> str:
+        parts = [term.format() for term in self.operands]
+        parts += [f"{k}={self.options[k]}" for k in sorted(self.options)]
+        return "fuse(" + ", ".join(parts) + ")"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+#: A method expression: one strategy, or a pipeline of them.
+Expression = MethodSpec | Chain | Combine | Fuse
+_PRECEDENCE = {Chain: 0, Combine: 1}  # "|" is 1, "&" 2 (below); terms bind tightest
+
+
+def _level(node: Expression) -> int:
+    if isinstance(node, Combine):
+        return 2 if node.op == "&" else 1
+    return _PRECEDENCE.get(type(node), 3)
+
+
+def _operand(node: Expression, parent: Chain | Combine) -> str:
+    """``node`` as written inside ``parent``: in parentheses where it binds no tighter."""
+    text = node.format()
+    return f"({text})" if _level(node) <= _level(parent) else text
+
+
+def is_pipeline(node: Expression) -> bool:
+    """Whether an expression is more than one strategy with its parameters."""
+    return not isinstance(node, MethodSpec)
+
+
+def parse_method(text: str) -> Expression:
+    """One method expression: a :class:`MethodSpec`, or a pipeline (:class:`Chain`,
+    :class:`Combine`, :class:`Fuse`). Errors point at the position in ``text``.
+
+    ``parse_method(e).format()`` is the canonical spelling (spacing and parameter order
+    normalised), and parsing it again gives an equal expression."""
+    parser = _Parser(text)
+    node = parser.expression()
+    parser.end()
+    return node
+
+
 class _Parser:
     """A small recursive-descent reader over one method expression.
 
@@ -131,6 +217,80 @@ class _Parser:
         self.skip_space()
         if self.pos != len(self.text):
             raise self.fail(f"unexpected {self.text[self.pos]!r}")
+
+    def peek(self, token: str) -> bool:
+        self.skip_space()
+        return self.text.startswith(token, self.pos)
+
+    def expression(self) -> Expression:
+        steps = [self.union()]
+        while self.peek(">>"):
+            self.pos += 2
+            steps.append(self.union())
+        if len(steps) == 1:
+            return steps[0]
+        # A chain is associative: a parenthesised chain inside a chain is the same steps.
+        flat = [s for step in steps for s in (step.steps if isinstance(step, Chain) else [step])]
+        return Chain(tuple(flat))
+
+    def union(self) -> Expression:
+        return self._combined("|", self.both)
+
+    def both(self) -> Expression:
+        return self._combined("&", self.term)
+
+    def _combined(self, op: str, operand: Callable[[], Expression]) -> Expression:
+        terms = [operand()]
+        while self.peek(op) and not self.peek(op * 2):
+            self.pos += 1
+            terms.append(operand())
+        return terms[0] if len(terms) == 1 else Combine(op, tuple(terms))
+
+    def term(self) -> Expression:
+        if self.peek("("):
+            opened = self.pos
+            self.pos += 1
+            node = self.expression()
+            if not self.peek(")"):
+                raise self.fail(
+                    "expected ')'" if self.pos < len(self.text) else "unclosed '('",
+                    None if self.pos < len(self.text) else opened,
+                )
+            self.pos += 1
+            return node
+        if re.match(r"fuse\s*\(", self.text[self.pos :]):
+            return self.fuse()
+        return self.method()
+
+    def fuse(self) -> Fuse:
+        opened = self.text.index("(", self.pos)
+        self.pos = opened + 1
+        operands: list[Expression] = []
+        options: dict[str, str] = {}
+        while True:
+            self.skip_space()
+            key = _KEY.match(self.text, self.pos)
+            if key is not None:
+                if key.group(1) in options:
+                    raise self.fail(f"option {key.group(1)!r} given twice")
+                self.pos = key.end()
+                options[key.group(1)] = self.value(opened)
+            elif options:
+                raise self.fail("expected KEY=VALUE: fuse's steps come before its options")
+            else:
+                operands.append(self.expression())
+            self.skip_space()
+            if self.pos >= len(self.text):
+                raise self.fail("unclosed '('", opened)
+            if self.text[self.pos] == ")":
+                self.pos += 1
+                break
+            if self.text[self.pos] != ",":
+                raise self.fail("expected ',' or ')'")
+            self.pos += 1
+        if len(operands) < 2:
+            raise self.fail("fuse(...) needs at least two steps", opened)
+        return Fuse(tuple(operands), options)
 
     def method(self) -> MethodSpec:
         self.skip_space()

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,13 +32,15 @@ from selbench import tracking
 from selbench.configs import ScaleConfig, load_scale
 from selbench.diagnostics import concept_coverage, pathology_fractions
 from selbench.embedders import EmbeddingService
-from selbench.errors import ConfigError, PluginError, SelbenchError
+from selbench.errors import ConfigError, SelbenchError
 from selbench.evaluate import evaluate, resolve_eval_suite
 from selbench.fileutil import atomic_write_text
 from selbench.materialize import Subset, load_subset, materialize, materialize_synthesized
 from selbench.pools import ResolvedPool, resolve_pool
 from selbench.progress import Progress
 from selbench.registry import StrategyInfo, get_registry
+from selbench.run.pipeline import run_strategy
+from selbench.run.plan import resolve_method
 from selbench.run.selection_io import (
     is_synthesized,
     read_pixels,
@@ -47,7 +49,6 @@ from selbench.run.selection_io import (
     write_selection,
 )
 from selbench.run.spec import (
-    MethodSpec,
     RunRequest,
     default_device,
     selection_hash,
@@ -60,8 +61,6 @@ from selbench.strategy import (
     SelectionContext,
     budget_count,
     check_budget,
-    parse_params,
-    validate_selection,
 )
 from selbench.target import load_target
 from selbench.train import (
@@ -90,7 +89,8 @@ class PreparedRun:
     resolved: ResolvedPool
     count: int  # the budget in samples
     device: str
-    label: str  # MethodSpec.format(): the name and the parameters that differ from defaults
+    label: str  # the canonical label (selbench.run.plan.resolve_method)
+    needs: frozenset[str] = frozenset()  # what the strategy (every step of a pipeline) uses
 
 
 @dataclass(frozen=True)
@@ -171,50 +171,30 @@ def prepare(request: RunRequest, progress: Progress) -> PreparedRun:
         raise SelbenchError(
             f"unknown protocol {request.protocol!r}; choose one of {', '.join(PROTOCOLS)}"
         )
-    info = get_registry().get(request.method)
-    params = parse_params(info.cls, request.params)
+    method = resolve_method(request.method, request.params)
+    # The request as the run records it: a strategy's name and parameters, or a
+    # pipeline's canonical label, however it was spelt on the command line.
+    request = replace(request, method=method.method, params=method.given)
     scale = load_scale(request.scale)
     engine = request.engine or scale.engine
     _check_engine(request, engine)
     check_budget(request.budget)  # before any work
     resolved = _resolve_pool(request, progress)
-    defaults = info.cls.Params().model_dump()
     return PreparedRun(
         request=request,
-        info=info,
-        params=params,
+        info=method.info,
+        params=method.params,
         scale=scale,
         engine=engine,
         resolved=resolved,
         count=budget_count(request.budget, len(resolved.pool)),
         device=request.device or default_device(),
-        label=MethodSpec.from_params(info.name, params.model_dump(), defaults).format(),
+        label=method.label,
+        needs=method.needs,
     )
 
 
 # -- stage 1: select -------------------------------------------------------------------
-def run_strategy(info: StrategyInfo, params: BaseModel, ctx: SelectionContext) -> Selection:
-    """Build the strategy and run its ``select``; whatever escapes the plugin (an
-    exception, or ``sys.exit()``) becomes a PluginError naming the strategy."""
-    try:
-        result = info.cls(params).select(ctx)
-    except SelbenchError:
-        raise
-    except SystemExit as exc:
-        # A plugin calling sys.exit() is a plugin failure, not the end of selbench.
-        raise PluginError(
-            f"strategy {info.name!r} (package {info.package!r}) called sys.exit({exc.code!r}); "
-            "a strategy returns a Selection or raises an exception"
-        ) from exc
-    except Exception as exc:
-        raise PluginError(
-            f"strategy {info.name!r} (package {info.package!r}) raised {type(exc).__name__}: {exc}"
-        ) from exc
-    return validate_selection(
-        result, set(ctx.pool.uids), ctx.budget_count, info.name, image_size=ctx.image_size
-    )
-
-
 def _target_loader(request: RunRequest, resolved: ResolvedPool) -> Any:
     """A loader for the run's target set (``--target`` or the pool's own split), or None."""
     path = request.target or resolved.target
@@ -247,7 +227,7 @@ def selection_context(stage: StageContext, services: EmbeddingService) -> Select
         work_dir=stage.rundir.select_dir,
         progress=stage.progress,
         strategy=run.info.name,
-        needs=frozenset(run.info.cls.needs),
+        needs=run.needs,
         image_size=training_image_size(run.scale),
         truth=pool.ground_truth if pool.has_ground_truth() else None,
         services=services,
