@@ -71,6 +71,8 @@ LAYERS: list[tuple[str, list[str]]] = [
         "selbench.run.fusion",
         "selbench.run.plan",
         "selbench.run.pipeline",
+        "selbench.online.*",
+        "selbench.flops",
     ]),
     ("stages", [
         "selbench.run.stages",
