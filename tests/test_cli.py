@@ -13,6 +13,10 @@ SMALL = [
     "n_target=10",
     "--set",
     "shard_size=50",
+    "--set",
+    "n_reasoning_train=20",
+    "--set",
+    "n_reasoning_test=10",
 ]
 
 

@@ -99,3 +99,37 @@ def test_select_and_materialize_return_their_results_and_touch_no_store(tiny, tm
     shards = materialize_stage(stage)
     assert shards.record["samples"] == plan.count and shards.metrics["materialize_shards"] >= 1
     assert not (run_home() / "mlflow.db").exists()  # no tracking call was made
+
+
+def test_training_is_counted_as_three_forwards_per_sample_plus_the_loss():
+    from selbench.flops import clip_forward_flops, clip_loss_flops
+    from selbench.run.stages import training_compute
+    from selbench.train import TrainResult, build_model
+
+    trained = TrainResult(
+        steps=5, samples_seen=320, batch_size=64, seconds=1.0, final_loss=0.0, loss_curve=[]
+    )
+    model, _, _ = build_model("selbench-tiny", 0)
+    per_example = sum(clip_forward_flops(model, None, None).values())
+    loss = clip_loss_flops(64, model.text_projection.shape[1])
+    got = training_compute("selbench-tiny", trained)
+    assert got == {"flops/training": float(3 * per_example * 320 + 3 * loss * 5)}
+
+
+def test_an_embedding_pass_the_cache_served_is_not_counted_again():
+    from selbench.run.stages import selection_compute
+
+    class Services:
+        def __init__(self, hit: bool):
+            from selbench.train import build_model
+
+            self.model = build_model("selbench-tiny", 0)[0]
+            self.usage = {"proxy": {"hit": hit, "embedder_id": "proxy:selbench-tiny:w0:p0"}}
+
+        def embedder(self, spec):
+            return SimpleNamespace(model=self.model)
+
+    computed = selection_compute(Services(hit=False), 100)
+    cached = selection_compute(Services(hit=True), 100)
+    assert computed["flops/selection/embedding/proxy"] > 0
+    assert cached == {"flops/selection/embedding/proxy": 0.0}

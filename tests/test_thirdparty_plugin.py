@@ -71,7 +71,7 @@ def test_installed_plugin_passes_its_own_kit_test(installed_plugin, tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "10 passed" in done.stdout  # two configurations x five checks, one item each
+    assert "12 passed" in done.stdout  # two configurations x six checks, one item each
 
 
 def test_methods_without_the_plugins_does_not_list_them():

@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import BaseModel
 
@@ -244,6 +245,7 @@ def select_stage(stage: StageContext) -> StageResult:
     selection_s = time.perf_counter() - t0
     result = embedding_usage(services, stage.progress)
     result.params.update(target_params(services))
+    result.usage_metrics.update(selection_compute(services, len(pool)))
 
     written = write_selection(stage.rundir, run.resolved, selection)
     digest = selection_hash(selection.uids)
@@ -270,6 +272,25 @@ def select_stage(stage: StageContext) -> StageResult:
     result.record = {"selection_sha256": digest}
     result.selection = selection
     return result
+
+
+def selection_compute(services: EmbeddingService, n: int) -> dict[str, float]:
+    """``flops/selection/embedding/<embedder>`` per embedding pass the strategy used
+    (``docs/compute.md``): image and text forward FLOPs per pair, counted on the embedder's
+    model, times the pool's pairs; 0 for a pass the cache served (it is counted in the run
+    that computed it) and for features shipped with the pool (no model ran)."""
+    from selbench.flops import embedding_pass_flops
+
+    found = {}
+    for spec, usage in services.usage.items():
+        name = f"flops/selection/embedding/{usage_key(spec)}"
+        model = services.embedder(spec).model
+        if usage["hit"] or model is None:
+            found[name] = 0.0
+            continue
+        key = ("embedder", usage["embedder_id"])
+        found[name] = float(embedding_pass_flops(model, None, None, n, cache_key=key))
+    return found
 
 
 def target_params(services: EmbeddingService) -> dict[str, Any]:
@@ -397,9 +418,27 @@ def train_stage(stage: StageContext) -> StageResult:
         "samples_seen": float(trained.samples_seen),
         "final_loss": trained.final_loss,
         "training_samples_per_second": trained.samples_seen / max(trained.seconds, 1e-9),
+        **training_compute(run.scale.model, trained),
     }
     record = {"checkpoint": str(trained.checkpoint), "samples_seen": trained.samples_seen}
     return StageResult(metrics=metrics, series=series, record=record)
+
+
+def training_compute(architecture: str, trained: TrainResult) -> dict[str, float]:
+    """``flops/training`` (``docs/compute.md``): the model's forward FLOPs per example,
+    counted by torch's ``FlopCounterMode`` on the architecture's own shapes, times 3
+    (forward and backward) over the samples seen, plus the contrastive loss's logits per
+    step. The model is built on the CPU for its shapes only, outside the run's RNG."""
+    from selbench.flops import clip_forward_flops, clip_loss_flops, training_flops
+
+    with torch.random.fork_rng(devices=[]):
+        model, _, _ = build_model(architecture, 0, "cpu")
+    towers = clip_forward_flops(model, None, None, cache_key=("architecture", architecture))
+    per_step_loss = clip_loss_flops(
+        trained.batch_size, int(model_config(architecture)["embed_dim"])
+    )
+    total = training_flops(sum(towers.values()), trained.samples_seen)
+    return {"flops/training": float(total + training_flops(per_step_loss, trained.steps))}
 
 
 def _train_in_process(stage: StageContext, subset: Subset, samples_seen: int) -> TrainResult:
