@@ -347,19 +347,19 @@ class _Parser:
 def split_methods(value: str) -> list[str]:
     """``"random,tldr(refine=false,clusters=1)"`` -> ``["random", "tldr(refine=false,
     clusters=1)"]``: a list of method expressions; commas inside brackets belong to them."""
-    items, depth, start = [], 0, 0
+    items, opened, start = [], [], 0
     for position, char in enumerate(value):
         if char in "([{":
-            depth += 1
+            opened.append(position)
         elif char in ")]}":
-            depth -= 1
-            if depth < 0:
+            if not opened:
                 raise MethodSpecError(value, position, "unbalanced ')'")
-        elif char == "," and depth == 0:
+            opened.pop()
+        elif char == "," and not opened:
             items.append(value[start:position].strip())
             start = position + 1
-    if depth:
-        raise MethodSpecError(value, len(value), "unclosed '('")
+    if opened:
+        raise MethodSpecError(value, opened[-1], "unclosed '('")
     items.append(value[start:].strip())
     return [item for item in items if item]
 
