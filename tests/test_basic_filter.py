@@ -102,8 +102,8 @@ def test_image_rules_drop_small_and_elongated_images_on_a_real_pool(sized_shard_
         "200x601": False,
     }
     scores = dict(zip(sizes, strategy.score(ctx).tolist(), strict=True))
-    assert scores["100x100"] == scores["200x601"] == 0.75  # 3 of 4 rules
-    assert scores["300x50"] == 0.5  # too narrow and too elongated
+    assert scores["100x100"] == scores["200x601"] == 0.8  # 4 of 5 rules (English included)
+    assert scores["300x50"] == 0.6  # too narrow and too elongated
     checked = validate_selection(strategy.select(ctx), set(view.uids), 2, "basic")
     assert {sizes[view.uids.index(u)] for u in checked.uids} <= {"256x256", "640x480", "600x200"}
     assert checked.metrics["image_rules_applied"] == 1.0
@@ -162,7 +162,8 @@ def test_auto_skips_image_rules_when_every_image_has_one_size(tmp_path):
     on = BasicFilter({"image_rules": "on"})
     ctx = context(pool, 2, tmp_path)
     assert not on.passes(ctx).any()  # 64 px < 200
-    assert on.score(ctx).tolist() == [0.75] * 4 + [0.25] * 2  # aspect 1 passes
+    # 5 rules: words, chars, English, size, aspect; "image" passes English and aspect only
+    assert on.score(ctx).tolist() == [0.8] * 4 + [0.4] * 2
     off = BasicFilter({"image_rules": "off"})
     assert off.passes(context(pool, 2, tmp_path)).sum() == 4
 
@@ -205,8 +206,30 @@ def test_same_seed_same_selection_and_the_seed_draws_the_sample(tmp_path):
 def test_parameters_are_checked():
     with pytest.raises(ConfigError, match="image_rules"):
         BasicFilter({"image_rules": "sometimes"})
-    with pytest.raises(ConfigError, match="language"):
-        BasicFilter({"language": "en"})  # fastText language detection is not implemented
+    with pytest.raises(ConfigError, match="english"):
+        BasicFilter({"english": "sometimes"})
+
+
+def test_non_english_captions_fail_where_the_rule_applies(tmp_path):
+    english = "a small red circle on the left of a blue square"
+    others = [
+        "ein kleiner roter Kreis links neben einem blauen Quadrat",
+        "un petit cercle rouge à gauche d'un carré bleu",
+        "un pequeño círculo rojo a la izquierda de un cuadrado azul",
+    ]
+    captions = [english, *others]
+    sizes = [(300, 300)] * 4
+    kept = set(select(memory_pool(captions, sizes), 1, tmp_path).uids)
+    assert kept == {memory_pool(captions, sizes).uids[0]}
+    strategy = BasicFilter()
+    mask = strategy.passes(context(memory_pool(captions, sizes), 1, tmp_path))
+    assert mask.tolist() == [True, False, False, False]
+    # SynthWeb's captions are generated in English: auto leaves the rule off there ...
+    synthweb = memory_pool(captions, [(32, 32)] * 4, kind="synthweb")
+    assert BasicFilter().passes(context(synthweb, 1, tmp_path)).all()
+    # ... and english=on applies it anyway.
+    on = BasicFilter({"english": "on"}).passes(context(synthweb, 1, tmp_path))
+    assert on.tolist() == [True, False, False, False]
 
 
 def test_registered_as_a_scorer_with_a_rule():

@@ -5,10 +5,13 @@ filtering baselines; released code: ``baselines/apply_filter.py``,
 
 Keep a pair when its caption has more than two words (whitespace-separated) and more than
 five characters, and its image's smaller side is at least 200 pixels and its aspect ratio
-(longer side over shorter side) at most 3. DataComp also keeps only captions that
-fastText's language identifier (``lid.176.bin``) labels English; that rule is **not
-implemented**: it needs a downloaded model that selbench neither ships nor fetches
-(selbench runs offline), and SynthWeb's captions are all English.
+(longer side over shorter side) at most 3, and its caption is English. DataComp labels
+the language with fastText's identifier (``lid.176.bin``), a download that selbench
+neither ships nor fetches (it runs offline); here langid.py (Lui and Baldwin, "langid.py:
+An off-the-shelf language identification tool", ACL 2012 demos), which ships its model,
+labels it instead. ``english=auto`` applies the rule except on SynthWeb, whose captions
+are generated in English (and whose two-word captions a language identifier reads
+unreliably).
 
 The image rules read each image's size from its encoded header; DataComp reads the
 ``original_width``/``original_height`` that img2dataset recorded before resizing, which a
@@ -36,6 +39,7 @@ from selbench.toolbox import Selection, SelectionContext, Strategy, hookimpl, to
 log = logging.getLogger(__name__)
 
 CAPTION_RULES = ("words", "chars")
+LANGUAGE_RULE = "english"
 IMAGE_RULES = ("min_side", "aspect")
 
 
@@ -66,6 +70,12 @@ class BasicFilterParams(BaseModel):
         ge=1.0,
         description="keep images whose aspect ratio (longer side / shorter side) is at most "
         "this; DataComp's basic filter: 3 (Sec. 3.4; apply_filter.py: aspect_ratio <= 3.0)",
+    )
+    english: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="keep captions langid.py labels English (DataComp's basic filter, "
+        "with fastText's lid.176 there): auto applies it unless the pool is SynthWeb "
+        "(captions generated in English); on: always; off: never (selbench)",
     )
     image_rules: Literal["auto", "on", "off"] = Field(
         default="auto",
@@ -103,6 +113,18 @@ def caption_rules(captions: list[str], min_words: int, min_chars: int) -> np.nda
         table[i, 0] = len(text.split()) > min_words
         table[i, 1] = len(text) > min_chars
     return table
+
+
+def english_rule(captions: list[str]) -> np.ndarray:
+    """(n, 1) booleans: langid.py labels the caption English (DataComp keeps captions
+    fastText's identifier labels English). Deterministic: langid.py has no randomness."""
+    import langid  # its model loads on first use (about a second)
+
+    column = np.empty((len(captions), 1), dtype=bool)
+    for i, caption in enumerate(captions):
+        text = caption if isinstance(caption, str) else ""
+        column[i, 0] = bool(text.strip()) and langid.classify(text)[0] == "en"
+    return column
 
 
 def image_rules(sizes: np.ndarray, min_side: int, max_aspect: float) -> np.ndarray:
@@ -158,13 +180,13 @@ def note(ctx: SelectionContext, message: str) -> None:
 
 
 class BasicFilter(Strategy):
-    """DataComp's basic filtering: caption length, image size and aspect ratio rules
-    (Gadre et al., NeurIPS 2023, Sec. 3.4), without its fastText English detection."""
+    """DataComp's basic filtering: caption length, English captions (langid.py in place
+    of fastText), image size and aspect ratio rules (Gadre et al., NeurIPS 2023, Sec. 3.4)."""
 
     name = "basic"
     summary = (
-        "DataComp basic filtering: captions of more than 2 words and 5 characters, images "
-        ">= 200 px on the short side with aspect ratio <= 3 (no fastText language rule)"
+        "DataComp basic filtering: English captions of more than 2 words and 5 characters, "
+        "images >= 200 px on the short side with aspect ratio <= 3"
     )
     reference = (
         "Gadre et al., DataComp (NeurIPS 2023 Datasets & Benchmarks), Sec. 3.4 and the "
@@ -183,13 +205,18 @@ class BasicFilter(Strategy):
         if self._memo is not None and self._memo[0]() is ctx:
             return self._memo[1]
         p = self.params
-        table = caption_rules(list(ctx.pool.captions), p.min_words, p.min_chars)
+        captions = list(ctx.pool.captions)
+        table = caption_rules(captions, p.min_words, p.min_chars)
         rules: tuple[str, ...] = CAPTION_RULES
         metrics: dict[str, float] = {}
+        synthweb = getattr(ctx.pool, "kind", None) == "synthweb"
+        if p.english == "on" or (p.english == "auto" and not synthweb):
+            table = np.concatenate([table, english_rule(captions)], axis=1)
+            rules += (LANGUAGE_RULE,)
         skip_reason = None
         if p.image_rules == "off":
             skip_reason = "image_rules=off"
-        elif p.image_rules == "auto" and getattr(ctx.pool, "kind", None) == "synthweb":
+        elif p.image_rules == "auto" and synthweb:
             skip_reason = "SynthWeb renders every image at one fixed size"
         else:
             sizes = image_sizes(ctx)
@@ -202,13 +229,9 @@ class BasicFilter(Strategy):
                 table = np.concatenate(
                     [table, image_rules(sizes, p.min_side, p.max_aspect)], axis=1
                 )
-                rules = CAPTION_RULES + IMAGE_RULES
+                rules += IMAGE_RULES
         if skip_reason is not None:
-            note(
-                ctx,
-                f"basic: image-size and aspect rules skipped ({skip_reason}); "
-                "filtering on caption length only",
-            )
+            note(ctx, f"basic: image-size and aspect rules skipped ({skip_reason})")
         metrics["image_rules_applied"] = float(skip_reason is None)
         for j, rule in enumerate(rules):
             metrics[f"failed_{rule}"] = float((~table[:, j]).sum())
