@@ -129,8 +129,10 @@ def check_needs(strategy_cls: type, plugin: str) -> frozenset[str]:
     return frozenset(needs)
 
 
-def parse_params(strategy_cls: type[Strategy], values: Mapping[str, Any]) -> BaseModel:
-    """Validate ``values`` against the strategy's ``Params``; errors name the strategy and key."""
+def parse_params(strategy_cls: Any, values: Mapping[str, Any], kind: str = "method") -> BaseModel:
+    """Validate ``values`` against the strategy's ``Params``; errors name the strategy and
+    key. ``strategy_cls``: any class with ``name`` and ``Params`` (a :class:`Strategy`, an
+    online strategy); ``kind`` names it in the message."""
     try:
         return strategy_cls.Params(**values)
     except ValidationError as exc:
@@ -140,8 +142,8 @@ def parse_params(strategy_cls: type[Strategy], values: Mapping[str, Any]) -> Bas
         )
         known = ", ".join(strategy_cls.Params.model_fields) or "none"
         raise ConfigError(
-            f"invalid parameters for method {strategy_cls.name!r}: {problems} "
-            f"(known parameters: {known})"
+            f"invalid parameters for {kind} {getattr(strategy_cls, 'name', strategy_cls)!r}: "
+            f"{problems} (known parameters: {known})"
         ) from None
 
 

@@ -120,10 +120,6 @@ def jest_select(
     return _sorted(torch.cat(chosen))
 
 
-class UniformParams(OnlineParams):
-    ratio: int = Field(default=4, ge=1, description=_RATIO)
-
-
 class Uniform(OnlineStrategy):
     """A uniformly random ``keep`` of the super-batch: the control every online method
     must beat at the same ratio. It scores nothing; a uniform keep of a uniform
@@ -139,7 +135,7 @@ class Uniform(OnlineStrategy):
     )
     needs_reference = False
     stochastic = True
-    Params: ClassVar[type[BaseModel]] = UniformParams
+    Params: ClassVar[type[BaseModel]] = OnlineParams
 
     def is_stochastic(self) -> bool:
         return self.ratio > 1
@@ -150,10 +146,6 @@ class Uniform(OnlineStrategy):
             return torch.arange(n)
         gen = batch.generator
         return _sorted(torch.randperm(n, generator=gen, device=gen.device)[: batch.keep])
-
-
-class HardLearnerParams(OnlineParams):
-    ratio: int = Field(default=4, ge=1, description=_RATIO)
 
 
 class HardLearner(OnlineStrategy):
@@ -169,14 +161,10 @@ class HardLearner(OnlineStrategy):
     )
     needs_reference = False
     stochastic = False
-    Params: ClassVar[type[BaseModel]] = HardLearnerParams
+    Params: ClassVar[type[BaseModel]] = OnlineParams
 
     def choose(self, batch: SuperBatch) -> torch.Tensor:
         return top_k(batch.learner_losses(), batch.keep, largest=True)
-
-
-class EasyReferenceParams(OnlineParams):
-    ratio: int = Field(default=4, ge=1, description=_RATIO)
 
 
 class EasyReference(OnlineStrategy):
@@ -193,7 +181,7 @@ class EasyReference(OnlineStrategy):
     )
     needs_reference = True
     stochastic = False
-    Params: ClassVar[type[BaseModel]] = EasyReferenceParams
+    Params: ClassVar[type[BaseModel]] = OnlineParams
 
     def choose(self, batch: SuperBatch) -> torch.Tensor:
         return top_k(batch.reference_losses(), batch.keep, largest=False)

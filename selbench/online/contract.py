@@ -23,10 +23,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from selbench.errors import ConfigError, PluginError
 from selbench.online.losses import softmax_losses
+from selbench.strategy import parse_params
 
 
 class OnlineParams(BaseModel):
@@ -99,18 +100,7 @@ class OnlineStrategy:
 
 def parse_online_params(cls: type[OnlineStrategy], values: Mapping[str, Any]) -> BaseModel:
     """Validate ``values`` against ``cls.Params``; errors name the strategy and the key."""
-    try:
-        return cls.Params(**values)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<params>'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        known = ", ".join(cls.Params.model_fields) or "none"
-        raise ConfigError(
-            f"invalid parameters for online method {getattr(cls, 'name', cls)!r}: "
-            f"{problems} (known parameters: {known})"
-        ) from None
+    return parse_params(cls, values, kind="online method")
 
 
 def _model_device(model: torch.nn.Module) -> torch.device | None:

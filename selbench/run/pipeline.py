@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +91,6 @@ class PipelineStrategy(Strategy):
     reference = "docs/pipelines.md"
     needs = frozenset(NEEDS)  # each step's context enforces that step's own needs
     Params = PipelineParams
-    expected_check_failures: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
@@ -195,17 +194,9 @@ def leaves(item: Step | Node) -> list[Step]:
 
 def _keep_count(step: Step | Node, n: int) -> int | None:
     """How many a step that is not last keeps: ``keep=`` of its input, or None when its
-    own rule decides (a strategy's ``passes``, the members of ``&``/``|``)."""
-    if step.keep is not None:
-        return max(1, int(round(step.keep * n)))
-    if isinstance(step, Step) and step.info.cls.has_rule():
-        return None
-    if isinstance(step, Node) and step.op in ("&", "|"):
-        return None
-    raise ConfigError(
-        f"step {_expression(step).format()!r} is not the last, so it needs keep=FRACTION "
-        "(the fraction of its input it keeps), e.g. semdedup(keep=0.8) >> clip_score"
-    )
+    own rule decides (a strategy's ``passes``, the members of ``&``/``|``);
+    :func:`~selbench.run.plan.build_plan` has refused a step with neither."""
+    return max(1, int(round(step.keep * n))) if step.keep is not None else None
 
 
 def _context(
