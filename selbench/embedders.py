@@ -466,8 +466,15 @@ class EmbeddingService(SelectionServices):
         for batch in image_batches(images, embedder.preprocess, ENCODE_BATCH):
             with torch.inference_mode():
                 rows.append(embedder.model.encode_image(batch.to(embedder.device)).float().cpu())
+        from selbench import flops
         from selbench.neighbours import unit_rows  # faiss: imported when first needed
+        from selbench.run.spec import usage_key
 
+        if flops.charging():  # never cached: charged each time, the image tower's forwards
+            key = ("embedder", embedder.embedder_id)
+            count = sum(len(r) for r in rows)
+            image = flops.clip_forward_flops(embedder.model, None, None, count, ("image",), key)
+            flops.charge(f"image_embedding/{usage_key(spec)}", image["image"])
         return unit_rows(torch.cat(rows).numpy())
 
     def embedder(self, spec: str = "proxy") -> Embedder:

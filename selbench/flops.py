@@ -17,17 +17,20 @@ counter are closed here so that a CLIP's attention is counted in full on every d
 
 :class:`ComputeLedger` collects a run's counts by name and charges a cached computation
 (an embedding pass another run computed) 0 FLOPs, so it is counted once, in the run that
-computed it. docs/compute.md describes the rules; wiring the ledger into runs is not done
-here.
+computed it. :func:`recording` opens one for a block; the code that trains or scores a
+model inside it adds to it with :func:`charge`, :func:`charge_training` or
+:func:`counted`, and does nothing while none is open. docs/compute.md has the rules.
 """
 
 from __future__ import annotations
 
 import operator
 import re
+import sys
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -105,8 +108,29 @@ def _mha_fastpath_disabled() -> Iterator[None]:
         mha.set_fastpath_enabled(before)
 
 
-def _count(fn: Callable[[], Any]) -> FlopCounterMode:
+class _NoModuleTracker:
+    """Stands in for ``FlopCounterMode``'s module tracker, which only splits counts by
+    module: its hooks on every module's output fail on a module that returns a parameter
+    under ``torch.no_grad`` (a codebook) and pile up over a double backward."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _NoModuleTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _counter() -> FlopCounterMode:
+    """torch's counter with selbench's formulas, counting totals only (``"Global"``)."""
     counter = FlopCounterMode(display=False, custom_mapping=_custom_formulas())
+    counter.mod_tracker = _NoModuleTracker()
+    return counter
+
+
+def _count(fn: Callable[[], Any]) -> FlopCounterMode:
+    counter = _counter()
     with _mha_fastpath_disabled(), counter:
         fn()
     return counter
@@ -200,6 +224,18 @@ def _measure_tower(model: Any, tower: str, batch: int, shape: tuple[int, ...]) -
         return forward_flops(lambda: encode(inputs))
 
 
+def _affine(measure: Callable[[int], int], what: str) -> tuple[int, int]:
+    """(fixed, per-example) FLOPs from ``measure(batch)`` at batch 1 and 2."""
+    one, two = measure(1), measure(2)
+    per_example, fixed = two - one, 2 * one - two
+    if per_example < 0 or fixed < 0:
+        raise ValueError(
+            f"{what}'s FLOPs are not affine in the batch size "
+            f"({one} at batch 1, {two} at batch 2); count it with forward_flops"
+        )
+    return fixed, per_example
+
+
 def _tower_cost(
     model: Any, tower: str, shape: tuple[int, ...], cache_key: Hashable | None
 ) -> tuple[int, int]:
@@ -208,15 +244,9 @@ def _tower_cost(
     cache = _KEYED_CACHE if cache_key is not None else _MODEL_CACHE.setdefault(model, {})
     full_key = (cache_key, *key) if cache_key is not None else key
     if full_key not in cache:
-        one = _measure_tower(model, tower, 1, shape)
-        two = _measure_tower(model, tower, 2, shape)
-        per_example, fixed = two - one, 2 * one - two
-        if per_example < 0 or fixed < 0:
-            raise ValueError(
-                f"the {tower} tower's FLOPs are not affine in the batch size "
-                f"({one} at batch 1, {two} at batch 2); count it with forward_flops"
-            )
-        cache[full_key] = (fixed, per_example)
+        cache[full_key] = _affine(
+            lambda b: _measure_tower(model, tower, b, shape), f"the {tower} tower"
+        )
     return cache[full_key]
 
 
@@ -327,9 +357,8 @@ def _check_flops(flops: int) -> int:
 
 @dataclass
 class ComputeLedger:
-    """A run's compute, as named entries such as ``"selection/embedding:reference"``,
-    ``"selection/proxy_training"``, ``"training"``, ``"online/learner_forward"``,
-    ``"online/reference_forward"``. A name may be added many times (per step); its
+    """A run's compute, as named entries such as ``"embedding/reference"``,
+    ``"training/proxy"``, ``"scoring/el2n"``. A name may be added many times (per step); its
     entries add up. A cached computation is recorded, flagged and charged 0, so it is
     counted once, in the run that computed it."""
 
@@ -364,10 +393,13 @@ class ComputeLedger:
         """FLOPs charged to this run (cached entries add 0)."""
         return sum(entry.flops for entry in self.entries)
 
-    def as_metrics(self, prefix: str = "flops/") -> dict[str, float]:
-        """MLflow metrics: ``{prefix}{name}`` (charged, per name) and ``{prefix}total``."""
+    def as_metrics(self, prefix: str = "flops/", total: bool = False) -> dict[str, float]:
+        """MLflow metrics: ``{prefix}{name}``, charged, per name; ``{prefix}total`` too
+        only when asked, since a run's ``flops/total`` sums every ``flops/`` metric it
+        logged (``selbench.run.compute.total_compute``) and would count a subtotal twice."""
         metrics = {f"{prefix}{name}": float(n) for name, n in self.by_name().items()}
-        metrics[f"{prefix}total"] = float(self.total())
+        if total:
+            metrics[f"{prefix}total"] = float(self.total())
         return metrics
 
     def to_dict(self) -> dict[str, Any]:
@@ -385,3 +417,175 @@ class ComputeLedger:
         """The ledger :meth:`to_dict` wrote."""
         entries = [LedgerEntry(**entry) for entry in data.get("entries", [])]
         return cls(entries=entries, method=str(data.get("method", METHOD)))
+
+
+# -- the open ledger: code that trains or scores a model charges it; the select stage
+# opens it around the strategy. Nothing is counted, nor measured, while none is open. ---
+
+_OPEN: ContextVar[ComputeLedger | None] = ContextVar("selbench_open_ledger", default=None)
+_COUNTING: ContextVar[bool] = ContextVar("selbench_counted_block", default=False)
+
+
+@contextmanager
+def recording() -> Iterator[ComputeLedger]:
+    """Open a fresh :class:`ComputeLedger` that :func:`charge` adds to while the block
+    runs, and yield it. Blocks nest: the innermost open ledger receives the charges, and
+    the enclosing one gets nothing of them (add them to it yourself if it should). The
+    ledger is a context variable: it follows the block's thread (and asyncio task), and a
+    thread started inside the block does not see it unless it runs in a copy of the
+    context (``contextvars.copy_context().run``)."""
+    ledger = ComputeLedger()
+    token = _OPEN.set(ledger)
+    try:
+        yield ledger
+    finally:
+        _OPEN.reset(token)
+
+
+def charging() -> bool:
+    """Whether a charge made here is recorded: a ledger is open and no :func:`counted`
+    block encloses this code. Test it before measuring something only to charge it."""
+    return _OPEN.get() is not None and not _COUNTING.get()
+
+
+def charge(name: str, flops: int, *, cached: bool = False) -> None:
+    """Add ``flops`` under ``name`` to the open ledger (:meth:`ComputeLedger.add`;
+    ``cached``: reused, charged 0); nothing, not even a check, when none is open. Inside
+    a :func:`counted` block only a cached charge is recorded: the block's counter
+    already sees the work any other charge there would describe."""
+    ledger = _OPEN.get()
+    if ledger is not None and (cached or not _COUNTING.get()):
+        ledger.add(name, flops, cached=cached)
+
+
+@contextmanager
+def counted(name: str) -> Iterator[None]:
+    """Charge ``name`` with the FLOPs the block runs, counted as it runs (as
+    :func:`forward_flops` counts), when a ledger is open; with none, the block runs as it
+    is. A counted block inside another is not counted again: the enclosing counter sees
+    its work. Nothing is charged when the block raises. For passes whose shapes vary
+    (generation) or that are more than a model's forward."""
+    if not charging():
+        yield
+        return
+    counter = _counter()
+    token = _COUNTING.set(True)
+    try:
+        with _mha_fastpath_disabled(), counter:
+            yield
+    finally:
+        _COUNTING.reset(token)
+    charge(name, int(counter.get_total_flops()))
+
+
+def _is_coca(model: Any) -> bool:
+    # open_clip is not imported for this: a model built by open_clip has imported it.
+    open_clip = sys.modules.get("open_clip")
+    return open_clip is not None and isinstance(model, open_clip.CoCa)
+
+
+def _embed_dim(model: Any) -> int:
+    """The width of a CLIP's joint embedding (its image tower's output)."""
+    dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    if dim is None:
+        image = _dummy_input(model, "image", 1, _image_hw(model, None))
+        with torch.no_grad(), _eval_mode(model):
+            dim = model.encode_image(image).shape[-1]
+    return int(dim)
+
+
+def _measure_call(model: Any, call: Callable[[], Any]) -> int:
+    with torch.no_grad(), _eval_mode(model):
+        return forward_flops(call)
+
+
+def _coca_cost(model: Any) -> tuple[int, int]:
+    """(fixed, per-example) forward FLOPs of a CoCa's whole forward, cached per model."""
+    hw, length = _image_hw(model, None), _context_length(model, None)
+    cache = _MODEL_CACHE.setdefault(model, {})
+    key = ("coca", hw, length)
+
+    def measure(batch: int) -> int:
+        images = _dummy_input(model, "image", batch, hw)
+        tokens = _dummy_input(model, "text", batch, (length,))
+        return _measure_call(model, lambda: model(images, tokens))
+
+    if key not in cache:
+        cache[key] = _affine(measure, "the CoCa")
+    return cache[key]
+
+
+def model_training_flops(
+    model: Any,
+    samples_seen: int,
+    steps: int,
+    batch_size: int,
+    *,
+    example: Callable[[int], Any] | None = None,
+) -> int:
+    """Training FLOPs of ``model`` over ``samples_seen`` examples in ``steps`` steps of
+    ``batch_size``, by :data:`TRAINING_RULE` (3 x forward), measured on the model:
+
+    - an open_clip CLIP: its towers' forward per example (:func:`clip_forward_flops`) x
+      samples, plus the contrastive loss's logits (:func:`clip_loss_flops` at
+      ``batch_size`` and the model's embedding width) per step, the rule of
+      ``selbench.run.compute.training_compute``;
+    - an open_clip ``CoCa``: its whole forward, ``model(images, tokens)``, with the
+      multimodal decoder and its vocabulary projection at every text position, per
+      example (counted at batch 1 and 2 on zero inputs, cached per model), plus the same
+      loss term. ``selbench.captioning.coca_losses`` projects only the positions that are
+      not padding, so this is the upper bound for captions that fill the context;
+    - any model, with ``example``: ``example(b)`` runs the model's training forward on
+      ``b`` examples; it is counted at b = 1 and 2 (``torch.no_grad``, eval mode, modes
+      restored), the fixed part charged per step and the per-example part per sample.
+      There is no per-step loss term beyond what ``example`` runs.
+
+    Any other model without ``example`` is a TypeError."""
+    if example is not None:
+        fixed, per_example = _affine(
+            lambda b: _measure_call(model, lambda: example(b)), f"{type(model).__name__}"
+        )
+        return training_flops(per_example, samples_seen) + training_flops(fixed, steps)
+    if _is_coca(model):
+        fixed, per_example = _coca_cost(model)
+        forward = training_flops(per_example, samples_seen) + training_flops(fixed, steps)
+    elif hasattr(model, "encode_image") and hasattr(model, "encode_text"):
+        towers = clip_forward_flops(model, None, None)
+        forward = training_flops(sum(towers.values()), samples_seen)
+    else:
+        raise TypeError(
+            f"model_training_flops: a {type(model).__name__} is neither an open_clip CLIP "
+            "nor a CoCa; pass example=lambda b: <its training forward on b examples>"
+        )
+    loss = clip_loss_flops(batch_size, _embed_dim(model))
+    return forward + training_flops(loss, steps)
+
+
+def training_name(description: str) -> str:
+    """The ledger name :func:`charge_training` uses: ``training/`` and the part of
+    ``description`` before its first ``:``, lowercased, letters and digits kept, runs of
+    spaces, ``-`` and ``_`` made one ``_`` ("Proxy: training" -> ``training/proxy``,
+    "TL;DR: training captioner" -> ``training/tldr``, "Distill: expert 2" ->
+    ``training/distill``); ``training/model`` when nothing is left."""
+    head = description.split(":", 1)[0].lower()
+    slug = re.sub(r"[ _-]+", "_", re.sub(r"[^a-z0-9 _-]", "", head)).strip("_")
+    return f"training/{slug or 'model'}"
+
+
+def charge_training(
+    model: Any,
+    description: str,
+    samples_seen: int,
+    steps: int,
+    batch_size: int,
+    *,
+    example: Callable[[int], Any] | None = None,
+) -> None:
+    """Charge the open ledger ``training_name(description)`` with
+    :func:`model_training_flops`. Costs nothing, not even the count, when no ledger is
+    open, and charges nothing inside a :func:`counted` block (whose counter already saw
+    the training run)."""
+    if not charging():
+        return
+    flops = model_training_flops(model, samples_seen, steps, batch_size, example=example)
+    charge(training_name(description), flops)

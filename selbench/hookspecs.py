@@ -22,3 +22,10 @@ def register_strategies(register: Callable[[type], None]) -> None:
 @hookspec
 def register_embedders(register: Callable[[type], None]) -> None:
     """Call ``register(EmbedderClass)`` for every embedder this plugin provides."""
+
+
+@hookspec
+def register_online_strategies(register: Callable[[type], None]) -> None:
+    """Call ``register(OnlineStrategyClass)`` for every online strategy this plugin provides:
+    a :class:`selbench.online.OnlineStrategy` subclass, which chooses each training batch
+    from a larger super-batch while the model trains (``docs/online.md``)."""

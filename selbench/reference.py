@@ -132,7 +132,16 @@ def build_reference(
             pool, preprocess, tokenizer, progress, "Reference corpus: loading"
         )
         samples = int(round(len(data) * recipe.epochs))
-        result = train_clip(model, data, recipe, samples, REFERENCE_SEED, device, progress)
+        result = train_clip(
+            model,
+            data,
+            recipe,
+            samples,
+            REFERENCE_SEED,
+            device,
+            progress,
+            description="Reference: training",
+        )
         import torch
 
         torch.save(model.state_dict(), tmp / "model.pt")

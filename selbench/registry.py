@@ -1,5 +1,6 @@
 """Plugin loading: every strategy, built-in or third-party, arrives through the
-``selbench`` entry-point group and the ``register_strategies`` hook.
+``selbench`` entry-point group and the ``register_strategies`` hook (online strategies,
+which choose each training batch, through ``register_online_strategies``).
 
 A plugin that fails to import, or whose hook raises or registers something invalid, is
 recorded as broken (:class:`BrokenPlugin`, listed by ``selbench methods``) instead of
@@ -9,6 +10,7 @@ breaking every command: only a run that asks for one of its methods fails, with 
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from dataclasses import dataclass
 from functools import cache
 from typing import Generic, TypeVar
@@ -18,12 +20,13 @@ import pluggy
 from selbench import hookspecs
 from selbench.embedders import Embedder, parse_spec
 from selbench.errors import ConfigError, PluginError, UnknownMethodError
+from selbench.online.contract import OnlineStrategy
 from selbench.strategy import Strategy, check_needs
 
 ENTRY_POINT_GROUP = "selbench"
 
 #: What a plugin registers: a strategy class or an embedder class.
-Plugged = TypeVar("Plugged", Strategy, Embedder)
+Plugged = TypeVar("Plugged", Strategy, Embedder, OnlineStrategy)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Registry:
         self.plugin_manager = plugin_manager
         self._strategies: dict[str, StrategyInfo[Strategy]] = {}
         self._embedders: dict[str, StrategyInfo[Embedder]] = {}
+        self._online: dict[str, StrategyInfo[OnlineStrategy]] = {}
         self.broken: list[BrokenPlugin] = list(getattr(plugin_manager, "broken", []))
         dists = getattr(plugin_manager, "distributions", {})
         for name, plugin in plugin_manager.list_name_plugin():
@@ -113,19 +117,65 @@ class Registry:
     def _collect_plugin(self, name: str, package: str, version: str) -> None:
         """Run the plugin's hooks and add what it registers, all or nothing."""
         found: list[tuple[str, type, str]] = []
-        for hook in ("register_strategies", "register_embedders"):
+        for hook in _ADDERS:
             for impl in getattr(self.plugin_manager.hook, hook).get_hookimpls():
                 if impl.plugin_name == name:
                     plugin_name = getattr(impl.plugin, "__name__", impl.plugin_name)
                     found += [(hook, cls, plugin_name) for cls in _call(hook, impl, package)]
-        strategies, embedders = dict(self._strategies), dict(self._embedders)
+        before = dict(self._strategies), dict(self._embedders), dict(self._online)
         try:
             for hook, cls, plugin_name in found:
-                add = self._add if hook == "register_strategies" else self._add_embedder
-                add(cls, plugin_name, package, version)
+                getattr(self, _ADDERS[hook])(cls, plugin_name, package, version)
         except PluginError:
-            self._strategies, self._embedders = strategies, embedders
+            self._strategies, self._embedders, self._online = before
             raise
+
+    def _add_online(self, cls: type, plugin: str, package: str, version: str) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, OnlineStrategy)):
+            raise PluginError(
+                f"plugin {plugin!r} registered {cls!r} as an online strategy, which is not a "
+                "selbench.online.OnlineStrategy subclass"
+            )
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name or not _ONLINE_NAME.fullmatch(name):
+            raise PluginError(
+                f"plugin {plugin!r} registered online strategy {cls.__name__} without a "
+                f"valid name ({name!r}: letters, digits, '_' and '-')"
+            )
+        if "ratio" not in getattr(cls.Params, "model_fields", {}):
+            raise PluginError(
+                f"online strategy {name!r} (plugin {plugin!r}): its Params has no `ratio` "
+                "field; subclass selbench.online.OnlineParams"
+            )
+        if name in self._online:
+            other = self._online[name]
+            raise PluginError(
+                f"online strategy name {name!r} is registered twice: by {other.plugin!r} "
+                f"(package {other.package!r}) and by {plugin!r} (package {package!r})"
+            )
+        self._online[name] = StrategyInfo(cls, plugin, package, version)
+
+    def online_names(self) -> list[str]:
+        return sorted(self._online)
+
+    def online_infos(self) -> list[StrategyInfo[OnlineStrategy]]:
+        return [self._online[n] for n in self.online_names()]
+
+    def get_online(self, name: str) -> StrategyInfo[OnlineStrategy]:
+        """The online strategy registered as ``name``; UnknownMethodError listing the known
+        ones (and saying so when ``name`` is an offline strategy)."""
+        if name in self._online:
+            return self._online[name]
+        known = ", ".join(self.online_names()) or "none (is selbench installed?)"
+        hint = (
+            f"; {name!r} is an offline strategy: it selects before training "
+            "(`--method`), not each batch"
+            if name in self._strategies
+            else ""
+        )
+        raise UnknownMethodError(
+            f"unknown online method {name!r}; known online methods: {known}{hint}"
+        )
 
     def _add_embedder(self, cls: type, plugin: str, package: str, version: str) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Embedder)):
@@ -209,6 +259,15 @@ class Registry:
                 f"{b.entry_point} ({b.package})" for b in self.broken
             )
         raise UnknownMethodError(message)
+
+
+#: Each hook and the Registry method that adds what it registers.
+_ADDERS = {
+    "register_strategies": "_add",
+    "register_embedders": "_add_embedder",
+    "register_online_strategies": "_add_online",
+}
+_ONLINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def _call(hook: str, impl: pluggy.HookImpl, package: str) -> list[type]:

@@ -26,8 +26,16 @@ from selbench.errors import ConfigError
 from selbench.progress import NullProgress
 from selbench.registry import get_registry
 from selbench.run.lifecycle import execute, reap_stale_runs, resume
-from selbench.run.plan import resolve_method
-from selbench.run.spec import MethodSpec, RunRequest, cell_key
+from selbench.run.plan import resolve_method, resolve_online
+from selbench.run.spec import (
+    MethodSpec,
+    RunRequest,
+    cell_key,
+    online_label,
+    parse_train_samples,
+    split_online,
+    train_label,
+)
 from selbench.strategy import check_budget
 
 SWEEP_TAG = "selbench.sweep_key"
@@ -47,7 +55,9 @@ class Cell:
     @property
     def label(self) -> str:
         r = self.request
-        return f"{MethodSpec(r.method, r.params).format()} budget={r.budget:g} seed={r.seed}"
+        method = MethodSpec(r.method, {k: str(v) for k, v in r.params.items()}).format()
+        method = train_label(online_label(method, r.online), r.train_samples)
+        return f"{method} budget={r.budget:g} seed={r.seed}"
 
 
 @dataclass
@@ -71,9 +81,11 @@ def plan(
     full_pool: bool = True,
     device: str | None = None,
     eval_suite: str | None = None,
+    train_samples: Sequence[float | str] = (1.0,),
 ) -> list[Cell]:
     """The grid's cells (validated before anything runs), plus with ``full_pool`` the
-    reference cells ``random`` at budget 1.0 for every seed."""
+    reference cells ``random`` at budget 1.0 for every seed; every cell at each training
+    length of ``train_samples`` (multiples of the protocol's samples seen)."""
     if not methods or not budgets or not seeds:
         raise ConfigError("a sweep needs at least one method, one budget and one seed")
     for budget in budgets:
@@ -81,24 +93,33 @@ def plan(
     combos = [(m, float(b)) for m in methods for b in budgets]
     if full_pool and ("random", 1.0) not in combos:
         combos.append(("random", 1.0))
+    lengths = [parse_train_samples(t) for t in train_samples]
+    if not lengths:
+        raise ConfigError("a sweep needs at least one training length")
     cells = []
     for spec, budget in combos:
         # Unknown names, invalid values and pipelines that cannot run fail here.
-        resolved = resolve_method(spec)
-        for seed in seeds:
-            request = RunRequest(
-                method=resolved.method,
-                params=resolved.given,
-                budget=budget,
-                seed=int(seed),
-                pool=pool,
-                scale=scale,
-                protocol=protocol,
-                experiment=experiment,
-                device=device,
-                eval_suite=eval_suite,
-            )
-            cells.append(Cell(request, cell_key(request, resolved.params)))
+        offline, online_text = split_online(spec)
+        resolved = resolve_method(offline)
+        online = resolve_online(online_text) if online_text is not None else None
+        for length in lengths:
+            for seed in seeds:
+                request = RunRequest(
+                    method=resolved.method,
+                    params=resolved.given,
+                    budget=budget,
+                    seed=int(seed),
+                    pool=pool,
+                    scale=scale,
+                    protocol=protocol,
+                    experiment=experiment,
+                    device=device,
+                    eval_suite=eval_suite,
+                    online=online.label if online else None,
+                    train_samples=length,
+                )
+                key = cell_key(request, resolved.params, online.params if online else None)
+                cells.append(Cell(request, key))
     return cells
 
 
@@ -213,6 +234,7 @@ class SweepOptions:
     board_name: str | None = None  # write this sweep's leaderboard as NAME.* under out
     out: Path = Path("leaderboards")
     compare_with: str | None = None
+    train_samples: list[float] = field(default_factory=lambda: [1.0])
 
     def resolved_methods(self) -> list[str]:
         if self.methods == ["all"]:
@@ -229,6 +251,10 @@ class SweepOptions:
                 "--seeds", ",".join(map(str, self.seeds)), "--pool", self.pool,
                 "--scale", self.scale, "--protocol", self.protocol,
                 "--full-pool" if self.full_pool else "--no-full-pool",
+                *(
+                    ["--train-samples", ",".join(f"{t:g}x" for t in self.train_samples)]
+                    if self.train_samples != [1.0] else []
+                ),
                 *(["--eval", self.eval_suite] if self.eval_suite else []),
                 "--experiment", self.experiment, "--leaderboard", str(self.board_name),
                 "--out", str(self.out),
@@ -246,7 +272,7 @@ def run_grid(
     cells = plan(
         options.resolved_methods(), options.budgets, options.seeds, options.pool,
         options.scale, options.protocol, options.experiment, options.full_pool,
-        options.device, options.eval_suite,
+        options.device, options.eval_suite, options.train_samples,
     )  # fmt: skip
     return run_sweep(cells, options.experiment, progress=progress, on_update=on_update)
 
@@ -262,6 +288,11 @@ def publish(options: SweepOptions, result: SweepResult, seconds: float, console:
         f"{', '.join(methods)} at budgets {', '.join(budgets)} with seeds "
         f"{', '.join(map(str, options.seeds))}"
         + (", and the full pool" if options.full_pool else "")
+        + (
+            ", each at training lengths " + ", ".join(f"{t:g}x" for t in options.train_samples)
+            if options.train_samples != [1.0]
+            else ""
+        )
         + f"). The last invocation took {seconds / 60:.1f} min of wall time; "
         f"{result.count('done')} cells ran in it and {result.count('skipped')} were "
         "already finished."

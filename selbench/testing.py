@@ -38,6 +38,9 @@ A strategy declares the checks it is expected to fail, with the reason, in
 ``expected_check_failures = {"check_seed": "why"}`` (or, when that depends on the
 parameters, by overriding :meth:`~selbench.strategy.Strategy.expected_failures`); they are
 marked ``xfail(strict=True)``.
+
+Online strategies have a kit of their own, :mod:`selbench.online.kit`, whose public names
+(``parametrize_online_with_checks``, ``check_online_strategy``, ...) are exported here too.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from PIL import Image
 
 from selbench.embedders import Embedder, Embeddings
 from selbench.errors import PluginError, UndeclaredNeedError
+from selbench.online.kit import *  # noqa: F403 (the online kit, exported here too)
 from selbench.run.spec import MethodSpec
 from selbench.strategy import (
     NEEDS,
@@ -343,7 +347,12 @@ def check_params(strategy: Strategy | type[Strategy], options: KitOptions = KitO
         for step in leaves(strategy.plan):
             check_params(step.info.cls, options)
         return
-    strategy_cls = strategy if isinstance(strategy, type) else type(strategy)
+    _check_param_fields(strategy if isinstance(strategy, type) else type(strategy))
+
+
+def _check_param_fields(strategy_cls: Any, kind: str = "method") -> None:
+    """``check_params`` of one class with ``name`` and ``Params`` (a strategy, an online
+    strategy: ``kind`` names it in parsing errors)."""
     name = strategy_cls.name
     fields = strategy_cls.Params.model_fields
     for key, info in fields.items():
@@ -351,12 +360,12 @@ def check_params(strategy: Strategy | type[Strategy], options: KitOptions = KitO
         assert info.description, f"{name}: parameter {key!r} has no description (cite its source)"
     defaults = strategy_cls.Params().model_dump()
     as_strings = {k: v if isinstance(v, str) else json.dumps(v) for k, v in defaults.items()}
-    from_strings = parse_params(strategy_cls, as_strings).model_dump()
+    from_strings = parse_params(strategy_cls, as_strings, kind).model_dump()
     assert from_strings == defaults, (
         f"{name}: parameters do not survive a trip through strings (CLI/MLflow): "
         f"{defaults} -> {from_strings}"
     )
-    from_json = parse_params(strategy_cls, json.loads(json.dumps(defaults))).model_dump()
+    from_json = parse_params(strategy_cls, json.loads(json.dumps(defaults)), kind).model_dump()
     assert from_json == defaults, f"{name}: parameters do not survive JSON: {from_json}"
 
 
@@ -456,13 +465,21 @@ CHECKS: tuple[Callable[..., None], ...] = (
 def _checks(
     strategy: Strategy, options: KitOptions, expected_failures: Mapping[str, str] | None
 ) -> Iterator[tuple[Callable[[Strategy], None], str | None]]:
-    expected = {**strategy.expected_failures(), **(expected_failures or {})}
-    unknown = set(expected) - {c.__name__ for c in CHECKS}
+    return _bound_checks(strategy, CHECKS, options, expected_failures)
+
+
+def _bound_checks(
+    strategy: Any, checks: Sequence[Callable[..., None]], options: Any, extra: Any
+) -> Iterator[tuple[Callable[[Any], None], str | None]]:
+    """Each of ``checks`` with ``options`` bound, and the reason ``strategy`` is expected
+    to fail it (its ``expected_failures()`` and ``extra``) or None."""
+    expected = {**strategy.expected_failures(), **(extra or {})}
+    unknown = set(expected) - {c.__name__ for c in checks}
     assert not unknown, (
         f"{type(strategy).name}: expected failures of unknown checks {sorted(unknown)}; "
-        f"checks: {[c.__name__ for c in CHECKS]}"
+        f"checks: {[c.__name__ for c in checks]}"
     )
-    for check in CHECKS:
+    for check in checks:
         bound = functools.partial(check, options=options)
         functools.update_wrapper(bound, check)
         yield bound, expected.get(check.__name__)
@@ -506,11 +523,24 @@ def parametrize_with_checks(
     cases = []
     for given in strategies:
         strategy = _as_instance(given)
-        label = _label(strategy)
-        for check, reason in _checks(strategy, options, expected_failures):
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            cases.append(pytest.param(strategy, check, id=f"{label}-{check.__name__}", marks=marks))
+        cases += _cases(strategy, _label(strategy), _checks(strategy, options, expected_failures))
     return pytest.mark.parametrize("strategy, check", cases)
+
+
+def _cases(strategy: Any, label: str, checks: Iterable[tuple[Callable, str | None]]) -> list:
+    """One ``pytest.param(strategy, check)`` per check, id ``label-check``; a check with a
+    reason is a strict expected failure."""
+    import pytest
+
+    return [
+        pytest.param(
+            strategy,
+            check,
+            id=f"{label}-{check.__name__}",
+            marks=[pytest.mark.xfail(strict=True, reason=reason)] if reason else [],
+        )
+        for check, reason in checks
+    ]
 
 
 def check_strategy(
@@ -531,7 +561,12 @@ def check_strategy(
     ), f"{name} is not a selbench.Strategy subclass"
     strategy = _as_instance(strategy_cls, params)
     options = KitOptions(tuple(pool_sizes), tuple(budgets), tuple(seeds))
-    for check, reason in _checks(strategy, options, expected_failures):
+    _run_checks(strategy, name, _checks(strategy, options, expected_failures))
+
+
+def _run_checks(strategy: Any, name: str, checks: Iterable[tuple[Callable, str | None]]) -> None:
+    """Run each check on ``strategy``; one with a reason must fail (and then passes)."""
+    for check, reason in checks:
         if reason is None:
             check(strategy)
             continue

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import open_clip
@@ -254,6 +254,16 @@ def _batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterable[n
         yield batch
 
 
+class OnlineChoice(Protocol):
+    """What :func:`train_clip` asks of online selection (:mod:`selbench.online.harness`):
+    how many indices to draw per step, and which of them (a subset, as pool indices) to
+    train the step on."""
+
+    draw_size: int
+
+    def choose(self, drawn: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class LoopResult:
     """What :func:`training_loop` ran: steps, wall seconds, the final running average of
@@ -285,6 +295,7 @@ def training_loop(
     progress: Tracker | None = None,
     description: str = "Training",
     curve_key: str = "loss",
+    draw_size: int | None = None,
 ) -> LoopResult:
     """The one training loop: every model selbench trains (the recipe's CLIP, proxies,
     EL2N's and DFN's scorers, TL;DR's captioner) goes through it.
@@ -293,8 +304,9 @@ def training_loop(
     decay (open_clip_train's ``cosine_lr``), batches of ``batch_size`` indices from
     successive seeded permutations of ``range(n_samples)``. ``batch_loss(indices)`` returns
     the batch's loss and its named terms as floats (``curve_key`` is the one plotted);
-    ``after_step()`` runs after each optimiser step. ``amp`` (CUDA only) scales the loss.
-    A non-finite term stops training with FloatingPointError.
+    ``draw_size`` (online selection's super-batch) draws that many indices per step instead
+    of ``batch_size``; ``after_step()`` runs after each optimiser step. ``amp`` (CUDA
+    only) scales the loss. A non-finite term stops training with FloatingPointError.
     """
     progress = progress or NullProgress()
     torch.manual_seed(seed)
@@ -307,7 +319,7 @@ def training_loop(
     curve: list[tuple[int, float]] = []
     running: dict[str, float] = {}
     start = time.perf_counter()
-    batches = _batch_indices(n_samples, batch_size, steps, seed)
+    batches = _batch_indices(n_samples, draw_size or batch_size, steps, seed)
     for step, idx in enumerate(progress.track(batches, description, total=steps)):
         schedule(step)
         with torch.autocast(device_type="cuda", enabled=amp):
@@ -349,13 +361,16 @@ def train_model(
     seed: int,
     device: str = "cpu",
     progress: Tracker | None = None,
+    online: OnlineChoice | None = None,
 ) -> TrainResult:
     """Train with the loss the architecture calls for: :func:`train_coca` for an open_clip
-    ``CoCa``, :func:`train_clip` for a CLIP."""
+    ``CoCa``, :func:`train_clip` for a CLIP (``online``: see :func:`train_clip`)."""
     from selbench.captioning import can_caption
 
     train = train_coca if can_caption(model) else train_clip
-    return train(model, data, scale, samples_seen, seed, device=device, progress=progress)
+    return train(
+        model, data, scale, samples_seen, seed, device=device, progress=progress, online=online
+    )
 
 
 def train_coca(
@@ -366,6 +381,7 @@ def train_coca(
     seed: int,
     device: str = "cpu",
     progress: Tracker | None = None,
+    online: OnlineChoice | None = None,
 ) -> TrainResult:
     """Train an open_clip ``CoCa`` on ``data`` with open_clip's ``CoCaLoss``: the weighted
     sum of the contrastive and the captioning loss (weights 1 and 2: CoCa, Yu et al. 2022,
@@ -393,7 +409,7 @@ def train_coca(
 
     return train_clip(
         model, data, scale, samples_seen, seed, device=device, progress=progress,
-        forward_loss=forward_loss,
+        forward_loss=forward_loss, online=online,
     )  # fmt: skip
 
 
@@ -408,21 +424,24 @@ def train_clip(
     forward_loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]] | None = None,
     after_step: Callable[[], None] | None = None,
     description: str = "Training",
+    online: OnlineChoice | None = None,
 ) -> TrainResult:
     """Train ``model`` contrastively on ``data`` for ``samples_seen`` samples (open_clip's
     ``ClipLoss``, the scale's optimiser and crop, through :func:`training_loop`).
     ``forward_loss(images, tokens) -> (loss, named terms)`` replaces the loss
     (:func:`train_coca`); ``after_step()`` runs after each step, once the temperature is
-    clamped (distill's experts snapshot their weights there)."""
+    clamped (distill's experts snapshot their weights there). ``online`` chooses each
+    step's batch from ``online.draw_size`` drawn indices (:mod:`selbench.online.harness`)."""
     batch_size = min(scale.batch_size, len(data))
     steps = max(1, math.ceil(samples_seen / batch_size))
-    warmup = (
-        scale.warmup_steps if scale.warmup_steps is not None else int(scale.warmup_fraction * steps)
-    )
+    warmup = scale.warmup_steps
+    warmup = int(scale.warmup_fraction * steps) if warmup is None else warmup
     loss_fn = ClipLoss()
     crop_rng = torch.Generator().manual_seed(seed)
 
     def batch_loss(index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if online is not None:
+            index = online.choose(index)
         images = data.images[index].to(device, non_blocking=True)
         if scale.random_resized_crop_scale is not None:
             images = random_resized_crop(images, scale.random_resized_crop_scale, crop_rng)
@@ -460,7 +479,12 @@ def train_clip(
         device=device,
         progress=progress,
         description=description,
+        draw_size=None if online is None else online.draw_size,
     )
+    from selbench.flops import charge_training
+
+    # the open FLOP ledger's "training/<description>" (no-op when none is open)
+    charge_training(model, description, steps * batch_size, steps, batch_size)
     return TrainResult(
         steps=steps,
         samples_seen=steps * batch_size,

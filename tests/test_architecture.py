@@ -71,6 +71,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "selbench.run.fusion",
         "selbench.run.plan",
         "selbench.run.pipeline",
+        "selbench.run.compute",
         "selbench.online.*",
         "selbench.flops",
     ]),

@@ -212,7 +212,7 @@ def test_ledger_charges_a_cached_entry_nothing_and_marks_it() -> None:
     assert cached.cached and cached.flops == 0 and cached.reused_flops == 5_000
     assert cached.note == flops.CACHED_NOTE == "computed by another run"
     assert ledger.cached_names() == ["selection/embedding:reference"]
-    assert ledger.as_metrics() == {
+    assert ledger.as_metrics(total=True) == {
         "flops/selection/embedding:reference": 0.0,
         "flops/selection/proxy_training": 300.0,
         "flops/training": 1500.0,
@@ -220,8 +220,12 @@ def test_ledger_charges_a_cached_entry_nothing_and_marks_it() -> None:
         "flops/online/reference_forward": 10.0,
         "flops/total": 1830.0,
     }
-    assert set(ledger.as_metrics(prefix="compute/")) == {
-        "compute/" + k.removeprefix("flops/") for k in ledger.as_metrics()
+    assert set(ledger.as_metrics(prefix="compute/", total=True)) == {
+        "compute/" + k.removeprefix("flops/") for k in ledger.as_metrics(total=True)
+    }
+    # by default no subtotal: a run's flops/total sums every flops/ metric it logged
+    assert ledger.as_metrics("flops/selection/") == {
+        f"flops/selection/{name}": float(n) for name, n in ledger.by_name().items()
     }
 
 
@@ -257,3 +261,164 @@ def test_ledger_refuses_negative_and_non_integer_flops() -> None:
         ledger.add("training", 1.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         ledger.add("training", True)
+
+
+# -- the open ledger: charges of selection -----------------------------------------------
+
+
+def test_charge_outside_a_ledger_does_nothing_not_even_count(monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("counted with no ledger open")
+
+    monkeypatch.setattr(flops, "model_training_flops", fail)
+    assert not flops.charging()
+    flops.charge("training/proxy", 10)
+    flops.charge("not a metric name = fine here", -1)  # not even checked
+    flops.charge_training(nn.Linear(2, 2), "Proxy: training", 8, 2, 4)
+    with flops.counted("scoring/x"):
+        nn.Linear(4, 4)(torch.zeros(1, 4))
+    with flops.recording() as ledger:
+        pass
+    assert ledger.entries == []
+
+
+def test_recording_collects_charges_by_name_for_the_select_stages_metrics() -> None:
+    with flops.recording() as ledger:
+        assert flops.charging()
+        flops.charge("training/proxy", 300)
+        flops.charge("training/proxy", 200)
+        flops.charge("scoring/dfn", 50)
+        flops.charge("training/reference", 1_000, cached=True)
+    assert not flops.charging()
+    flops.charge("training/proxy", 7)  # closed: not added
+    assert ledger.by_name() == {"training/proxy": 500, "scoring/dfn": 50, "training/reference": 0}
+    assert ledger.cached_names() == ["training/reference"]
+    assert ledger.as_metrics("flops/selection/") == {
+        "flops/selection/training/proxy": 500.0,
+        "flops/selection/scoring/dfn": 50.0,
+        "flops/selection/training/reference": 0.0,
+    }
+    assert ledger.total() == 550
+    with flops.recording() as ledger, pytest.raises(ValueError):
+        flops.charge("total", 1)  # names are checked once a ledger is open
+
+
+def test_nested_recordings_charge_the_innermost_open_ledger() -> None:
+    with flops.recording() as outer:
+        flops.charge("a", 1)
+        with flops.recording() as inner:
+            flops.charge("b", 2)
+        flops.charge("c", 3)
+    assert outer.by_name() == {"a": 1, "c": 3}
+    assert inner.by_name() == {"b": 2}
+
+
+def test_counted_charges_what_the_block_ran_once_even_when_nested() -> None:
+    layer = nn.Linear(64, 32)
+    x = torch.zeros(5, 64)
+    with flops.recording() as ledger:
+        with flops.counted("scoring/outer"):
+            layer(x)
+            with flops.counted("scoring/inner"):
+                layer(x)
+                flops.charge("scoring/typed", 99)  # the outer counter already saw it
+                flops.charge_training(nn.Linear(2, 2), "Proxy: training", 8, 2, 4)
+        with pytest.raises(RuntimeError), flops.counted("scoring/failed"):
+            layer(x)
+            raise RuntimeError
+    assert ledger.by_name() == {"scoring/outer": 2 * (2 * 5 * 64 * 32)}
+
+
+@pytest.mark.parametrize(
+    ("description", "name"),
+    [
+        ("Proxy: training", "training/proxy"),
+        ("Proxy scorer: training", "training/proxy_scorer"),
+        ("TL;DR: training captioner", "training/tldr"),
+        ("Distill: expert 2", "training/distill"),
+        ("EL2N: training proxy 1/2", "training/el2n"),
+        ("Training", "training/training"),
+        (":::", "training/model"),
+    ],
+)
+def test_training_names_are_short_metric_names(description: str, name: str) -> None:
+    assert flops.training_name(description) == name
+    flops.ComputeLedger().add(name, 1)  # passes the ledger's check
+
+
+def test_charge_training_of_a_clip_is_the_training_stages_rule(tiny_clip: nn.Module) -> None:
+    samples, steps, batch = 1_000, 4, 256
+    towers = flops.clip_forward_flops(tiny_clip, None, None)
+    expected = flops.training_flops(sum(towers.values()), samples) + flops.training_flops(
+        flops.clip_loss_flops(batch, TINY_CONFIG["embed_dim"]), steps
+    )
+    assert flops.model_training_flops(tiny_clip, samples, steps, batch) == expected
+    with flops.recording() as ledger:
+        flops.charge_training(tiny_clip, "Proxy: training", samples, steps, batch)
+    assert ledger.by_name() == {"training/proxy": expected}
+    assert expected == 3 * 27_837_952 * samples + 3 * 2 * 2 * batch * batch * 128 * steps
+
+
+def test_a_coca_counts_its_decoder_as_well_as_its_towers() -> None:
+    coca, _, _ = build_model("selbench-tiny-coca", seed=0)
+    samples, steps, batch = 100, 2, 50
+    towers = sum(flops.clip_forward_flops(coca, None, None).values())
+    loss = flops.training_flops(flops.clip_loss_flops(batch, 64), steps)
+    counted = flops.model_training_flops(coca.train(), samples, steps, batch)
+    assert coca.training  # counted in eval mode, mode restored
+    images, tokens = torch.zeros(1, 3, 32, 32), torch.zeros(1, 24, dtype=torch.long)
+    with torch.no_grad():
+        whole = flops.forward_flops(lambda: coca.eval()(images, tokens))
+    assert counted == flops.training_flops(whole, samples) + loss
+    assert counted > flops.training_flops(towers, samples) + loss
+
+
+def test_other_models_are_counted_on_the_forward_they_are_given() -> None:
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).train()
+    with pytest.raises(TypeError, match="example="):
+        flops.model_training_flops(mlp, 10, 2, 5)
+    counted = flops.model_training_flops(mlp, 10, 2, 5, example=lambda b: mlp(torch.zeros(b, 8)))
+    assert counted == 3 * 10 * 2 * (8 * 16 + 16 * 4)
+    assert mlp.training  # counted in eval mode, mode restored
+
+
+def test_train_clip_inside_a_recording_charges_its_training(tiny_clip: nn.Module) -> None:
+    from selbench.configs import ScaleConfig
+    from selbench.train import TrainingData, train_clip
+
+    scale = ScaleConfig(
+        name="t", model="selbench-tiny", batch_size=4, epochs=1, lr=1e-3,
+        weight_decay=0.1, warmup_fraction=0.0,
+    )  # fmt: skip
+    model, _, tokenizer = build_model("selbench-tiny", seed=3)
+    data = TrainingData(torch.randn(6, 3, 32, 32), tokenizer([f"shape {i}" for i in range(6)]))
+    train_clip(model, data, scale, 8, seed=0)  # no ledger: nothing to charge
+    with flops.recording() as ledger:
+        result = train_clip(model, data, scale, 8, seed=0, description="EL2N: training proxy")
+    assert (result.steps, result.samples_seen, result.batch_size) == (2, 8, 4)
+    expected = flops.model_training_flops(model, 8, 2, 4)
+    assert expected == flops.model_training_flops(tiny_clip, 8, 2, 4)  # same architecture
+    assert ledger.by_name() == {"training/el2n": expected}
+
+
+def test_a_cached_proxy_is_charged_only_by_the_run_that_trained_it(tiny_pool, tmp_path) -> None:
+    from selbench.embedders import EmbeddingService
+    from selbench.pools import resolve_pool
+    from selbench.registry import get_registry
+
+    recipe = tmp_path / "flops-proxy.yaml"  # one step of 64 pairs: the cheapest proxy
+    recipe.write_text(
+        "name: flops-proxy\nmodel: selbench-tiny\nbatch_size: 64\nepochs: 0.2\nlr: 1.0e-3\n"
+        "weight_decay: 0.1\nwarmup_fraction: 0.0\n"
+    )
+    charged = []
+    for _ in range(2):
+        pool = resolve_pool(str(tiny_pool)).pool.strategy_view()
+        service = EmbeddingService(pool, "cpu", get_registry().make_embedder)
+        with flops.recording() as ledger:
+            embedder = service.embedder(f"proxy:{recipe}")
+        charged.append(ledger.by_name())
+    first, second = charged
+    per_step = flops.model_training_flops(embedder.model, 64, 1, 64)
+    assert first == {"training/proxy_flops_proxy": per_step}
+    assert second == {}  # the cache served it: the run that trained it was charged

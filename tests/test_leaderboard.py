@@ -426,3 +426,125 @@ def test_every_row_names_the_commands_that_export_its_subsets(tmp_path):
     assert exported["clip(k=3)"] == "selbench export clip(k=3)-0.25-0 --format parquet"
     assert exported["tldr"].count("selbench export") == 3
     assert "selbench export random-1.0-1 --format parquet" in html.read_text()
+
+
+# --- total FLOPs: a cost column, and the metric against them ----------------------------
+
+# (label at 1x, budget) -> the training lengths it ran at; one online method among them
+FLOPS_CELLS = {
+    ("random", 0.25): (0.5, 1.0, 2.0),
+    ("clip_score(k=3)", 0.25): (0.5, 1.0, 2.0),
+    ("random >> online:jest(ratio=2)", 0.25): (1.0, 2.0),
+    ("random", 1.0): (1.0, 2.0),
+}
+
+
+def flops_r1(label: str, budget: float, train: float) -> list[float]:
+    """R@1 per seed: longer training does better, the filter and the online step too."""
+    base = 0.1 * train + (0.05 if "clip" in label else 0.0) + (0.03 if "online" in label else 0.0)
+    return [base + budget / 10, base + budget / 10 + 0.02]
+
+
+def flops_runs() -> pd.DataFrame:
+    """Runs that logged ``flops/total`` (selection + training + online scoring) at several
+    training lengths; seed 1 costs 1.24 x seed 0, so a row's mean is 1.12 x seed 0's."""
+    from selbench.run.spec import train_label
+
+    frames = []
+    for (label, budget), lengths in FLOPS_CELLS.items():
+        for train in lengths:
+            runs = hand_runs({(train_label(label, train), budget): flops_r1(label, budget, train)})
+            per_seed = 6e12 * train * (1.5 if "online" in label else 1.0) * (budget / 0.25)
+            runs["metrics.flops/total"] = [per_seed, 1.24 * per_seed]
+            runs["params.train_samples"] = str(train)
+            runs["params.online"] = "jest(ratio=2)" if "online" in label else ""
+            frames.append(runs)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_total_flops_is_a_cost_column_when_some_run_logged_it(tmp_path):
+    from rich.console import Console
+
+    old = hand_runs({("tldr", 0.25): [0.2, 0.3]})  # logged before runs counted FLOPs
+    runs = lb.split_mixed_parameters(pd.concat([flops_runs(), old], ignore_index=True))
+    board = lb.summarise(runs)
+    table = board.table.set_index(["method", "budget"])
+    assert table.loc[("random", 0.25), "flops/total_mean"] == pytest.approx(6.72e12)
+    assert table.loc[("clip_score (k=3) [train 2x]", 0.25), "flops/total_mean"] == (
+        pytest.approx(2 * 6.72e12)
+    )
+    assert pd.isna(table.loc[("tldr", 0.25), "flops/total_mean"])
+    assert lb.columns(board)[-1] == "total FLOPs"  # a cost column: no CI, no paired column
+    assert "total FLOPs (mean ± 95% CI)" not in lb.columns(board)
+    md, csv, html, _ = lb.write(board, tmp_path, "flops")
+    text = md.read_text()
+    rows = {line.split(" | ")[0].strip("| *"): line for line in text.splitlines() if "|" in line}
+    assert rows["random"].endswith(" | 6.72e12 |")
+    assert rows["random >> online:jest(ratio=2) [train 2x]"].endswith(" | 2.02e13 |")
+    assert rows["tldr"].endswith(" | — |")  # an older run: no FLOPs, the row stays
+    assert "Total FLOPs: mean over seeds" in text
+    written = pd.read_csv(csv).set_index(["method", "budget"])
+    assert written.loc[("random", 0.25), "flops/total_mean"] == pytest.approx(6.72e12)
+    page = html.read_text()
+    assert "<th>total FLOPs</th>" in page and 'data-v="6.72e+12"' in page
+    console = Console(width=400, record=True)
+    for part in lb.rich_tables(board):
+        console.print(part)
+    shown = console.export_text()
+    assert "total FLOPs" in shown and "6.72e12" in shown
+    # no run logged it (also when the store has the metric from runs not on this page)
+    for without in (fake_runs(), fake_runs().assign(**{"metrics.flops/total": float("nan")})):
+        plain = lb.summarise(without)
+        assert "flops/total_mean" not in plain.table.columns
+        assert "total FLOPs" not in lb.columns(plain)
+        assert "FLOPs" not in lb.to_markdown(plain, "board")
+
+
+def test_metric_vs_total_flops_draws_a_line_per_method_and_budget(tmp_path):
+    board = lb.summarise(lb.split_mixed_parameters(flops_runs()))
+    drawn = plots.metric_vs_flops(board, "mean_R1", tmp_path / "f_flops.png")
+    assert drawn is not None and drawn.path.is_file() and drawn.metric == "mean_R1"
+    curves = {(c.method, c.budget): c for c in drawn.curves}
+    # one line per label at 1x and budget, through its training lengths by FLOPs
+    assert set(curves) == {
+        ("random", 0.25),
+        ("clip_score (k=3)", 0.25),
+        ("random >> online:jest(ratio=2)", 0.25),
+        ("random", 1.0),
+    }
+    clip = curves[("clip_score (k=3)", 0.25)]
+    assert clip.train == [0.5, 1.0, 2.0]
+    assert clip.flops == pytest.approx([3.36e12, 6.72e12, 13.44e12])
+    assert clip.mean == pytest.approx([sum(flops_r1("clip", 0.25, t)) / 2 for t in clip.train])
+    assert clip.ci95 == pytest.approx([T_975_DF1 * pd.Series([0, 0.02]).std() / math.sqrt(2)] * 3)
+    online = curves[("random >> online:jest(ratio=2)", 0.25)]
+    assert (online.linestyle, online.marker, online.train) == ("--", "^", [1.0, 2.0])
+    assert (clip.linestyle, clip.marker) == ("-", "o")
+    assert clip.name == "clip_score (k=3) @ budget 0.25"
+    # runs that never logged their FLOPs draw nothing
+    nothing = plots.metric_vs_flops(lb.summarise(fake_runs()), "mean_R1", tmp_path / "no.png")
+    assert nothing is None and not (tmp_path / "no.png").exists()
+
+
+def test_the_flops_plot_is_written_beside_the_others_and_the_page_shows_it(tmp_path):
+    old = hand_runs({("tldr", 0.25): [0.2, 0.3]})
+    _log_runs("flops", pd.concat([flops_runs(), old], ignore_index=True))
+    runs = lb.load_runs("flops")  # back from MLflow: labels read as the page shows them
+    board = lb.summarise(runs)
+    figures = plots.all_plots(board, runs, tmp_path, "board", load_uids=lambda _: {"u1"})
+    assert figures["R@1 vs. total FLOPs"] == tmp_path / "board_flops.png"
+    assert (tmp_path / "board_flops.png").is_file()
+    curves = plots.flops_curves(board, "mean_R1")
+    assert {c.method for c in curves} == {
+        "random",
+        "clip_score (k=3)",
+        "random >> online:jest(ratio=2)",
+    }  # tldr logged no FLOPs: not on the chart
+    md, _, html, _ = lb.write(board, tmp_path, "board", figures)
+    assert "![R@1 vs. total FLOPs](board_flops.png)" in md.read_text()
+    assert 'alt="R@1 vs. total FLOPs"' in html.read_text()
+    old_runs = fake_runs()
+    without = plots.all_plots(
+        lb.summarise(old_runs), old_runs, tmp_path / "old", "old", load_uids=lambda _: {"u1"}
+    )
+    assert not any("FLOPs" in caption for caption in without)

@@ -103,7 +103,7 @@ def test_select_and_materialize_return_their_results_and_touch_no_store(tiny, tm
 
 def test_training_is_counted_as_three_forwards_per_sample_plus_the_loss():
     from selbench.flops import clip_forward_flops, clip_loss_flops
-    from selbench.run.stages import training_compute
+    from selbench.run.compute import training_compute
     from selbench.train import TrainResult, build_model
 
     trained = TrainResult(
@@ -117,7 +117,7 @@ def test_training_is_counted_as_three_forwards_per_sample_plus_the_loss():
 
 
 def test_an_embedding_pass_the_cache_served_is_not_counted_again():
-    from selbench.run.stages import selection_compute
+    from selbench.run.compute import selection_compute
 
     class Services:
         def __init__(self, hit: bool):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from selbench import flops
 from selbench.embedders import preprocess_batch
 from selbench.fileutil import temp_sibling
 from selbench.target import pixel_hash
@@ -270,8 +271,9 @@ class Dfn(Strategy):
         samples = int(round(len(data) * recipe.epochs))
         started = time.perf_counter()
         result = train_clip(
-            model, data, recipe, samples, self.params.filter_seed, ctx.device, ctx.progress
-        )
+            model, data, recipe, samples, self.params.filter_seed, ctx.device, ctx.progress,
+            description="DFN: training filter",
+        )  # fmt: skip
         seconds = time.perf_counter() - started
         torch.save(model.state_dict(), folder / "model.pt")
         (folder / "meta.json").write_text(
@@ -300,7 +302,12 @@ class Dfn(Strategy):
         captions = list(ctx.pool.captions)
         images = ctx.progress.track(ctx.pool.iter_images(), "DFN: scoring pool", len(ctx.pool))
         pairs = ((row_of[uid], image, captions[row_of[uid]]) for uid, image in images)
-        return score_pairs(model, preprocess, tokenizer, pairs, ctx.device, len(ctx.pool))
+        scores = score_pairs(model, preprocess, tokenizer, pairs, ctx.device, len(ctx.pool))
+        if flops.charging():  # both towers on every pair (the cosines count 0)
+            flops.charge(
+                "scoring/dfn", flops.embedding_pass_flops(model, None, None, len(ctx.pool))
+            )
+        return scores
 
 
 @hookimpl

@@ -60,6 +60,7 @@ from open_clip.loss import ClipLoss
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from selbench import flops
 from selbench.toolbox import (
     ConfigError,
     Selection,
@@ -259,8 +260,9 @@ class Distill(Strategy):
         mean = torch.tensor(model.visual.image_mean, device=ctx.device).view(1, 3, 1, 1)
         std = torch.tensor(model.visual.image_std, device=ctx.device).view(1, 3, 1, 1)
         # The math attention kernel: the fused CPU kernels have no double backward, which
-        # differentiating through the student's SGD steps needs.
-        with sdpa_kernel(SDPBackend.MATH):
+        # differentiating through the student's SGD steps needs. The matching is charged
+        # as it runs: the student's steps, their double backward and the pixel updates.
+        with sdpa_kernel(SDPBackend.MATH), flops.counted("synthesis/distill"):
             syn, curve, lrs = self._distill(ctx, model, experts, syn, tokens, mean, std)
         pixels = (syn * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         start_pixels = torch.stack([preprocess(images[u]) for u in wanted])
@@ -486,6 +488,12 @@ def train_expert_sgd(
         if (step + 1) % per_epoch == 0:
             trajectory.append(_snapshot(model))
     model.eval()
+    # Each epoch: the full batches, then the last, shorter one (its own loss size).
+    full, last = divmod(len(data), batch_size)
+    epochs, description = p.expert_train_epochs, f"Distill: expert {number + 1} (SGD)"
+    flops.charge_training(model, description, full * batch_size * epochs, full * epochs, batch_size)
+    if last:
+        flops.charge_training(model, description, last * epochs, epochs, last)
     return trajectory
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from selbench import flops
 from selbench.toolbox import (
     Selection,
     SelectionContext,
@@ -194,8 +195,12 @@ class El2n(Strategy):
             if r > 0:
                 model, _, _ = build_model(p.model, seed, ctx.device)
             samples = max(1, int(round(p.scoring_epochs * n)))
-            train_clip(model, data, scale, samples, seed, ctx.device, ctx.progress)
-            total += self._score(model, data, reference, drop, scale.eval_batch_size, ctx, r)
+            train_clip(
+                model, data, scale, samples, seed, ctx.device, ctx.progress,
+                description=f"EL2N: training proxy {r + 1}/{p.runs}",
+            )  # fmt: skip
+            with flops.counted("scoring/el2n"):  # its forwards and logits, as they run
+                total += self._score(model, data, reference, drop, scale.eval_batch_size, ctx, r)
         return total / p.runs
 
     def select(self, ctx: SelectionContext) -> Selection:

@@ -85,7 +85,18 @@ class ProxyEmbedder(Embedder):
         data = load_training_data(pool, preprocess, tokenizer, progress, "Proxy: loading pool")
         samples = int(round(len(data) * self.recipe.epochs))
         started = time.perf_counter()
-        result = train_clip(model, data, self.recipe, samples, PROXY_SEED, device, progress)
+        # its FLOPs are charged to training/proxy, or training/proxy_<recipe> for another recipe
+        recipe = "" if self.recipe.name == "proxy" else f" {self.recipe.name}"
+        result = train_clip(
+            model,
+            data,
+            self.recipe,
+            samples,
+            PROXY_SEED,
+            device,
+            progress,
+            description=f"Proxy{recipe}: training",
+        )
         self.details["train_seconds"] = time.perf_counter() - started
         self.details["train_final_loss"] = result.final_loss
         torch.save(model.state_dict(), folder / "model.pt")

@@ -42,6 +42,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from selbench import flops
 from selbench.toolbox import (
     Selection,
     SelectionContext,
@@ -248,6 +249,11 @@ def train_expert(
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+    side, steps = images.shape[-1], epochs * ((n + batch_size - 1) // batch_size)
+    flops.charge_training(  # every image is seen under all four rotations
+        model, "NDS: expert", ROTATIONS * n * epochs, steps, ROTATIONS * batch_size,
+        example=lambda b: model(torch.zeros(b, 3, side, side, device=device)),
+    )  # fmt: skip
     return model.eval()
 
 
@@ -413,7 +419,8 @@ class Nds(Strategy):
                     p.width,
                     ctx.device,
                 )
-                accuracy[expert] = rotation_accuracy(model, target, device=ctx.device)
+                with flops.counted("scoring/nds"):  # the expert on the rotated targets
+                    accuracy[expert] = rotation_accuracy(model, target, device=ctx.device)
         self.train_seconds = time.perf_counter() - started
 
         probability = sample_probabilities(assignment, accuracy, p.temperature)

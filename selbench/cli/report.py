@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -18,6 +19,38 @@ from selbench.cli.common import (
 )
 
 
+def _parameter_lines(params: Any) -> list[str]:
+    """``key = default  (description)`` per field of a pydantic Params model."""
+    lines = []
+    for key, field in params.model_fields.items():
+        line = f"{key} = {field.default!r}"
+        if field.description:
+            line += f"  ({field.description})"
+        lines.append(line)
+    return lines
+
+
+def _online_table() -> Table:
+    """The online strategies (``--online NAME``; docs/online.md)."""
+    from selbench.registry import get_registry
+
+    table = Table(
+        title="online strategies (--online NAME or METHOD >> online:NAME; docs/online.md)",
+        show_lines=True,
+    )
+    for column in ("name", "package", "parameters (default)", "reference"):
+        table.add_column(column, overflow="fold")
+    for info in get_registry().online_infos():
+        needs = "needs a reference model" if info.cls.needs_reference else "learner only"
+        table.add_row(
+            f"[bold]{info.name}[/] ({needs})\n{info.cls.summary}",
+            f"{info.package} {info.version}".strip(),
+            "\n".join(_parameter_lines(info.cls.Params)) or "-",
+            info.cls.reference,
+        )
+    return table
+
+
 @main.command()
 @friendly_errors
 def methods() -> None:
@@ -30,12 +63,7 @@ def methods() -> None:
     for column in ("name", "package", "parameters (default)", "reference"):
         table.add_column(column, overflow="fold")
     for info in get_registry().infos():
-        params = []
-        for key, field in info.cls.Params.model_fields.items():
-            line = f"{key} = {field.default!r}"
-            if field.description:
-                line += f"  ({field.description})"
-            params.append(line)
+        params = _parameter_lines(info.cls.Params)
         kind = "scorer" if info.cls.is_scorer() else "chooser"
         if info.cls.has_rule():
             kind += ", rule"
@@ -46,6 +74,7 @@ def methods() -> None:
             info.cls.reference,
         )
     console.print(table)
+    console.print(_online_table())
     broken = get_registry().broken
     if broken:
         failed = Table(title="broken plugins (not loaded; a run asking for them fails)")

@@ -118,6 +118,31 @@ if TYPE_CHECKING:
     "(multi-node; docs/scale-out.md).",
 )
 @click.option(
+    "--online",
+    default=None,
+    metavar="NAME(K=V)",
+    help="Choose every training batch while the model trains, from a super-batch `ratio` "
+    "times larger drawn from METHOD's selection: jest, learnability, easy-reference, "
+    "hard-learner or uniform (the control), e.g. 'jest(ratio=2)'. In-memory engine only. "
+    "Same as ending the method with '>> online:NAME'; docs/online.md.",
+)
+@click.option(
+    "--online-reference",
+    default=None,
+    metavar="EMBEDDER",
+    help="The frozen reference model online methods score with, as an embedder spec. "
+    "Default `reference`: SynthWeb's reference CLIP, or the model a real pool's YAML names "
+    "(open_clip:ARCH:/path/weights.pt).",
+)
+@click.option(
+    "--train-samples",
+    default="1x",
+    show_default=True,
+    metavar="Nx",
+    help="Training length as a multiple of the protocol's samples seen (0.5x, 2x): trace "
+    "a method's curve against compute (docs/compute.md).",
+)
+@click.option(
     "--resume",
     "resume_id",
     default=None,
@@ -151,6 +176,9 @@ def run(
     nproc_per_node,
     eval_suite,
     launcher,
+    online,
+    online_reference,
+    train_samples,
     resume_id,
     stages,
 ) -> None:
@@ -163,7 +191,7 @@ def run(
     _quiet_libraries()
     from selbench.progress import RichProgress
     from selbench.run.lifecycle import execute, resume
-    from selbench.run.spec import EXECUTION_SETTINGS, RunRequest
+    from selbench.run.spec import EXECUTION_SETTINGS, RunRequest, parse_train_samples
 
     ctx = click.get_current_context()
     if resume_id:
@@ -190,6 +218,9 @@ def run(
                 nproc_per_node=nproc_per_node,
                 launcher=launcher,
                 eval_suite=eval_suite,
+                online=online,
+                online_reference=online_reference,
+                train_samples=parse_train_samples(train_samples),
             )
             outcome = execute(request, progress=progress, stages=list(stages) or None)
     title = f"run {outcome.run_id}" if resume_id else f"{method} @ budget {budget} (seed {seed})"
@@ -197,7 +228,10 @@ def run(
 
 
 # The options that name what a run measures; a resumed run keeps its own.
-_RUN_SETTINGS = ("method", "budget", "pool", "scale", "protocol", "target", "engine", "eval_suite")
+_RUN_SETTINGS = (
+    "method", "budget", "pool", "scale", "protocol", "target", "engine", "eval_suite",
+    "online", "online_reference", "train_samples",
+)  # fmt: skip
 
 
 def _given(ctx: click.Context, names: Iterable[str]) -> list[str]:
@@ -206,7 +240,10 @@ def _given(ctx: click.Context, names: Iterable[str]) -> list[str]:
 
 
 def _refuse_settings_with_resume(ctx: click.Context, has_params: bool) -> None:
-    given = ["--eval" if n == "eval_suite" else f"--{n}" for n in _given(ctx, _RUN_SETTINGS)]
+    given = [
+        "--eval" if n == "eval_suite" else "--" + n.replace("_", "-")
+        for n in _given(ctx, _RUN_SETTINGS)
+    ]
     given += ["--param"] if has_params else []
     if given:
         raise click.UsageError(
@@ -324,6 +361,15 @@ def _method_list(ctx, param, value: str) -> list[str]:
     metavar="SUITE",
     help="Evaluation suite for every cell (configs/evals/); default: the pool's eval sets.",
 )
+@click.option(
+    "--train-samples",
+    default="1x",
+    show_default=True,
+    callback=_list(str, "--train-samples"),
+    metavar="Nx,...",
+    help="Training lengths, multiples of the protocol's samples seen, e.g. 0.5x,1x,2x: every "
+    "cell runs at each, so methods compare at equal training compute (docs/compute.md).",
+)
 @click.option("--experiment", default="selbench", show_default=True, help="MLflow experiment.")
 @click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
 @click.option(
@@ -360,6 +406,7 @@ def sweep(
     protocol,
     full_pool,
     eval_suite,
+    train_samples,
     experiment,
     device,
     board_name,
@@ -376,11 +423,13 @@ def sweep(
     _quiet_libraries()
     from selbench import sweep as sw
     from selbench.progress import RichProgress
+    from selbench.run.spec import parse_train_samples
 
     _check_compare_with(compare_with, board_name)
     options = sw.SweepOptions(
         methods, budgets, seeds, pool, scale, protocol, full_pool, eval_suite, experiment,
         device, board_name, out, compare_with,
+        train_samples=[parse_train_samples(t) for t in train_samples],
     )  # fmt: skip
     started = time.perf_counter()
     with RichProgress(err_console) as progress:

@@ -3,9 +3,9 @@
 Per (pool, scale, protocol) and method x budget: each metric's mean over seeds with a
 95% confidence interval (Student's t over seeds), the paired difference from the baseline
 method (``baseline``, default ``random``) at the same budget and seed (mean and 95% CI of
-the per-seed differences), and the selection cost (seconds, and as a share of training
-time). The full pool (the baseline at budget 1.0) is the reference row of every budget's
-table.
+the per-seed differences), the selection cost (seconds, and as a share of training
+time) and, where runs logged it, their total FLOPs (``flops/total``). The full pool
+(the baseline at budget 1.0) is the reference row of every budget's table.
 
 Per budget, every two methods are compared the same paired way (:func:`pairwise`); the
 page counts the pairs whose 95% CI excludes zero, i.e. how far the leaderboard separates
@@ -14,7 +14,8 @@ also reports how stable the ranking is: Kendall's tau between the two rankings o
 methods at each budget (:func:`rank_agreement`).
 
 Output: rich tables, markdown, CSV, and a self-contained HTML page (sortable tables, the
-plots of :mod:`selbench.leaderboard.plots` inlined).
+plots of :mod:`selbench.leaderboard.plots` inlined, among them the first metric against
+total FLOPs across training lengths).
 
 The modules, in the order data flows through them: :mod:`~selbench.leaderboard.load`
 (runs from :class:`selbench.tracking.Store`, labels by :mod:`~selbench.leaderboard.labels`),

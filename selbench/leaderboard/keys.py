@@ -8,6 +8,9 @@ GROUP_KEYS = ("pool", "pool_fingerprint", "scale", "protocol", "method_label", "
 SETTING_KEYS = ("pool", "pool_fingerprint", "scale", "protocol")
 DEFAULT_METRICS = ("mean_R1", "zeroshot_acc1")
 COST_METRICS = ("selection_seconds", "training_seconds")
+# A run's selection + training + online-scoring FLOPs; older runs did not log it, so a
+# page shows its column only when some run did (a cost column: mean over seeds, no CI).
+TOTAL_FLOPS = "flops/total"
 DEFAULT_BASELINE = "random"
 # How the page names the metrics it knows; any other metric keeps its MLflow name.
 METRIC_NAMES = {
@@ -24,6 +27,7 @@ METRIC_NAMES = {
     "captioning/cider": "CIDEr",
     "mscoco-captioning/bleu4": "COCO BLEU@4",
     "mscoco-captioning/cider": "COCO CIDEr",
+    TOTAL_FLOPS: "total FLOPs",
 }
 
 

@@ -12,7 +12,7 @@ import itertools
 
 import pandas as pd
 
-from selbench.run.spec import MethodSpec, MethodSpecError
+from selbench.run.spec import MethodSpec, MethodSpecError, split_train_label, train_label
 
 UNSET = "unset"  # a parameter the run did not log (its version did not have it)
 SYNTHESIZED_MARK = " [synthesized]"
@@ -26,6 +26,15 @@ def method_parts(label: str) -> tuple[str, dict[str, str]]:
     except MethodSpecError:
         return label, {}
     return spec.name, dict(spec.params)
+
+
+def base_label(label: str) -> tuple[str, float]:
+    """A page's method label as ``(label at 1x, training length)``: the ``[train 2x]``
+    mark taken off by :func:`~selbench.run.spec.split_train_label`, a ``[synthesized]``
+    mark kept on the label. ``clip_score [train 2x]`` -> ``("clip_score", 2.0)``."""
+    synthesized = label.endswith(SYNTHESIZED_MARK)
+    base, times = split_train_label(label.removesuffix(SYNTHESIZED_MARK))
+    return base + (SYNTHESIZED_MARK if synthesized else ""), times
 
 
 def _readable_value(value: str) -> str:
@@ -74,7 +83,9 @@ def split_mixed_parameters(runs: pd.DataFrame) -> pd.DataFrame:
     one label differ, the label gains the fewest of the differing parameters that tell
     them apart, ``tldr-release (match_embedder=proxy)`` and ``tldr-release
     (match_embedder=proxy:scorer)``. A parameter a run did not log (added later) is
-    ``unset`` and reads ``k not logged``; a parameter every run logged is preferred.
+    ``unset`` and reads ``k not logged``; a parameter every run logged is preferred. A
+    training-length mark stays last: ``clip(k=3) [train 2x]`` reads ``clip (k=3) [train
+    2x]``, so the label at 1x (:func:`base_label`) is the same at every length.
     """
     label_column = "params.method_label"
     if runs.empty or label_column not in runs.columns:
@@ -82,12 +93,17 @@ def split_mixed_parameters(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     columns = sorted(c for c in runs.columns if c.startswith("params.param."))
     has_label = runs[label_column].notna()
-    parsed = {
-        index: method_parts(str(label))
+    # ``clip(k=3) [train 2x]``: the label at 1x read by the codec, the training length kept
+    lengths = {
+        index: split_train_label(str(label))
         for index, label in runs.loc[has_label, label_column].items()
     }
+    parsed = {index: method_parts(base) for index, (base, _) in lengths.items()}
     labels = pd.Series(
-        {index: readable_label(name, params) for index, (name, params) in parsed.items()},
+        {
+            index: train_label(readable_label(name, params), lengths[index][1])
+            for index, (name, params) in parsed.items()
+        },
         dtype=object,
     )
     if columns:
@@ -100,7 +116,8 @@ def split_mixed_parameters(runs: pd.DataFrame) -> pd.DataFrame:
             chosen = _fewest_separating(varying)
             for index, row in varying.iterrows():
                 name, params = parsed[index]
-                labels[index] = readable_label(name, {**{k: row[k] for k in chosen}, **params})
+                readable = readable_label(name, {**{k: row[k] for k in chosen}, **params})
+                labels[index] = train_label(readable, lengths[index][1])
     runs.loc[labels.index, label_column] = labels
     return runs
 

@@ -1,11 +1,13 @@
 """Leaderboard plots (PNG, matplotlib's Agg backend): metric vs. budget with 95% CI
-bands, quality vs. total compute, pathologies kept (SynthWeb), and the overlap between
-methods' selections (mean Jaccard index over shared seeds)."""
+bands, quality vs. total compute, quality vs. total FLOPs across training lengths,
+pathologies kept (SynthWeb), and the overlap between methods' selections (mean Jaccard
+index over shared seeds)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -15,9 +17,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from selbench.leaderboard.keys import metric_name  # noqa: E402
+from selbench.leaderboard.keys import SETTING_KEYS, TOTAL_FLOPS, metric_name  # noqa: E402
+from selbench.leaderboard.labels import base_label  # noqa: E402
 from selbench.leaderboard.stats import Leaderboard  # noqa: E402
 from selbench.run.selection_io import stored_selection  # noqa: E402
+from selbench.run.spec import ONLINE_PREFIX  # noqa: E402
 
 # tab20's 20 colours, one per method.
 _TAB20 = [plt.cm.tab20(i) for i in range(20)]
@@ -89,6 +93,120 @@ def quality_vs_compute(board: Leaderboard, metric: str, path: Path) -> Path | No
     ax.set_title(f"{metric_name(metric)} vs. total compute (labels: budget)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _save(fig, path)
+
+
+@dataclass
+class FlopsCurve:
+    """One line of :func:`metric_vs_flops`: a method (its label at 1x) at one budget,
+    through its training lengths in order of total FLOPs."""
+
+    method: str  # the label at 1x, e.g. "clip_score >> online:jest(ratio=2)"
+    budget: float
+    setting: str  # "pool/scale/protocol" on a page with several settings, else ""
+    train: list[float]  # training lengths, x the protocol's samples seen
+    flops: list[float]  # mean total FLOPs per run, ascending
+    mean: list[float]  # the metric's mean over seeds
+    ci95: list[float]  # half-width of its 95% CI (NaN: one seed)
+
+    @property
+    def online(self) -> bool:
+        return f" >> {ONLINE_PREFIX}" in self.method
+
+    @property
+    def linestyle(self) -> str:
+        return "--" if self.online else "-"
+
+    @property
+    def marker(self) -> str:
+        return "^" if self.online else "o"
+
+    @property
+    def name(self) -> str:
+        """The legend entry: ``clip_score @ budget 0.25``."""
+        return f"{self.method} @ budget {self.budget:g}" + (
+            f" ({self.setting})" if self.setting else ""
+        )
+
+
+@dataclass
+class FlopsPlot:
+    """What :func:`metric_vs_flops` drew, and where."""
+
+    path: Path
+    metric: str
+    curves: list[FlopsCurve]
+
+
+def flops_curves(board: Leaderboard, metric: str) -> list[FlopsCurve]:
+    """The rows of ``board`` with a mean total FLOPs, as one curve per setting, method
+    label at 1x (:func:`~selbench.leaderboard.labels.base_label`) and budget."""
+    table, flops = board.table, f"{TOTAL_FLOPS}_mean"
+    if table.empty or flops not in table or f"{metric}_mean" not in table:
+        return []
+    several = len(table[list(SETTING_KEYS)].drop_duplicates()) > 1
+    rows = table.dropna(subset=[flops, f"{metric}_mean"])
+    parts = [base_label(str(method)) for method in rows["method"]]
+    rows = rows.assign(base=[p[0] for p in parts], train=[p[1] for p in parts])
+    curves = []
+    for key, group in rows.groupby([*SETTING_KEYS, "base", "budget"], sort=True):
+        setting = dict(zip([*SETTING_KEYS, "base", "budget"], key, strict=True))
+        group = group.sort_values([flops, "train"])
+        curves.append(
+            FlopsCurve(
+                method=str(setting["base"]),
+                budget=float(setting["budget"]),
+                setting=f"{setting['pool']}/{setting['scale']}/{setting['protocol']}"
+                if several
+                else "",
+                train=group["train"].astype(float).tolist(),
+                flops=group[flops].astype(float).tolist(),
+                mean=group[f"{metric}_mean"].astype(float).tolist(),
+                ci95=group[f"{metric}_ci95"].astype(float).tolist(),
+            )
+        )
+    return curves
+
+
+def metric_vs_flops(board: Leaderboard, metric: str, path: Path) -> FlopsPlot | None:
+    """``metric`` against total FLOPs (log scale), every method and budget of the page on
+    one chart: a line per :func:`flops_curves` curve through its training lengths, 95% CI
+    error bars, each point labelled with its length; offline methods solid with circles,
+    online ones dashed with triangles. None when no run logged its total FLOPs."""
+    curves = flops_curves(board, metric)
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(8.4, 4.6))
+    for i, curve in enumerate(curves):
+        colour = _TAB20[i % len(_TAB20)]
+        ax.errorbar(
+            curve.flops,
+            curve.mean,
+            yerr=np.nan_to_num(np.asarray(curve.ci95, dtype=float)),
+            color=colour,
+            linestyle=curve.linestyle,
+            marker=curve.marker,
+            markersize=5,
+            capsize=3,
+            label=curve.name,
+        )
+        for x, y, times in zip(curve.flops, curve.mean, curve.train, strict=True):
+            ax.annotate(
+                f"{times:g}x", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=6
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("total FLOPs: selection + training + online scoring (mean per run)")
+    ax.set_ylabel(metric_name(metric))
+    ax.set_title(
+        f"{metric_name(metric)} vs. total FLOPs (mean, 95% CI over seeds; labels: training length)"
+    )
+    ax.legend(
+        fontsize=7,
+        title="method @ budget (solid: offline, dashed: online)",
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+    )
+    return FlopsPlot(_save(fig, path), metric, curves)
 
 
 def pathologies_kept(runs: pd.DataFrame, path: Path) -> Path | None:
@@ -177,6 +295,10 @@ def stored_uids(run_id: str) -> set[str]:
     return set(stored_selection(run_id, columns=["uid"])["uid"])
 
 
+def _path(plot: FlopsPlot | None) -> Path | None:
+    return None if plot is None else plot.path
+
+
 def all_plots(
     board: Leaderboard,
     runs: pd.DataFrame,
@@ -193,6 +315,9 @@ def all_plots(
         ),
         f"{metric_name(metric)} vs. compute": quality_vs_compute(
             board, metric, out_dir / f"{name}_compute.png"
+        ),
+        f"{metric_name(metric)} vs. total FLOPs": _path(
+            metric_vs_flops(board, metric, out_dir / f"{name}_flops.png")
         ),
         "pathologies kept": pathologies_kept(runs, out_dir / f"{name}_pathologies.png"),
     }

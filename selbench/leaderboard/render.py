@@ -9,7 +9,10 @@ import re
 
 from rich.table import Table
 
+from selbench.leaderboard.keys import TOTAL_FLOPS, metric_name
 from selbench.leaderboard.page import EXPORT_NOTE, Cell, Page, Row
+
+FLOPS_HEADER = metric_name(TOTAL_FLOPS)
 
 # --- terminal -----------------------------------------------------------------------
 
@@ -31,7 +34,12 @@ def render_terminal(page: Page) -> list:
             heading = part.heading + (f" — {group.plain}" if page.several else "")
             table = Table(title=heading, caption=part.separation or None)
             for column in page.header:
-                table.add_column(column, justify="left" if column == "method" else "right")
+                # squeezed by a narrow terminal, a FLOPs count wraps rather than lose digits
+                table.add_column(
+                    column,
+                    justify="left" if column == "method" else "right",
+                    overflow="fold" if column == FLOPS_HEADER else "ellipsis",
+                )
             for row in part.rows:
                 table.add_row(
                     *(Text(c.text, style=_STYLES[c.mark]) for c in row.cells),

@@ -19,6 +19,7 @@ from selbench.leaderboard.keys import (
     DEFAULT_METRICS,
     GROUP_KEYS,
     SETTING_KEYS,
+    TOTAL_FLOPS,
     setting_text,
 )
 
@@ -115,6 +116,8 @@ def _row(
         row[f"{cost}_mean"] = group[cost].mean() if cost in group else float("nan")
     train = row["training_seconds_mean"]
     row["selection_share"] = row["selection_seconds_mean"] / train if train else float("nan")
+    if TOTAL_FLOPS in group:  # the mean over the seeds that logged it
+        row[f"{TOTAL_FLOPS}_mean"] = group[TOTAL_FLOPS].astype(float).mean()
     return row
 
 
@@ -126,7 +129,7 @@ def summarise(
     """Aggregate runs per :data:`GROUP_KEYS` (see :mod:`selbench.leaderboard`); every row
     is paired with the runs of method label ``baseline`` (columns
     ``<metric>_vs_<baseline>_...``)."""
-    wanted = tuple(dict.fromkeys(metrics + COST_METRICS))
+    wanted = tuple(dict.fromkeys(metrics + COST_METRICS + (TOTAL_FLOPS,)))
     frame = per_run_frame(runs, wanted)
     if frame.empty:
         return Leaderboard(pd.DataFrame(), metrics, baseline=baseline)
@@ -137,6 +140,9 @@ def summarise(
         for key, group in frame.groupby(list(GROUP_KEYS), sort=True)
     ]
     table = pd.DataFrame(rows).rename(columns={"method_label": "method"})
+    flops = f"{TOTAL_FLOPS}_mean"
+    if flops in table and table[flops].isna().all():  # the store has it, none of these runs
+        table = table.drop(columns=flops)
     sort_metric = f"{metrics[0]}_mean" if metrics else "budget"
     table = table.sort_values(
         ["pool", "scale", "protocol", "budget", sort_metric],

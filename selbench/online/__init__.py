@@ -6,7 +6,8 @@ The contract (:class:`OnlineStrategy`, :class:`SuperBatch`, :func:`validate_choi
 conditional gains in :mod:`selbench.online.losses`, and the built-in strategies
 (``uniform``, ``hard-learner``, ``easy-reference``, ``learnability``, ``jest``) in
 :mod:`selbench.online.builtins`. The package is pure: it scores and chooses, and the
-harness trains, counts FLOPs and records.
+harness trains, counts FLOPs and records. The conformance kit every online strategy is
+tested with is :mod:`selbench.online.kit` (not imported here: it is for test suites).
 """
 
 from selbench.online.builtins import (

@@ -54,7 +54,9 @@ class OnlineStrategy:
     default parameters; override :meth:`is_stochastic` when a parameter changes that) and
     ``Params`` (a pydantic model with ``extra="forbid"`` and a ``ratio: int`` field, ge=1;
     every field has a default and a description naming its source; subclass
-    :class:`OnlineParams`). They implement :meth:`choose`.
+    :class:`OnlineParams`). They implement :meth:`choose`. ``expected_check_failures``
+    maps an online conformance check's name (:mod:`selbench.online.kit`) to the reason
+    this strategy is expected to fail it.
     """
 
     name: ClassVar[str]
@@ -63,6 +65,7 @@ class OnlineStrategy:
     needs_reference: ClassVar[bool] = False
     stochastic: ClassVar[bool] = True
     Params: ClassVar[type[BaseModel]] = OnlineParams
+    expected_check_failures: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: BaseModel | Mapping[str, Any] | None = None) -> None:
         if "ratio" not in self.Params.model_fields:
@@ -91,6 +94,11 @@ class OnlineStrategy:
         """Whether the generator changes the choice with these parameters (default: the
         class's ``stochastic``)."""
         return bool(self.stochastic)
+
+    def expected_failures(self) -> dict[str, str]:
+        """Online conformance checks (:mod:`selbench.online.kit`) expected to fail with
+        these parameters, with the reason (default: the class's ``expected_check_failures``)."""
+        return dict(self.expected_check_failures)
 
     def choose(self, batch: SuperBatch) -> np.ndarray | torch.Tensor:  # pragma: no cover
         """The indices into ``batch`` (``0 <= i < len(batch)``) of exactly ``batch.keep``

@@ -129,7 +129,7 @@ def execute(
     run_id = recorder.start(
         run_name=f"{plan.label}@{request.budget}",
         parent_run_id=parent_run_id,
-        tags={"selbench.cell_key": cell_key(request, plan.params), **(tags or {})},
+        tags={"selbench.cell_key": run_cell_key(plan), **(tags or {})},
     )
     rundir = RunDir.for_run(run_id)
     recorder.keep_journal(rundir.journal_path)
@@ -170,6 +170,8 @@ def run_identity(plan: PreparedRun) -> tuple[dict[str, str], dict[str, Any]]:
         "engine": plan.engine,
         "nproc_per_node": request.nproc_per_node,
         "eval_suite": request.eval_suite or "pool",
+        "train_samples": float(request.train_samples),
+        "online": request.online or "",
         "seed": request.seed,
         "pool": pool.name,
         "pool_spec": request.pool,
@@ -179,9 +181,29 @@ def run_identity(plan: PreparedRun) -> tuple[dict[str, str], dict[str, Any]]:
         "device": plan.device,
         "plugin_package": f"{info.package}=={info.version}",
         **{f"param.{k}": v for k, v in params.model_dump().items()},
+        **online_identity(plan),
         **{f"version.{k}": v for k, v in versions.items()},
     }
     return tags, values
+
+
+def online_identity(plan: PreparedRun) -> dict[str, Any]:
+    """The params of a run's online strategy: its plugin, reference and every parameter
+    (none for an offline run)."""
+    if plan.online is None:
+        return {}
+    info = plan.online.info
+    return {
+        "online_method": info.name,
+        "online_plugin_package": f"{info.package}=={info.version}",
+        "online_reference": plan.request.online_reference or "reference",
+        **{f"online.param.{k}": v for k, v in plan.online.params.model_dump().items()},
+    }
+
+
+def run_cell_key(plan: PreparedRun) -> str:
+    """The cell key of a prepared run (:func:`selbench.run.spec.cell_key`)."""
+    return cell_key(plan.request, plan.params, plan.online.params if plan.online else None)
 
 
 # -- resuming a run ----------------------------------------------------------------------

@@ -338,3 +338,37 @@ def derive_seed(seed: int, path: str) -> int:
     draw independently and the same run draws the same."""
     digest = hashlib.sha256(f"selbench-step:{seed}:{path}".encode()).digest()
     return int.from_bytes(digest[:4], "little") % 2**31
+
+
+# -- online strategies -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ResolvedOnline:
+    """``--online NAME(K=V)`` resolved: the registered online strategy, its validated
+    parameters and its canonical spec (parameters that differ from the defaults)."""
+
+    info: StrategyInfo
+    params: BaseModel
+    label: str  # e.g. "jest(ratio=2)": RunRequest.online and the label's online step
+
+    def strategy(self) -> Any:
+        return self.info.cls(self.params)
+
+
+def resolve_online(text: str) -> ResolvedOnline:
+    """One online strategy with its parameters (``jest``, ``jest(ratio=2)``; a leading
+    ``online:`` is accepted); unknown names and invalid values fail here, before any work."""
+    from selbench.online.contract import parse_online_params
+    from selbench.run.spec import ONLINE_PREFIX
+
+    node = parse_method(text.strip())
+    if not isinstance(node, MethodSpec):
+        raise ConfigError(
+            f"--online {text!r}: one online strategy with its parameters, e.g. jest(ratio=2); "
+            "pipelines are offline (put them in --method)"
+        )
+    name = node.name.removeprefix(ONLINE_PREFIX)
+    info = get_registry().get_online(name)
+    params = parse_online_params(info.cls, dict(node.params))
+    defaults = info.cls.Params().model_dump()
+    label = MethodSpec.from_params(name, params.model_dump(), defaults).format()
+    return ResolvedOnline(info, params, label)

@@ -22,7 +22,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -54,6 +54,9 @@ class RunRequest:
     nproc_per_node: int = 1  # training processes (open_clip engine, under torchrun)
     launcher: str = "torchrun"  # open_clip engine: torchrun on this node, or srun (SLURM)
     eval_suite: str | None = None  # configs/evals/NAME or a YAML; default: the pool's sets
+    online: str | None = None  # an online strategy, NAME(K=V) (docs/online.md); None: offline
+    online_reference: str | None = None  # its reference model's embedder spec; None: `reference`
+    train_samples: float = 1.0  # x the protocol's samples seen (a sweep's training lengths)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunRequest:
@@ -364,13 +367,93 @@ def split_methods(value: str) -> list[str]:
     return [item for item in items if item]
 
 
+#: The prefix of an online step, the last of a chain: ``clip_score >> online:jest``.
+ONLINE_PREFIX = "online:"
+
+
+def _specs(node: Expression) -> Iterator[MethodSpec]:
+    if isinstance(node, MethodSpec):
+        yield node
+    elif isinstance(node, Chain):
+        for step in node.steps:
+            yield from _specs(step)
+    else:
+        for operand in node.operands:
+            yield from _specs(operand)
+
+
+def split_online(text: str) -> tuple[str, str | None]:
+    """``"clip_score >> online:jest(ratio=2)"`` -> ``("clip_score", "jest(ratio=2)")``: the
+    offline expression and the online step, which must be the last step of a chain with an
+    offline selection before it; a method without one -> ``(text, None)``."""
+    node = parse_method(text)
+    online = [spec for spec in _specs(node) if spec.name.startswith(ONLINE_PREFIX)]
+    if not online:
+        return text, None
+    last = node.steps[-1] if isinstance(node, Chain) else None
+    if len(online) > 1 or last is not online[0] or not isinstance(node, Chain):
+        where = "alone" if isinstance(node, MethodSpec) else "there"
+        raise ConfigError(
+            f"method {text!r}: an online step ({online[0].format()}) chooses each training "
+            f"batch, so it can only be the last step of a chain, after the offline selection "
+            f"it draws from (e.g. `random >> {online[0].format()}` with --budget 1 for the "
+            f"whole pool); it cannot stand {where}"
+        )
+    rest = node.steps[:-1]
+    offline = rest[0] if len(rest) == 1 else Chain(rest)
+    step = online[0]
+    return offline.format(), MethodSpec(step.name.removeprefix(ONLINE_PREFIX), step.params).format()
+
+
+_TRAIN_MARK = re.compile(r"^(?P<base>.*) \[train (?P<times>[0-9.eE+-]+)x\]$")
+
+
+def parse_train_samples(text: str | float) -> float:
+    """A training length as a multiple of the protocol's samples seen: ``"2x"``, ``"0.5x"``,
+    ``"1"`` or a number; ConfigError unless it is a finite number > 0."""
+    value = str(text).strip()
+    try:
+        times = float(value.removesuffix("x").removesuffix("X"))
+    except ValueError:
+        times = float("nan")
+    if not (times > 0 and times != float("inf")):
+        raise ConfigError(
+            f"training length {text!r} is not a positive multiple of the protocol's samples "
+            "seen; write e.g. 0.5x, 1x or 2x"
+        )
+    return times
+
+
+def train_label(label: str, train_samples: float) -> str:
+    """A run's label with its training length: ``label`` at 1x, ``label [train 2x]`` else."""
+    if float(train_samples) == 1.0:
+        return label
+    return f"{label} [train {float(train_samples):g}x]"
+
+
+def split_train_label(label: str) -> tuple[str, float]:
+    """:func:`train_label` undone: ``"random [train 2x]"`` -> ``("random", 2.0)``."""
+    found = _TRAIN_MARK.match(label)
+    if found is None:
+        return label, 1.0
+    return found.group("base"), float(found.group("times"))
+
+
+def online_label(offline: str, online: str | None) -> str:
+    """The label of an offline selection followed by an online step (None: offline only)."""
+    if online is None:
+        return offline
+    return f"{offline} >> {ONLINE_PREFIX}{online}"  # ">>" binds loosest: no parentheses
+
+
 class _Dumpable(Protocol):
     def model_dump(self, *, mode: str = ...) -> dict[str, Any]: ...
 
 
-def cell_key(request: RunRequest, params: _Dumpable) -> str:
+def cell_key(request: RunRequest, params: _Dumpable, online_params: _Dumpable | None = None) -> str:
     """sha256 of the resolved configuration of a run: method, every parameter (defaults
-    filled in), budget, seed, pool, scale, protocol, target. Runs with the same key are
+    filled in), budget, seed, pool, scale, protocol, target, and where set the online
+    strategy (every parameter of it) and the training length. Runs with the same key are
     the same benchmark cell; ``selbench sweep`` skips a cell that already has one."""
     resolved: dict[str, Any] = {
         "method": request.method,
@@ -386,6 +469,13 @@ def cell_key(request: RunRequest, params: _Dumpable) -> str:
         resolved["engine"] = request.engine
     if request.eval_suite is not None:
         resolved["eval"] = request.eval_suite
+    # Only when set, so that every earlier cell keeps its key.
+    if request.online is not None:
+        resolved["online"] = request.online
+        resolved["online_params"] = online_params.model_dump(mode="json") if online_params else {}
+        resolved["online_reference"] = request.online_reference
+    if float(request.train_samples) != 1.0:
+        resolved["train_samples"] = float(request.train_samples)
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -25,11 +25,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from pydantic import BaseModel
 
-from selbench import tracking
+from selbench import flops, tracking
 from selbench.configs import ScaleConfig, load_scale
 from selbench.diagnostics import concept_coverage, pathology_fractions
 from selbench.embedders import EmbeddingService
@@ -40,8 +39,14 @@ from selbench.materialize import Subset, load_subset, materialize, materialize_s
 from selbench.pools import ResolvedPool, resolve_pool
 from selbench.progress import Progress
 from selbench.registry import StrategyInfo, get_registry
+from selbench.run.compute import (
+    load_reference,
+    selection_compute,
+    total_compute,
+    training_compute,
+)
 from selbench.run.pipeline import run_strategy
-from selbench.run.plan import resolve_method
+from selbench.run.plan import ResolvedOnline, resolve_method, resolve_online
 from selbench.run.selection_io import (
     is_synthesized,
     read_pixels,
@@ -52,8 +57,12 @@ from selbench.run.selection_io import (
 from selbench.run.spec import (
     RunRequest,
     default_device,
+    online_label,
+    parse_train_samples,
     selection_hash,
     set_seeds,
+    split_online,
+    train_label,
     usage_key,
 )
 from selbench.rundir import RunDir
@@ -92,6 +101,7 @@ class PreparedRun:
     device: str
     label: str  # the canonical label (selbench.run.plan.resolve_method)
     needs: frozenset[str] = frozenset()  # what the strategy (every step of a pipeline) uses
+    online: ResolvedOnline | None = None  # the online strategy choosing each batch, if any
 
 
 @dataclass(frozen=True)
@@ -172,13 +182,34 @@ def prepare(request: RunRequest, progress: Progress) -> PreparedRun:
         raise SelbenchError(
             f"unknown protocol {request.protocol!r}; choose one of {', '.join(PROTOCOLS)}"
         )
-    method = resolve_method(request.method, request.params)
+    offline, online_text = split_online(request.method)
+    if online_text is not None and request.online is not None:
+        raise ConfigError(
+            f"method {request.method!r} ends in an online step and --online "
+            f"{request.online!r} names another; give the online strategy once"
+        )
+    method = resolve_method(offline, request.params)
+    wanted = online_text or request.online
+    online = resolve_online(wanted) if wanted is not None else None
     # The request as the run records it: a strategy's name and parameters, or a
     # pipeline's canonical label, however it was spelt on the command line.
-    request = replace(request, method=method.method, params=method.given)
+    request = replace(
+        request,
+        method=method.method,
+        params=method.given,
+        online=online.label if online else None,
+        train_samples=parse_train_samples(request.train_samples),
+    )
     scale = load_scale(request.scale)
     engine = request.engine or scale.engine
     _check_engine(request, engine)
+    if online is not None and engine != "in-memory":
+        raise ConfigError(
+            f"online method {online.label!r} needs the in-memory engine (--engine in-memory): "
+            f"the {engine} engine trains in open_clip_train's own loop under torchrun, which "
+            "draws each batch from its data loader and has no step at which the learner can "
+            "score a super-batch first (docs/online.md)"
+        )
     check_budget(request.budget)  # before any work
     resolved = _resolve_pool(request, progress)
     return PreparedRun(
@@ -190,8 +221,11 @@ def prepare(request: RunRequest, progress: Progress) -> PreparedRun:
         resolved=resolved,
         count=budget_count(request.budget, len(resolved.pool)),
         device=request.device or default_device(),
-        label=method.label,
+        label=train_label(
+            online_label(method.label, online.label if online else None), request.train_samples
+        ),
         needs=method.needs,
+        online=online,
     )
 
 
@@ -241,11 +275,12 @@ def select_stage(stage: StageContext) -> StageResult:
     stage.rundir.select_dir.mkdir(parents=True, exist_ok=True)
     services = embedding_service(stage)
     t0 = time.perf_counter()
-    selection = run_strategy(run.info, run.params, selection_context(stage, services))
+    with flops.recording() as ledger:  # models the strategy trains, passes it scores with
+        selection = run_strategy(run.info, run.params, selection_context(stage, services))
     selection_s = time.perf_counter() - t0
     result = embedding_usage(services, stage.progress)
     result.params.update(target_params(services))
-    result.usage_metrics.update(selection_compute(services, len(pool)))
+    compute = {**selection_compute(services, len(pool)), **ledger.as_metrics("flops/selection/")}
 
     written = write_selection(stage.rundir, run.resolved, selection)
     digest = selection_hash(selection.uids)
@@ -258,6 +293,7 @@ def select_stage(stage: StageContext) -> StageResult:
         "subset_size": float(len(selection.uids)),
         "selection_seconds": selection_s,
         "caption_rewrites": float(len(selection.captions or {})),
+        **compute,
     }
     for key, value in (selection.metrics or {}).items():
         metrics[f"strategy/{key}"] = float(value)
@@ -272,25 +308,6 @@ def select_stage(stage: StageContext) -> StageResult:
     result.record = {"selection_sha256": digest}
     result.selection = selection
     return result
-
-
-def selection_compute(services: EmbeddingService, n: int) -> dict[str, float]:
-    """``flops/selection/embedding/<embedder>`` per embedding pass the strategy used
-    (``docs/compute.md``): image and text forward FLOPs per pair, counted on the embedder's
-    model, times the pool's pairs; 0 for a pass the cache served (it is counted in the run
-    that computed it) and for features shipped with the pool (no model ran)."""
-    from selbench.flops import embedding_pass_flops
-
-    found = {}
-    for spec, usage in services.usage.items():
-        name = f"flops/selection/embedding/{usage_key(spec)}"
-        model = services.embedder(spec).model
-        if usage["hit"] or model is None:
-            found[name] = 0.0
-            continue
-        key = ("embedder", usage["embedder_id"])
-        found[name] = float(embedding_pass_flops(model, None, None, n, cache_key=key))
-    return found
 
 
 def target_params(services: EmbeddingService) -> dict[str, Any]:
@@ -389,9 +406,10 @@ def train_stage(stage: StageContext) -> StageResult:
     if subset is None:
         raise SelbenchError(f"{rundir.subset_dir} is not a complete materialized subset")
     request = run.request
-    samples_seen = planned_samples_seen(
+    planned = planned_samples_seen(
         run.scale, request.protocol, len(run.resolved.pool), subset.n_samples
     )
+    samples_seen = max(1, int(round(planned * request.train_samples)))
     rundir.train_dir.mkdir(parents=True, exist_ok=True)
     series: dict[str, list[tuple[int, float]]] = {}
     if run.engine == "open_clip":
@@ -409,9 +427,11 @@ def train_stage(stage: StageContext) -> StageResult:
             on_log=stage.on_step,
             launch=request.launcher,
         )
+        online: dict[str, float] = {}
     else:
-        trained = _train_in_process(stage, subset, samples_seen)
+        trained, online, online_series = _train_in_process(stage, subset, samples_seen)
         series["train_loss"] = trained.loss_curve
+        series.update(online_series)
     metrics = {
         "training_seconds": trained.seconds,
         "training_steps": float(trained.steps),
@@ -419,40 +439,51 @@ def train_stage(stage: StageContext) -> StageResult:
         "final_loss": trained.final_loss,
         "training_samples_per_second": trained.samples_seen / max(trained.seconds, 1e-9),
         **training_compute(run.scale.model, trained),
+        **online,
     }
     record = {"checkpoint": str(trained.checkpoint), "samples_seen": trained.samples_seen}
     return StageResult(metrics=metrics, series=series, record=record)
 
 
-def training_compute(architecture: str, trained: TrainResult) -> dict[str, float]:
-    """``flops/training`` (``docs/compute.md``): the model's forward FLOPs per example,
-    counted by torch's ``FlopCounterMode`` on the architecture's own shapes, times 3
-    (forward and backward) over the samples seen, plus the contrastive loss's logits per
-    step. The model is built on the CPU for its shapes only, outside the run's RNG."""
-    from selbench.flops import clip_forward_flops, clip_loss_flops, training_flops
-
-    with torch.random.fork_rng(devices=[]):
-        model, _, _ = build_model(architecture, 0, "cpu")
-    towers = clip_forward_flops(model, None, None, cache_key=("architecture", architecture))
-    per_step_loss = clip_loss_flops(
-        trained.batch_size, int(model_config(architecture)["embed_dim"])
-    )
-    total = training_flops(sum(towers.values()), trained.samples_seen)
-    return {"flops/training": float(total + training_flops(per_step_loss, trained.steps))}
-
-
-def _train_in_process(stage: StageContext, subset: Subset, samples_seen: int) -> TrainResult:
-    """The built-in engine: train the scale's model on the subset, save its checkpoint."""
+def _train_in_process(
+    stage: StageContext, subset: Subset, samples_seen: int
+) -> tuple[TrainResult, dict[str, float], dict[str, list[tuple[int, float]]]]:
+    """The built-in engine: train the scale's model on the subset (choosing each batch
+    with the run's online strategy, if any), save its checkpoint. Returns the result, the
+    online selection's metrics and series (empty for an offline run)."""
     run = stage.run
     set_seeds(run.request.seed)
     model, preprocess, tokenizer = build_model(run.scale.model, run.request.seed, run.device)
     captions = training_captions(read_selection(stage.rundir))
+    uids: list[str] = []
     data = build_training_data(
-        stage.progress.track(_subset_images(subset), "Loading subset", total=subset.n_samples),
+        stage.progress.track(
+            _subset_images(subset, uids), "Loading subset", total=subset.n_samples
+        ),
         captions,
         preprocess,
         tokenizer,
     )
+    selector = None
+    metrics: dict[str, float] = {}
+    if run.online is not None:
+        from selbench.online.harness import OnlineSelector
+
+        strategy, reference = run.online.strategy(), None
+        if strategy.needs_reference:
+            reference, metrics = load_reference(
+                run.request.online_reference or "reference",
+                run.resolved.pool.strategy_view(),
+                run.device,
+                stage.progress,
+                model,
+                run.scale.model,
+            )
+        selector = OnlineSelector(
+            strategy, data.images, data.tokens, uids, model,
+            batch_size=min(run.scale.batch_size, len(data)), seed=run.request.seed,
+            reference=reference,
+        )  # fmt: skip
     trained = train_model(
         model,
         data,
@@ -461,16 +492,25 @@ def _train_in_process(stage: StageContext, subset: Subset, samples_seen: int) ->
         run.request.seed,
         device=run.device,
         progress=stage.progress,
+        online=selector,
     )
     trained.checkpoint = save_checkpoint(model, stage.rundir.train_dir / "model.pt")
-    return trained
+    if selector is None:
+        return trained, metrics, {}
+    metrics.update(selector.metrics())
+    metrics.update(selector.compute())
+    series = {f"online/{k}": v for k, v in selector.series.items()}
+    return trained, metrics, series
 
 
-def _subset_images(subset: Subset) -> Iterator[tuple[str, Any]]:
-    """``(uid, PIL image)`` per materialized sample, in subset order."""
+def _subset_images(subset: Subset, uids: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """``(uid, PIL image)`` per materialized sample, in subset order (each uid also
+    appended to ``uids`` when given)."""
     from selbench.decoding import decode_image_bytes
 
     for uid, data, _, _ in subset.iter_samples():
+        if uids is not None:
+            uids.append(uid)
         yield uid, decode_image_bytes(data)
 
 
@@ -497,6 +537,7 @@ def evaluate_stage(stage: StageContext) -> StageResult:
         progress=stage.progress,
     )
     metrics["eval_seconds"] = time.perf_counter() - t0
+    metrics.update(total_compute(rundir.stages()))
     atomic_write_text(rundir.metrics_path, json.dumps(metrics, indent=1, sort_keys=True))
     config = write_resolved_config(run, rundir, record.get("samples_seen"))
     return StageResult(metrics=metrics, artifacts=[(config, None)])

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from selbench import flops
 from selbench.toolbox import (
     ConfigError,
     Selection,
@@ -402,8 +403,8 @@ class Tldr(Strategy):
         def train() -> dict:
             init_from_proxy(model, proxy.model)
             vectors = None
-            if keywords:
-                with torch.inference_mode():
+            if keywords:  # seeding the codebook is part of the captioner's training
+                with torch.inference_mode(), flops.counted("training/tldr"):
                     text = proxy.model.encode_text(proxy.tokenizer(keywords).to(ctx.device))
                 vectors = torch.nn.functional.normalize(text.float().cpu(), dim=-1)
             init_codebook(model, vectors, p.captioner_seed)
@@ -429,14 +430,15 @@ class Tldr(Strategy):
 
         # -- stage 2: codes, clusters, quotas -----------------------------------------
         t0 = time.perf_counter()
-        codes, caption_loss = extract_codes(
-            model,
-            images,
-            tokens,
-            device=ctx.device,
-            progress=ctx.progress,
-            prompt_length=prompt_length,
-        )
+        with flops.counted("scoring/tldr"):  # codes and caption losses of the whole pool
+            codes, caption_loss = extract_codes(
+                model,
+                images,
+                tokens,
+                device=ctx.device,
+                progress=ctx.progress,
+                prompt_length=prompt_length,
+            )
         timings["code_extraction"] = time.perf_counter() - t0
         metrics["codes_used"] = float(len(np.unique(codes)))
         metrics["distinct_index_vectors"] = float(len(np.unique(codes, axis=0)))
@@ -509,7 +511,8 @@ class Tldr(Strategy):
         rewrites: dict[str, str] | None = None
         if p.refine:
             t0 = time.perf_counter()
-            rewrites, kept = self._refine(ctx, model, vocab, images, selected, context_length)
+            with flops.counted("generation/tldr"):  # decoding, as it runs
+                rewrites, kept = self._refine(ctx, model, vocab, images, selected, context_length)
             timings["generation"] = time.perf_counter() - t0
             metrics["refined_with_generated_text"] = kept
         for stage, seconds in timings.items():

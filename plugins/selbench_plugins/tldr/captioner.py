@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from vector_quantize_pytorch import VectorQuantize
 
+from selbench import flops
 from selbench.progress import NullProgress
 from selbench.toolbox import cached_directory, model_config, selbench_home, training_loop
 
@@ -468,6 +469,10 @@ def _train(model, images, tokens, config, device, progress, prompt_length) -> di
         description="TL;DR: training captioner",
         curve_key="caption_loss",
     )
+    flops.charge_training(  # measured on batch_loss's own forward (encoder, VQ, decoder)
+        model, "TL;DR: training captioner", steps * batch_size, steps, batch_size,
+        example=lambda b: batch_loss(torch.arange(b) % n),
+    )  # fmt: skip
     return {
         "steps": steps,
         "seconds": result.seconds,
