@@ -36,6 +36,8 @@ FULL_POOL = "random"
 def runs_frame(experiment: str, metrics: list[str]) -> pd.DataFrame:
     """One row per finished run: base label, training length, budget, seed, FLOPs, metrics."""
     runs = load_runs(experiment)
+    if "params.method_label" in runs.columns:  # a sweep's parent run is not a cell
+        runs = runs[runs["params.method_label"].notna() & runs["params.seed"].notna()]
     if runs.empty:
         raise SystemExit(f"experiment {experiment!r} has no finished runs")
     frame = pd.DataFrame(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import secrets
@@ -21,17 +22,42 @@ from e2e_helpers import (
 # Every process the tests start inherits this mark (orphans re-parented to init included),
 # and every temporary file they make through tempfile lands in a folder of this session's
 # own, so the check below sees only this session's leftovers, not other users' of /tmp.
-# pytest's own tmp_path folders stay in the usual temporary directory.
+# pytest's own tmp_path folders stay in the same scratch root (see _scratch_root).
 SESSION_MARK = f"selbench-tests-{os.getpid()}-{secrets.token_hex(4)}"
+# Under pytest-xdist (the README's test command runs `-n 2`) each worker is a session of its
+# own: the controller only hands out test files, and each worker sets its own mark and
+# temporary folder here. Two workers share the cores, so each runs torch, BLAS and faiss
+# (and the commands it starts) on one thread: two workers of two threads each on two cores
+# spend their time waiting for each other. OMP_NUM_THREADS set by hand wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _scratch_root() -> str:
+    """Where the tests' files go: ``/dev/shm`` (memory) on a host where it has 2 GiB free,
+    else the temporary directory. MLflow builds each test's new sqlite store through its
+    migrations, each committed with an fsync: 5-6 s a store on the development VM's disk,
+    0.8 s in memory. The fsyncs buy durability across power cuts, which no test checks
+    (what a process killed with ``kill -9`` wrote is in the kernel's hands already)."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except (AttributeError, OSError):  # no /dev/shm (macOS), no statvfs (Windows)
+        return tempfile.gettempdir()
+    roomy = stats.f_bavail * stats.f_frsize >= 2 << 30
+    usable = not stats.f_flag & os.ST_NOEXEC and os.access("/dev/shm", os.W_OK)
+    return "/dev/shm" if roomy and usable else tempfile.gettempdir()
+
+
+SCRATCH_ROOT = os.environ.get("PYTEST_DEBUG_TEMPROOT") or _scratch_root()
 os.environ["SELBENCH_TEST_SESSION"] = SESSION_MARK
-os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+os.environ["PYTEST_DEBUG_TEMPROOT"] = SCRATCH_ROOT  # pytest's tmp_path folders
 # torch keeps its compile cache in <temporary directory>/torchinductor_<user> on purpose,
 # across sessions; point it where it would be anyway.
 os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR",
     os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"),
 )
-SESSION_TMP = Path(tempfile.mkdtemp(prefix="selbench-tests-"))
+SESSION_TMP = Path(tempfile.mkdtemp(prefix="selbench-tests-", dir=SCRATCH_ROOT))
 os.environ["TMPDIR"] = str(SESSION_TMP)
 tempfile.tempdir = None  # re-read TMPDIR
 #: Interpreter-lifetime helpers that end with the pytest process itself, by design.
@@ -88,6 +114,14 @@ def leaves_no_process_or_temporary_file_behind():
     if problems:
         pytest.fail("the test session left things behind:\n" + "\n".join(problems))
     SESSION_TMP.rmdir()
+
+
+def pytest_unconfigure(config):
+    """Under xdist the controller runs no test, so the fixture above never removes its
+    (empty) folder; nor does it run in a worker that was handed no test. One with leftovers
+    stays."""
+    with contextlib.suppress(OSError):
+        SESSION_TMP.rmdir()
 
 
 @pytest.fixture(scope="session")
