@@ -13,6 +13,18 @@ Reads the finished runs of an MLflow experiment (default ``online``, the sweep b
    read by linear interpolation in log FLOPs. A run beyond the curve's ends is reported
    as such, not extrapolated.
 
+The sweep behind it, one seed at a time (resumable; ``SEED`` 0, 1, 2)::
+
+    ONLINE='random >> online:uniform(ratio=2),random >> online:uniform,'\
+    'random >> online:jest(ratio=2),random >> online:jest,random >> online:learnability,'\
+    'random >> online:easy-reference,random >> online:hard-learner'
+    selbench sweep --methods "$ONLINE" --budgets 1 --seeds $SEED --no-full-pool \
+        --experiment online
+    selbench sweep --methods random,clip_score --budgets 0.25 \
+        --train-samples 0.5x,1x,2x --seeds $SEED --experiment online
+    selbench sweep --methods random --budgets 1 --train-samples 4x --seeds $SEED \
+        --no-full-pool --experiment online
+
 Usage::
 
     SELBENCH_RUN_HOME=/path/to/runs python benchmarks/online_compare.py [--experiment online]

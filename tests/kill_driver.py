@@ -48,8 +48,12 @@ def main() -> None:
                         _die()
                     yield item
 
-        def train_then_die(model, data, scale, samples_seen, seed, device="cpu", progress=None):
-            return real_train(model, data, scale, samples_seen, seed, device, DyingProgress())
+        def train_then_die(
+            model, data, scale, samples_seen, seed, device="cpu", progress=None, online=None
+        ):
+            return real_train(
+                model, data, scale, samples_seen, seed, device, DyingProgress(), online
+            )
 
         runner.train_model = train_then_die
     elif point == "select":
