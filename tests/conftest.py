@@ -4,6 +4,7 @@ import contextlib
 import getpass
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -131,17 +132,36 @@ def shared_reference_models(tmp_path_factory):
     return tmp_path_factory.mktemp("reference-models")
 
 
+PHASE_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test, for fixtures that clean up after a pass."""
+    report = yield
+    item.stash.setdefault(PHASE_REPORTS, {})[report.when] = report
+    return report
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path_factory, monkeypatch, shared_reference_models):
+def isolated_home(request, tmp_path_factory, monkeypatch, shared_reference_models):
     """Every test gets its own data home and run home; nothing touches ~/.cache. The
-    reference model (selbench.reference) is the tiny test recipe's, shared by all tests."""
+    reference model (selbench.reference) is the tiny test recipe's, shared by all tests.
+
+    Like ``tmp_path`` under ``tmp_path_retention_policy = "failed"`` (pyproject.toml), the
+    home of a test that passed is removed after it: the suite's homes come to 2 GB of
+    checkpoints, in memory where the scratch root is ``/dev/shm``."""
     home = tmp_path_factory.mktemp("selbench-home")
     (home / "reference").symlink_to(shared_reference_models, target_is_directory=True)
     monkeypatch.setenv("SELBENCH_REFERENCE_RECIPE", str(TEST_REFERENCE_RECIPE))
     monkeypatch.setenv("SELBENCH_HOME", str(home))
     monkeypatch.delenv("SELBENCH_RUN_HOME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return home
+    yield home
+    reports = request.node.stash.get(PHASE_REPORTS, {})
+    passed = "call" in reports and all(r.passed for r in reports.values())
+    if passed and request.config.getini("tmp_path_retention_policy") == "failed":
+        shutil.rmtree(home, ignore_errors=True)  # the reference link, not what it names
 
 
 # -- tiny SynthWeb: one pool and one scale for the whole session ---------------------------
