@@ -484,7 +484,7 @@ def _is_coca(model: Any) -> bool:
     return open_clip is not None and isinstance(model, open_clip.CoCa)
 
 
-def _embed_dim(model: Any) -> int:
+def embed_dim(model: Any) -> int:
     """The width of a CLIP's joint embedding (its image tower's output)."""
     dim = getattr(getattr(model, "visual", None), "output_dim", None)
     if dim is None:
@@ -557,7 +557,7 @@ def model_training_flops(
             f"model_training_flops: a {type(model).__name__} is neither an open_clip CLIP "
             "nor a CoCa; pass example=lambda b: <its training forward on b examples>"
         )
-    loss = clip_loss_flops(batch_size, _embed_dim(model))
+    loss = clip_loss_flops(batch_size, embed_dim(model))
     return forward + training_flops(loss, steps)
 
 

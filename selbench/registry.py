@@ -147,13 +147,7 @@ class Registry:
                 f"online strategy {name!r} (plugin {plugin!r}): its Params has no `ratio` "
                 "field; subclass selbench.online.OnlineParams"
             )
-        if name in self._online:
-            other = self._online[name]
-            raise PluginError(
-                f"online strategy name {name!r} is registered twice: by {other.plugin!r} "
-                f"(package {other.package!r}) and by {plugin!r} (package {package!r})"
-            )
-        self._online[name] = StrategyInfo(cls, plugin, package, version)
+        _claim(self._online, "online strategy", StrategyInfo(cls, plugin, package, version))
 
     def online_names(self) -> list[str]:
         return sorted(self._online)
@@ -187,12 +181,7 @@ class Registry:
             raise PluginError(
                 f"plugin {plugin!r} registered embedder {cls.__name__} without a name"
             )
-        if name in self._embedders:
-            other = self._embedders[name]
-            raise PluginError(
-                f"embedder name {name!r} is registered twice: by {other.plugin!r} and by {plugin!r}"
-            )
-        self._embedders[name] = StrategyInfo(cls, plugin, package, version)
+        _claim(self._embedders, "embedder", StrategyInfo(cls, plugin, package, version))
 
     def embedder_infos(self) -> list[StrategyInfo[Embedder]]:
         return [self._embedders[n] for n in sorted(self._embedders)]
@@ -225,13 +214,7 @@ class Registry:
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {plugin!r} registered {cls.__name__} without a name")
         check_needs(cls, plugin)
-        if name in self._strategies:
-            other = self._strategies[name]
-            raise PluginError(
-                f"strategy name {name!r} is registered twice: by {other.plugin!r} "
-                f"(package {other.package!r}) and by {plugin!r} (package {package!r})"
-            )
-        self._strategies[name] = StrategyInfo(cls, plugin, package, version)
+        _claim(self._strategies, "strategy", StrategyInfo(cls, plugin, package, version))
 
     def names(self) -> list[str]:
         return sorted(self._strategies)
@@ -259,6 +242,18 @@ class Registry:
                 f"{b.entry_point} ({b.package})" for b in self.broken
             )
         raise UnknownMethodError(message)
+
+
+def _claim(table: dict[str, StrategyInfo], kind: str, info: StrategyInfo) -> None:
+    """Add ``info`` to ``table`` under its name; PluginError naming both plugins when
+    another one registered that name first."""
+    other = table.get(info.name)
+    if other is not None:
+        raise PluginError(
+            f"{kind} name {info.name!r} is registered twice: by {other.plugin!r} (package "
+            f"{other.package!r}) and by {info.plugin!r} (package {info.package!r})"
+        )
+    table[info.name] = info
 
 
 #: Each hook and the Registry method that adds what it registers.

@@ -145,23 +145,21 @@ class OnlineSelector:
                 (self.step, float(losses.mean()))
             )
 
-    def compute(self, models: dict[str, torch.nn.Module] | None = None) -> dict[str, float]:
+    def compute(self) -> dict[str, float]:
         """``flops/online/<model>``: each scoring model's forward FLOPs per example (both
         towers, :func:`selbench.flops.clip_forward_flops`) times the examples it scored,
         plus one super-batch logit matrix (``N x N x d``) per scored super-batch."""
-        from selbench.flops import clip_forward_flops, clip_loss_flops
+        from selbench.flops import clip_forward_flops, clip_loss_flops, embed_dim
 
-        models = models or {"learner": self.learner, "reference": self.reference}
         found: dict[str, float] = {}
-        for name in ("learner", "reference"):
+        for name, model in (("learner", self.learner), ("reference", self.reference)):
             examples = self.forward_passes.get(name, 0)
-            model = models.get(name)
             if model is None or not examples:
                 found[f"flops/online/{name}"] = 0.0
                 continue
             per_example = sum(clip_forward_flops(model, None, None).values())
-            dim = _embed_dim(model)
-            logits = self.scored_batches[name] * clip_loss_flops(self.draw_size, dim, matmuls=1)
+            loss = clip_loss_flops(self.draw_size, embed_dim(model), matmuls=1)
+            logits = self.scored_batches[name] * loss
             found[f"flops/online/{name}"] = float(per_example * examples + logits)
         return found
 
@@ -175,13 +173,3 @@ class OnlineSelector:
             "online/seconds": self.seconds,
             **{f"online/examples_scored/{k}": float(v) for k, v in self.forward_passes.items()},
         }
-
-
-def _embed_dim(model: Any) -> int:
-    """The width of a CLIP's joint embedding (its text projection's output)."""
-    projection = getattr(model, "text_projection", None)
-    if isinstance(projection, torch.nn.Linear):
-        return int(projection.out_features)
-    if isinstance(projection, torch.Tensor):
-        return int(projection.shape[-1])
-    raise ConfigError(f"cannot read the embedding width of {type(model).__name__}")

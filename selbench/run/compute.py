@@ -13,7 +13,7 @@ from selbench.errors import ConfigError
 from selbench.progress import Progress
 from selbench.registry import get_registry
 from selbench.run.spec import usage_key
-from selbench.train import TrainResult, build_model, model_config
+from selbench.train import TrainResult, build_model
 
 
 def selection_compute(services: EmbeddingService, n: int) -> dict[str, float]:
@@ -36,20 +36,17 @@ def selection_compute(services: EmbeddingService, n: int) -> dict[str, float]:
 
 
 def training_compute(architecture: str, trained: TrainResult) -> dict[str, float]:
-    """``flops/training`` (``docs/compute.md``): the model's forward FLOPs per example,
-    counted by torch's ``FlopCounterMode`` on the architecture's own shapes, times 3
-    (forward and backward) over the samples seen, plus the contrastive loss's logits per
-    step. The model is built on the CPU for its shapes only, outside the run's RNG."""
-    from selbench.flops import clip_forward_flops, clip_loss_flops, training_flops
+    """``flops/training`` (``docs/compute.md``): :func:`selbench.flops.model_training_flops`
+    of the scale's model over the samples seen and steps trained (the towers' forward
+    FLOPs per example, counted by torch's ``FlopCounterMode`` on the architecture's own
+    shapes, times 3, plus the contrastive loss's logits per step). The model is built on
+    the CPU for its shapes only, outside the run's RNG."""
+    from selbench.flops import model_training_flops
 
     with torch.random.fork_rng(devices=[]):
         model, _, _ = build_model(architecture, 0, "cpu")
-    towers = clip_forward_flops(model, None, None, cache_key=("architecture", architecture))
-    per_step_loss = clip_loss_flops(
-        trained.batch_size, int(model_config(architecture)["embed_dim"])
-    )
-    total = training_flops(sum(towers.values()), trained.samples_seen)
-    return {"flops/training": float(total + training_flops(per_step_loss, trained.steps))}
+    total = model_training_flops(model, trained.samples_seen, trained.steps, trained.batch_size)
+    return {"flops/training": float(total)}
 
 
 def total_compute(stages: dict[str, Any]) -> dict[str, float]:
