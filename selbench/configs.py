@@ -136,6 +136,12 @@ class PoolConfig(BaseModel):
         "open_clip:ViT-L-14:/models/openai-vit-l-14.pt); unset: the pool's own proxy:scorer, "
         "with a warning (docs/embeddings.md)",
     )
+    metadata: str | None = Field(
+        default=None,
+        description="a text file of metadata entries, one per line, for metadata-curated "
+        "selection (metaclip: docs/strategies/metaclip.md); a relative path is read from "
+        "the pool YAML's folder; unset on a SynthWeb pool: its concept vocabulary",
+    )
 
 
 def load_yaml_model(path: Path, model: type[M]) -> M:

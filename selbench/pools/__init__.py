@@ -97,6 +97,15 @@ def _from_synthweb_dir(root: Path, spec: str) -> ResolvedPool:
     )
 
 
+def _metadata_path(metadata: str | None, config_path: Path) -> str | None:
+    """The pool YAML's ``metadata`` file as a path: a relative one is read from the YAML's
+    folder. Not checked here: only a strategy that reads it needs it (metaclip)."""
+    if not metadata:
+        return None
+    path = Path(metadata).expanduser()
+    return str(path if path.is_absolute() else config_path.parent / path)
+
+
 def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) -> ResolvedPool:
     """Turn a ``--pool`` value into a :class:`ResolvedPool`.
 
@@ -118,10 +127,12 @@ def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) 
             raise PoolError(f"pool {spec!r} does not exist") from None
         raise
     config = load_yaml_model(config_path, PoolConfig)
+    metadata = _metadata_path(config.metadata, config_path)
     if config.kind == "synthweb":
         root = ensure_synthweb(config.synthweb, progress=progress)
         resolved = _from_synthweb_dir(root, spec)
         resolved.pool.name = config.name
+        resolved.pool.metadata = metadata
         return resolved
     if not config.path:
         raise ConfigError(f"config file {config_path}: key 'path' is required for kind: shards")
@@ -141,6 +152,7 @@ def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) 
     # a run that would evaluate on nothing is refused when the run is prepared, naming the fix.
     pool = ShardPool(config.path, name=config.name)
     pool.reference = config.reference
+    pool.metadata = metadata
     return ResolvedPool(
         pool=pool,
         eval_sets=eval_sets,

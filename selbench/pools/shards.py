@@ -349,6 +349,8 @@ class ShardPool:
         self.kind = "shards"
         #: the embedder spec `reference` means on a real pool (its pool YAML's `reference`)
         self.reference: str | None = None
+        #: the metadata entries file its pool YAML names (``metadata``), if any
+        self.metadata: str | None = None
         self.workers = workers
         self.fingerprint = self._fingerprint()
         self._index: pd.DataFrame | None = None
@@ -562,6 +564,11 @@ class PoolForStrategies:
     def reference(self) -> str | None:
         """The embedder spec the pool config names as its reference model, if any."""
         return self._pool.reference
+
+    @property
+    def metadata(self) -> str | None:
+        """The metadata entries file (one per line) the pool config names, if any."""
+        return self._pool.metadata
 
     def __len__(self) -> int:
         return len(self._pool)
