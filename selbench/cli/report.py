@@ -146,7 +146,20 @@ def methods() -> None:
     "tau between the two rankings (how stable the ranking is). An MLflow experiment name, "
     "or a pool of this experiment's runs (the page then keeps the other pools); write "
     "experiment:NAME or pool:NAME when a name is both. --where filters apply to both "
-    "sides except pool=; each side must come down to one pool, scale and protocol.",
+    "sides except pool=; each side must come down to one pool, scale and protocol. "
+    "published:NAME compares with the numbers papers report instead (NAME: datacomp-small, "
+    "datacomp-medium, cc3m, cc12m, or a CSV file of the same columns; "
+    "leaderboards/published/README.md).",
+)
+@click.option(
+    "--published-metric",
+    "published_metrics",
+    multiple=True,
+    metavar="METRIC=COLUMN",
+    help="With --compare-with published:NAME: rank page metric METRIC against the published "
+    "table's COLUMN, repeatable. Default: zeroshot_acc1 and datacomp/imagenet with imagenet, "
+    "datacomp/average with average_38, mean_R1 with the mean of the two published R@1 "
+    "(mean_r1) or DataComp's retrieval, the other datacomp/* columns with their namesakes.",
 )
 @click.option(
     "--baseline",
@@ -157,7 +170,9 @@ def methods() -> None:
     "clip_score or clip_score(mode=threshold)); its budget-1.0 runs are the full-pool row.",
 )
 @friendly_errors
-def leaderboard(experiment, out, name, metrics, where, plots, compare_with, baseline) -> None:
+def leaderboard(
+    experiment, out, name, metrics, where, plots, compare_with, published_metrics, baseline
+) -> None:
     """Aggregate finished runs: one table per budget with each method's mean and 95% CI
     over seeds, its paired difference from the baseline (--baseline, default random),
     and its selection cost; counts the
@@ -167,11 +182,26 @@ def leaderboard(experiment, out, name, metrics, where, plots, compare_with, base
     \b
     Example, the same sweep on a second SynthWeb in experiment synthweb-b:
       selbench leaderboard --experiment synthweb --compare-with synthweb-b
+
+    \b
+    Example, against the numbers DataComp reports at small scale:
+      selbench leaderboard --experiment datacomp-small --compare-with published:datacomp-small
     """
     _quiet_libraries()
     from selbench.leaderboard import generate
 
     filters = parse_assignments(where, "--where")
+    kind, _, table_name = (compare_with or "").partition(":")
+    if kind == "published":
+        from selbench.leaderboard.published import generate_vs_published
+
+        generate_vs_published(
+            experiment, out, name or experiment, table_name, tuple(metrics), filters, plots,
+            published_metrics, baseline, console=console,
+        )  # fmt: skip
+        return
+    if published_metrics:
+        raise click.UsageError("--published-metric needs --compare-with published:NAME")
     generate(
         experiment, out, name or experiment, tuple(metrics), filters, plots,
         compare_with=compare_with, baseline=baseline, console=console,
