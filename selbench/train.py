@@ -28,10 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import open_clip
 import torch
-from open_clip.loss import ClipLoss
-from open_clip_train.scheduler import cosine_lr
 
 from selbench.configs import ScaleConfig
 from selbench.errors import ConfigError
@@ -49,18 +46,26 @@ PROTOCOLS = ("fixed-compute", "fixed-epochs")
 ENGINES = ("in-memory", "open_clip")
 
 
+# open_clip is imported inside the functions that use it, not at the top: it takes seconds
+# to import (torchvision, transformers), and commands that train nothing (`selbench
+# methods`, `leaderboard`, a refused run) import this module through the plugins.
+
+
 @cache
-def _register_model_configs() -> None:
+def _open_clip() -> Any:
+    """open_clip, with selbench's own architectures (``configs/models``) registered."""
+    import open_clip
+
     models = config_dir() / "models"
     if models.is_dir():
         open_clip.add_model_config(models)
+    return open_clip
 
 
 def model_config(model_name: str) -> dict[str, Any]:
     """The open_clip architecture config (``vision_cfg``, ``text_cfg``, ...) of a model name,
     selbench's own architectures (``configs/models``) included."""
-    _register_model_configs()
-    config = open_clip.get_model_config(model_name)
+    config = _open_clip().get_model_config(model_name)
     if config is None:
         raise ConfigError(
             f"unknown model architecture {model_name!r}; add configs/models/{model_name}.json "
@@ -71,7 +76,7 @@ def model_config(model_name: str) -> dict[str, Any]:
 
 def build_model(model_name: str, seed: int, device: str = "cpu") -> tuple[Any, Any, Any]:
     """A randomly initialised open_clip model, its eval preprocess and its tokenizer."""
-    _register_model_configs()
+    open_clip = _open_clip()
     if model_name not in open_clip.list_models():
         raise ConfigError(
             f"unknown model architecture {model_name!r}; add configs/models/{model_name}.json "
@@ -308,6 +313,8 @@ def training_loop(
     of ``batch_size``; ``after_step()`` runs after each optimiser step. ``amp`` (CUDA
     only) scales the loss. A non-finite term stops training with FloatingPointError.
     """
+    from open_clip_train.scheduler import cosine_lr
+
     progress = progress or NullProgress()
     torch.manual_seed(seed)
     model.to(device).train()
@@ -436,7 +443,7 @@ def train_clip(
     steps = max(1, math.ceil(samples_seen / batch_size))
     warmup = scale.warmup_steps
     warmup = int(scale.warmup_fraction * steps) if warmup is None else warmup
-    loss_fn = ClipLoss()
+    loss_fn = _open_clip().loss.ClipLoss()
     crop_rng = torch.Generator().manual_seed(seed)
 
     def batch_loss(index: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

@@ -60,3 +60,28 @@ def test_bad_synthweb_setting_is_named():
         main, ["datasets", "make", "synthweb", "--set", "rate_misaligned=3"]
     )
     assert result.exit_code != 0 and "rate_misaligned" in result.output
+
+
+def test_commands_that_train_nothing_do_not_import_the_heavy_libraries(isolated_home):
+    """Every command loads every plugin; open_clip, scikit-learn and vector_quantize_pytorch
+    are imported only where a model is built or TL;DR counts keywords (docs/design.md,
+    "Start-up"), so `selbench methods` or a refused run does not pay seconds for them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from selbench.cli import main\n"
+        "runner = CliRunner()\n"
+        "assert runner.invoke(main, ['methods']).exit_code == 0\n"
+        "refused = runner.invoke(main, ['run', '--method', 'no-such', '--budget', '0.25'])\n"
+        "assert refused.exit_code != 0\n"
+        "heavy = ('open_clip', 'sklearn', 'vector_quantize_pytorch', 'transformers')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -56,7 +56,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -455,6 +454,8 @@ def train_expert_sgd(
     Written out here rather than through ``toolbox.training_loop``, which trains with
     AdamW: the student's steps are plain SGD, and MTT matches a student to experts that
     take the same kind of step."""
+    from open_clip.loss import ClipLoss  # here: open_clip takes seconds to import
+
     model, _, _ = build_model(p.model, seed, ctx.device)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=p.expert_lr, momentum=0.0)

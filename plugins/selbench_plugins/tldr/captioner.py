@@ -31,11 +31,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.coca_model import MultimodalCfg, _build_text_decoder_tower
-from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-from vector_quantize_pytorch import VectorQuantize
 
 from selbench import flops
 from selbench.progress import NullProgress
@@ -160,6 +157,12 @@ class CodebookCaptioner(nn.Module):
         dead_code_threshold: float = 0.0,
         token_space: str = "projected",
     ) -> None:
+        # Imported here, not at the top: every selbench command loads this plugin, and
+        # open_clip and vector_quantize_pytorch take seconds to import (docs/design.md).
+        from open_clip.coca_model import MultimodalCfg, _build_text_decoder_tower
+        from open_clip.model import CLIPVisionCfg, _build_vision_tower
+        from vector_quantize_pytorch import VectorQuantize
+
         super().__init__()
         cfg = CLIPVisionCfg(**vision_cfg)
         self.visual = _build_vision_tower(code_dim, cfg)

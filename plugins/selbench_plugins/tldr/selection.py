@@ -12,7 +12,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-from sklearn.feature_extraction.text import CountVectorizer
 
 from selbench.toolbox import centroid_distances, kmeans, rank, top_k, unit_rows
 
@@ -209,6 +208,10 @@ def top_keywords(captions: Sequence[str], k: int) -> list[str]:
     """The ``k`` most frequent keywords and two-word keyphrases of ``captions`` (English
     stop words removed; ties in alphabetical order) -- the paper's codebook initialisation
     (Sec. 3.1; it used NLTK; scikit-learn's counter and stop-word list here)."""
+    # Imported here: scikit-learn takes about a second to import, and every selbench
+    # command loads this plugin (docs/design.md, "Start-up").
+    from sklearn.feature_extraction.text import CountVectorizer
+
     vectorizer = CountVectorizer(ngram_range=(1, 2), stop_words="english", lowercase=True)
     try:
         counts = vectorizer.fit_transform(list(captions))
