@@ -38,3 +38,13 @@ def config_dir() -> Path:
     if bundled.is_dir():
         return bundled
     return Path(__file__).resolve().parent.parent / "configs"
+
+
+def committed_leaderboard_dir() -> Path | None:
+    """The committed ``leaderboards/`` directory: bundled in the wheel (``_leaderboards``)
+    or the source checkout's; None when neither is there (a wheel built without it)."""
+    bundled = Path(__file__).parent / "_leaderboards"
+    if bundled.is_dir():
+        return bundled
+    checkout = Path(__file__).resolve().parent.parent / "leaderboards"
+    return checkout if checkout.is_dir() else None

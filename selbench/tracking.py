@@ -476,18 +476,31 @@ class Store:
         """The MLflow experiment called ``name``, or None."""
         return self._mlflow().get_experiment_by_name(name)
 
-    def finished_runs(self, experiment: str = DEFAULT_EXPERIMENT):
+    def finished_runs(
+        self, experiment: str = DEFAULT_EXPERIMENT, params: dict[str, str] | None = None
+    ):
         """The FINISHED runs of ``experiment`` as MLflow's ``search_runs`` frame (columns
-        ``run_id``, ``params.*``, ``metrics.*``, ``tags.*``). Like every command that opens
-        an experiment (:func:`setup`), this creates it when the store has none, empty."""
+        ``run_id``, ``params.*``, ``metrics.*``, ``tags.*``); with ``params``, only those
+        whose param of each name has that value, filtered by the store's query. Like every
+        command that opens an experiment (:func:`setup`), this creates it when the store
+        has none, empty."""
         import mlflow
 
         setup(experiment)
+        clauses = ["attributes.status = 'FINISHED'"]
+        for name, value in (params or {}).items():
+            if "'" in str(value) or not re.fullmatch(r"[\w.\-]+", name):
+                raise SelbenchError(f"cannot query runs by param {name}={value!r}")
+            clauses.append(f"params.`{name}` = '{value}'")
         return mlflow.search_runs(
             experiment_names=[experiment],
-            filter_string="attributes.status = 'FINISHED'",
+            filter_string=" and ".join(clauses),
             output_format="pandas",
         )
+
+    def experiment_name(self, experiment_id: str) -> str:
+        """The name of the experiment with id ``experiment_id``."""
+        return self._mlflow().get_experiment(experiment_id).name
 
     def run(self, run_id: str):
         """The MLflow run ``run_id``, or a SelbenchError naming the id when there is none."""

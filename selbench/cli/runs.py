@@ -283,6 +283,11 @@ def _print_outcome(outcome: RunOutcome, title: str) -> None:
             f"Captioning ({captions}): BLEU@4 {outcome.metrics[key]:.4f}"
             f"   CIDEr {outcome.metrics.get(f'{captions}/cider', nan):.4f}"
         )
+    from selbench.leaderboard.context import context_table
+
+    compared = context_table(outcome.run_id, outcome.metrics)  # never raises
+    if compared is not None:
+        console.print(compared)
     console.print(
         f"Logged MLflow run [bold]{outcome.run_id}[/] to {outcome.tracking_uri}", soft_wrap=True
     )

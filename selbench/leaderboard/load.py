@@ -23,12 +23,16 @@ def filter_runs(runs: pd.DataFrame, where: dict[str, str]) -> pd.DataFrame:
 
 
 def load_runs(
-    experiment: str = tracking.DEFAULT_EXPERIMENT, where: dict[str, str] | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    where: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """Finished selbench runs of ``experiment`` as MLflow's ``search_runs`` frame,
     optionally filtered by lineage: ``where={"git_commit": "abc123"}`` keeps runs whose
-    param or ``selbench.*`` tag of that name equals the value."""
-    runs = tracking.Store().finished_runs(experiment)
+    param or ``selbench.*`` tag of that name equals the value. ``params`` filters in the
+    store's own query (only runs whose param of each name has that value are read), for
+    callers that want a few runs of a large store."""
+    runs = tracking.Store().finished_runs(experiment, params)
     return mark_synthesized(split_mixed_parameters(filter_runs(runs, where or {})))
 
 
