@@ -53,9 +53,19 @@ def test_installed_plugin_is_listed_with_its_package(installed_plugin):
     out = subprocess.run(
         SELBENCH + ["methods"], env=env, capture_output=True, text=True, check=True, timeout=120
     ).stdout
-    assert method in out and package in out
-    assert parameter in out  # parameters and defaults are listed
-    assert "random" in out and "broken plugins" not in out
+    (line,) = [line for line in out.splitlines() if line.split()[:1] == [method]]
+    assert f"({package})" in line  # a third-party strategy's line names its package
+    assert "random" in out and "Broken plugins" not in out
+    detail = subprocess.run(
+        SELBENCH + ["methods", method],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert detail.startswith(f"{method}: offline strategy") and package in detail
+    assert f"  {parameter} = " in detail  # its parameters and defaults
 
 
 def test_installed_plugin_passes_its_own_kit_test(installed_plugin, tmp_path):

@@ -1,12 +1,11 @@
-"""``selbench methods`` and ``leaderboard``: what is installed, and what the runs say."""
+"""``selbench leaderboard``: what the runs say (``selbench methods``, what is installed,
+is :mod:`selbench.cli.methods`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
-from rich.table import Table
 
 from selbench.cli.common import (
     console,
@@ -17,97 +16,6 @@ from selbench.cli.common import (
 from selbench.cli.common import (
     quiet_libraries as _quiet_libraries,
 )
-
-
-def _parameter_lines(params: Any) -> list[str]:
-    """``key = default  (description)`` per field of a pydantic Params model."""
-    lines = []
-    for key, field in params.model_fields.items():
-        line = f"{key} = {field.default!r}"
-        if field.description:
-            line += f"  ({field.description})"
-        lines.append(line)
-    return lines
-
-
-def _online_table() -> Table:
-    """The online strategies (``--online NAME``; docs/online.md)."""
-    from selbench.registry import get_registry
-
-    table = Table(
-        title="online strategies (--online NAME or METHOD >> online:NAME; docs/online.md)",
-        show_lines=True,
-    )
-    for column in ("name", "package", "parameters (default)", "reference"):
-        table.add_column(column, overflow="fold")
-    for info in get_registry().online_infos():
-        needs = "needs a reference model" if info.cls.needs_reference else "learner only"
-        table.add_row(
-            f"[bold]{info.name}[/] ({needs})\n{info.cls.summary}",
-            f"{info.package} {info.version}".strip(),
-            "\n".join(_parameter_lines(info.cls.Params)) or "-",
-            info.cls.reference,
-        )
-    return table
-
-
-@main.command()
-@friendly_errors
-def methods() -> None:
-    """List installed selection strategies (scorers can be combined by &, | and fuse in a
-    pipeline; choosers only chained), their package, parameters and defaults, the
-    embedders, and the pipeline recipes."""
-    from selbench.registry import get_registry
-
-    table = Table(title="selbench strategies", show_lines=True)
-    for column in ("name", "package", "parameters (default)", "reference"):
-        table.add_column(column, overflow="fold")
-    for info in get_registry().infos():
-        params = _parameter_lines(info.cls.Params)
-        kind = "scorer" if info.cls.is_scorer() else "chooser"
-        if info.cls.has_rule():
-            kind += ", rule"
-        table.add_row(
-            f"[bold]{info.name}[/] ({kind})\n{info.cls.summary}",
-            f"{info.package} {info.version}".strip(),
-            "\n".join(params) or "-",
-            info.cls.reference,
-        )
-    console.print(table)
-    console.print(_online_table())
-    broken = get_registry().broken
-    if broken:
-        failed = Table(title="broken plugins (not loaded; a run asking for them fails)")
-        for column in ("entry point", "package", "module", "error"):
-            failed.add_column(column, overflow="fold")
-        for plugin in broken:
-            failed.add_row(
-                plugin.entry_point,
-                f"{plugin.package} {plugin.version}".strip(),
-                plugin.module,
-                plugin.error,
-            )
-        console.print(failed)
-    embedders = Table(title="selbench embedders (--embedder / -p embedder=SPEC)")
-    for column in ("name", "package", "spec", "reference"):
-        embedders.add_column(column, overflow="fold")
-    for embedder in get_registry().embedder_infos():
-        embedders.add_row(
-            embedder.name,
-            f"{embedder.package} {embedder.version}".strip(),
-            embedder.cls.summary,
-            embedder.cls.reference,
-        )
-    console.print(embedders)
-    from selbench.run.plan import load_recipe, recipe_names
-
-    recipes = Table(title="recipes (--method recipe:NAME; docs/pipelines.md)")
-    for column in ("name", "pipeline", "paper"):
-        recipes.add_column(column, overflow="fold")
-    for name in recipe_names():
-        recipe = load_recipe(name)
-        recipes.add_row(name, recipe["pipeline"], str(recipe.get("paper", "")))
-    console.print(recipes)
 
 
 @main.command()

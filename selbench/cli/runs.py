@@ -23,6 +23,7 @@ from selbench.cli.common import (
 from selbench.cli.common import (
     quiet_libraries as _quiet_libraries,
 )
+from selbench.cli.methods import complete_method_list, complete_online, complete_run_method
 from selbench.errors import SelbenchError
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     "--method",
     "-m",
     default=None,
+    shell_complete=complete_run_method,
     help="Strategy name (`selbench methods` lists them), NAME(KEY=VALUE,...), a pipeline "
     "such as 'semdedup(keep=0.8) >> clip_score' or 'fuse(clip_score, normsim)', or "
     "recipe:NAME (configs/recipes/); docs/pipelines.md has the grammar.",
@@ -121,6 +123,7 @@ if TYPE_CHECKING:
     "--online",
     default=None,
     metavar="NAME(K=V)",
+    shell_complete=complete_online,
     help="Choose every training batch while the model trains, from a super-batch `ratio` "
     "times larger drawn from METHOD's selection: jest, learnability, easy-reference, "
     "hard-learner or uniform (the control), e.g. 'jest(ratio=2)'. In-memory engine only. "
@@ -325,6 +328,7 @@ def _method_list(ctx, param, value: str) -> list[str]:
     "--methods",
     required=True,
     callback=_method_list,
+    shell_complete=complete_method_list,
     help="Comma-separated strategy names, e.g. tldr,clip_score,random; `all` runs every "
     "registered strategy. A method with parameters is NAME(KEY=VALUE,...), e.g. "
     "'tldr(refine=false)', as `selbench run -p KEY=VALUE` would set them; a pipeline "
