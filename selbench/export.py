@@ -154,7 +154,10 @@ def write_selection_shards(run_id: str, selection: pd.DataFrame, out_dir: Path, 
     from selbench.run.spec import selection_hash
 
     params = recorder.get_run(run_id).data.params
-    spec, fingerprint = params.get("pool_spec"), params.get("pool_fingerprint")
+    spec = params.get("pool_spec")
+    # A decontaminated run's pool_fingerprint names what decontamination left; its shards'
+    # fingerprint is pool_source_fingerprint.
+    fingerprint = params.get("pool_source_fingerprint") or params.get("pool_fingerprint")
     if not spec:
         raise ExportError(f"run {run_id} records no pool_spec; export it as parquet instead")
     pool = resolve_pool(spec).pool

@@ -23,6 +23,7 @@ from typing import Any
 
 from selbench import tracking
 from selbench.errors import ConfigError
+from selbench.pools import decontaminates_by_default
 from selbench.progress import NullProgress
 from selbench.registry import get_registry
 from selbench.run.lifecycle import execute, reap_stale_runs, resume
@@ -97,6 +98,7 @@ def plan(
     if not lengths:
         raise ConfigError("a sweep needs at least one training length")
     cells = []
+    decontaminate = decontaminates_by_default(pool)  # as each run resolves it: one cell key
     for spec, budget in combos:
         # Unknown names, invalid values and pipelines that cannot run fail here.
         offline, online_text = split_online(spec)
@@ -117,6 +119,7 @@ def plan(
                     eval_suite=eval_suite,
                     online=online.label if online else None,
                     train_samples=length,
+                    decontaminate=decontaminate,
                 )
                 key = cell_key(request, resolved.params, online.params if online else None)
                 cells.append(Cell(request, key))

@@ -78,7 +78,7 @@ def read_images(root: Path) -> Iterator[tuple[str, Image.Image]]:
     return _folder_images(root)
 
 
-def _eval_images(eval_set: EvalSetConfig) -> Iterator[tuple[str, Image.Image]]:
+def eval_set_images(eval_set: EvalSetConfig) -> Iterator[tuple[str, Image.Image]]:
     """An eval set's images; for a reasoning set (NLVR2's layout), those of the split the
     probe is scored on (its train split only fits the probe's head)."""
     root = Path(eval_set.path)
@@ -105,7 +105,7 @@ def load_target(root: Path | str, eval_sets: Sequence[EvalSetConfig]) -> TargetS
         images.append(image)
         hashes.setdefault(pixel_hash(image), key)
     for eval_set in eval_sets:
-        for key, image in _eval_images(eval_set):
+        for key, image in eval_set_images(eval_set):
             clash = hashes.get(pixel_hash(image))
             if clash is not None:
                 raise ConfigError(

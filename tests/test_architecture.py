@@ -66,6 +66,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "selbench.diagnostics",
         "selbench.datacomp_metadata",
         "selbench.neighbours",
+        "selbench.decontaminate",
         "selbench.run.selection_io",
         "selbench.run.views",
         "selbench.run.fusion",

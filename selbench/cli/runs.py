@@ -146,6 +146,14 @@ if TYPE_CHECKING:
     "a method's curve against compute (docs/compute.md).",
 )
 @click.option(
+    "--decontaminate/--no-decontaminate",
+    default=None,
+    help="Remove the pool samples that are near-duplicates of the evaluation images "
+    "before selection (perceptual hash or reference-embedding neighbours; the budget "
+    "counts the pool left). Default: on for a real pool and for SynthWeb generated with "
+    "planted_eval_copies, off for plain SynthWeb (docs/decontamination.md).",
+)
+@click.option(
     "--resume",
     "resume_id",
     default=None,
@@ -182,6 +190,7 @@ def run(
     online,
     online_reference,
     train_samples,
+    decontaminate,
     resume_id,
     stages,
 ) -> None:
@@ -224,6 +233,7 @@ def run(
                 online=online,
                 online_reference=online_reference,
                 train_samples=parse_train_samples(train_samples),
+                decontaminate=decontaminate,
             )
             outcome = execute(request, progress=progress, stages=list(stages) or None)
     title = f"run {outcome.run_id}" if resume_id else f"{method} @ budget {budget} (seed {seed})"
@@ -233,7 +243,7 @@ def run(
 # The options that name what a run measures; a resumed run keeps its own.
 _RUN_SETTINGS = (
     "method", "budget", "pool", "scale", "protocol", "target", "engine", "eval_suite",
-    "online", "online_reference", "train_samples",
+    "online", "online_reference", "train_samples", "decontaminate",
 )  # fmt: skip
 
 

@@ -18,7 +18,14 @@ from selbench.pools.shards import PoolForStrategies, ShardPool
 if TYPE_CHECKING:
     from selbench.synthweb import SynthWebConfig
 
-__all__ = ["PoolForStrategies", "ResolvedPool", "ShardPool", "resolve_pool", "synthweb_dir"]
+__all__ = [
+    "PoolForStrategies",
+    "ResolvedPool",
+    "ShardPool",
+    "decontaminates_by_default",
+    "resolve_pool",
+    "synthweb_dir",
+]
 
 #: The name of SynthWeb's captioning set (its retrieval images and reference captions).
 SYNTHWEB_CAPTIONING = "captioning"
@@ -48,7 +55,10 @@ def synthweb_dir(overrides: dict) -> tuple[Path, SynthWebConfig]:
     # dataset written by the old one.
     from selbench.synthweb.generate import GENERATOR_VERSION
 
-    key = f"{GENERATOR_VERSION}\0{config.model_dump_json()}"
+    # planted_eval_copies is left out while 0, so the datasets written before it existed
+    # keep their folder.
+    unplanted = {"planted_eval_copies"} if not config.planted_eval_copies else None
+    key = f"{GENERATOR_VERSION}\0{config.model_dump_json(exclude=unplanted)}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return data_home() / f"synthweb-{digest}", config
 
@@ -160,3 +170,25 @@ def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) 
         spec=spec,
         config=config.model_dump(),
     )
+
+
+def decontaminates_by_default(spec: str) -> bool:
+    """Whether a run on pool ``spec`` removes the pool's near-duplicates of the evaluation
+    images unless told (``--decontaminate/--no-decontaminate``): yes on a real pool, whose
+    web images may hold evaluation images, and on SynthWeb generated with
+    ``planted_eval_copies``; no on plain SynthWeb, whose evaluation images are drawn apart
+    from the pool (so its runs select and score as before). Reads the config only."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        manifest = path / "manifest.json"
+        if not manifest.is_file():
+            return True
+        config = json.loads(manifest.read_text()).get("config", {})
+        return bool(config.get("planted_eval_copies", 0))
+    try:
+        config = load_yaml_model(find_config("pools", spec), PoolConfig)
+    except ConfigError:
+        return True  # resolve_pool says what is wrong with it
+    if config.kind == "synthweb":
+        return bool(config.synthweb.get("planted_eval_copies", 0))
+    return True

@@ -175,12 +175,16 @@ def run_identity(plan: PreparedRun) -> tuple[dict[str, str], dict[str, Any]]:
         "seed": request.seed,
         "pool": pool.name,
         "pool_spec": request.pool,
-        "pool_fingerprint": pool.fingerprint,
-        "pool_size": len(pool),
+        # The pool the strategy chose from: after decontamination, what it left (so runs
+        # with and without it never share a leaderboard setting).
+        "pool_fingerprint": plan.pool_view.fingerprint,
+        "pool_size": plan.pool_size,
         "pool_skipped": json.dumps(dict(pool.scan_stats.skipped), sort_keys=True),
         "device": plan.device,
         "plugin_package": f"{info.package}=={info.version}",
         **{f"param.{k}": v for k, v in params.model_dump().items()},
+        "decontaminate": bool(request.decontaminate),
+        **(plan.decontamination.params(pool.fingerprint) if plan.decontamination else {}),
         **online_identity(plan),
         **{f"version.{k}": v for k, v in versions.items()},
     }
@@ -223,7 +227,10 @@ def resume(
     recorder = tracking.Recorder(experiment or tracking.DEFAULT_EXPERIMENT)
     found = recorder.get_run(run_id)
     rundir = _run_directory(run_id, found.data.tags)
-    request = RunRequest.from_dict(rundir.read_request())
+    recorded = rundir.read_request()
+    request = RunRequest.from_dict(recorded)
+    if "decontaminate" not in recorded:  # started before decontamination existed: without
+        request.decontaminate = False
     overrides = execution_overrides(execution)
     for key, value in overrides.items():
         setattr(request, key, value)
@@ -285,7 +292,7 @@ def execution_overrides(execution: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _check_same_pool(run_id: str, plan: PreparedRun, recorded: str | None) -> None:
-    current = plan.resolved.pool.fingerprint
+    current = plan.pool_view.fingerprint  # decontaminated as the run was
     if recorded and recorded != current:
         raise SelbenchError(
             f"the pool of run {run_id} ({plan.request.pool}) changed since the run started: "

@@ -57,6 +57,9 @@ class RunRequest:
     online: str | None = None  # an online strategy, NAME(K=V) (docs/online.md); None: offline
     online_reference: str | None = None  # its reference model's embedder spec; None: `reference`
     train_samples: float = 1.0  # x the protocol's samples seen (a sweep's training lengths)
+    # remove the pool's near-duplicates of evaluation images first; None: the pool's default
+    # (selbench.pools.decontaminates_by_default), resolved when the run is prepared
+    decontaminate: bool | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunRequest:
@@ -453,8 +456,9 @@ class _Dumpable(Protocol):
 def cell_key(request: RunRequest, params: _Dumpable, online_params: _Dumpable | None = None) -> str:
     """sha256 of the resolved configuration of a run: method, every parameter (defaults
     filled in), budget, seed, pool, scale, protocol, target, and where set the online
-    strategy (every parameter of it) and the training length. Runs with the same key are
-    the same benchmark cell; ``selbench sweep`` skips a cell that already has one."""
+    strategy (every parameter of it), the training length and pool-eval decontamination.
+    Runs with the same key are the same benchmark cell; ``selbench sweep`` skips a cell
+    that already has one."""
     resolved: dict[str, Any] = {
         "method": request.method,
         "params": params.model_dump(mode="json"),
@@ -476,6 +480,8 @@ def cell_key(request: RunRequest, params: _Dumpable, online_params: _Dumpable | 
         resolved["online_reference"] = request.online_reference
     if float(request.train_samples) != 1.0:
         resolved["train_samples"] = float(request.train_samples)
+    if request.decontaminate:  # only when on, so that every earlier cell keeps its key
+        resolved["decontaminate"] = True
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from selbench import flops, tracking
 from selbench.configs import ScaleConfig, load_scale
+from selbench.decontaminate import Decontamination, decontaminate_run
 from selbench.diagnostics import concept_coverage, pathology_fractions
 from selbench.embedders import EmbeddingService
 from selbench.errors import ConfigError, SelbenchError
@@ -65,13 +66,9 @@ from selbench.run.spec import (
     train_label,
     usage_key,
 )
+from selbench.run.views import SubsetView, ViewServices
 from selbench.rundir import RunDir
-from selbench.strategy import (
-    Selection,
-    SelectionContext,
-    budget_count,
-    check_budget,
-)
+from selbench.strategy import Selection, SelectionContext, budget_count, check_budget
 from selbench.target import load_target
 from selbench.train import (
     ENGINES,
@@ -102,6 +99,19 @@ class PreparedRun:
     label: str  # the canonical label (selbench.run.plan.resolve_method)
     needs: frozenset[str] = frozenset()  # what the strategy (every step of a pipeline) uses
     online: ResolvedOnline | None = None  # the online strategy choosing each batch, if any
+    decontamination: Decontamination | None = None  # what --decontaminate took out
+
+    @cached_property
+    def pool_view(self) -> Any:
+        """The pool strategies see: the whole pool, or what decontamination left of it."""
+        view = self.resolved.pool.strategy_view()
+        cleaned = self.decontamination
+        return view if cleaned is None else SubsetView(view, cleaned.kept_rows)
+
+    @property
+    def pool_size(self) -> int:
+        """The pool's size after decontamination: what the budget and the protocol count."""
+        return len(self.pool_view)
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,9 @@ def prepare(request: RunRequest, progress: Progress) -> PreparedRun:
         )
     check_budget(request.budget)  # before any work
     resolved = _resolve_pool(request, progress)
+    request, cleaned = decontaminate_run(
+        request, resolved, request.device or default_device(), progress
+    )
     return PreparedRun(
         request=request,
         info=method.info,
@@ -219,13 +232,14 @@ def prepare(request: RunRequest, progress: Progress) -> PreparedRun:
         scale=scale,
         engine=engine,
         resolved=resolved,
-        count=budget_count(request.budget, len(resolved.pool)),
+        count=budget_count(request.budget, cleaned.kept if cleaned else len(resolved.pool)),
         device=request.device or default_device(),
         label=train_label(
             online_label(method.label, online.label if online else None), request.train_samples
         ),
         needs=method.needs,
         online=online,
+        decontamination=cleaned,
     )
 
 
@@ -251,10 +265,11 @@ def embedding_service(stage: StageContext) -> EmbeddingService:
 
 
 def selection_context(stage: StageContext, services: EmbeddingService) -> SelectionContext:
-    """What the strategy sees: the pool's view, the budget, its services and scratch space."""
-    run, pool = stage.run, stage.run.resolved.pool
+    """What the strategy sees: the pool's view (decontaminated), the budget, its services
+    (the whole pool's embeddings cut to the view) and scratch space."""
+    run, pool, view = stage.run, stage.run.resolved.pool, stage.run.pool_view
     return SelectionContext(
-        pool=pool.strategy_view(),
+        pool=view,
         budget_count=run.count,
         budget_fraction=run.request.budget,
         seed=run.request.seed,
@@ -265,7 +280,7 @@ def selection_context(stage: StageContext, services: EmbeddingService) -> Select
         needs=run.needs,
         image_size=training_image_size(run.scale),
         truth=pool.ground_truth if pool.has_ground_truth() else None,
-        services=services,
+        services=ViewServices(services, view) if isinstance(view, SubsetView) else services,
     )
 
 
@@ -297,6 +312,8 @@ def select_stage(stage: StageContext) -> StageResult:
     }
     for key, value in (selection.metrics or {}).items():
         metrics[f"strategy/{key}"] = float(value)
+    if run.decontamination is not None:  # what each eval set had in the pool
+        metrics.update(run.decontamination.metrics())
     if synthesized:
         # Pool ground truth describes pool samples; synthesized pairs have none, so the
         # pathology and coverage diagnostics do not apply (n/a: not logged).
@@ -406,9 +423,7 @@ def train_stage(stage: StageContext) -> StageResult:
     if subset is None:
         raise SelbenchError(f"{rundir.subset_dir} is not a complete materialized subset")
     request = run.request
-    planned = planned_samples_seen(
-        run.scale, request.protocol, len(run.resolved.pool), subset.n_samples
-    )
+    planned = planned_samples_seen(run.scale, request.protocol, run.pool_size, subset.n_samples)
     samples_seen = max(1, int(round(planned * request.train_samples)))
     rundir.train_dir.mkdir(parents=True, exist_ok=True)
     series: dict[str, list[tuple[int, float]]] = {}
@@ -556,6 +571,7 @@ def write_resolved_config(run: PreparedRun, rundir: RunDir, samples_seen: int | 
             "name": pool.name,
             "fingerprint": pool.fingerprint,
             "size": len(pool),
+            "decontaminated_size": run.pool_size,
             "kind": resolved.kind,
             "config": resolved.config,
             "eval_sets": [e.model_dump() for e in resolved.eval_sets],

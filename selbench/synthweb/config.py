@@ -119,6 +119,15 @@ class SynthWebConfig(BaseModel):
         1000, ge=0, description="Statements in the reasoning set's test split (test1)."
     )
 
+    planted_eval_copies: int = Field(
+        0,
+        ge=0,
+        description="Pool samples replaced by perturbed copies of evaluation images (cropped, "
+        "resized, colour-shifted, re-encoded as JPEG; selbench/synthweb/planted.py), the "
+        "contamination a web pool has; runs on such a pool decontaminate by default "
+        "(docs/decontamination.md). 0: none, and the dataset is byte-identical to before.",
+    )
+
     @model_validator(mode="after")
     def _check_reasoning(self) -> SynthWebConfig:
         if (self.n_reasoning_train == 0) != (self.n_reasoning_test == 0):
@@ -150,6 +159,18 @@ class SynthWebConfig(BaseModel):
             )
         if counts["misaligned"] > 0 and self.n_samples < 2:
             raise ValueError("rate_misaligned > 0 needs n_samples >= 2")
+        return self
+
+    @model_validator(mode="after")
+    def _check_planted(self) -> SynthWebConfig:
+        sources = self.n_retrieval + 2 * self.n_classification
+        clean = self.pathology_counts()[CLEAN]
+        if self.planted_eval_copies > min(sources, clean):
+            raise ValueError(
+                f"planted_eval_copies={self.planted_eval_copies} needs as many evaluation "
+                f"images to copy (n_retrieval + 2 * n_classification = {sources}) and clean "
+                f"pool samples to replace ({clean}); lower it"
+            )
         return self
 
     def pathology_counts(self) -> dict[str, int]:

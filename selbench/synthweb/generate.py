@@ -136,6 +136,7 @@ class PoolSample:
     blank: BlankImage | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     sign: TextSign | None = None
+    image: tuple[str, bytes] | None = None  # (extension, bytes): a planted copy's own
 
     def render(self, size: int) -> np.ndarray:
         """The sample's image as a uint8 RGB array."""
@@ -373,10 +374,10 @@ def write_pool(
 
     def members(chunk: Sequence[PoolSample]) -> Iterator[tuple[str, bytes]]:
         for sample in chunk:
-            png = encode_png(sample.render(config.image_size))
+            ext, png = sample.image or ("png", encode_png(sample.render(config.image_size)))
             digest = sha256_hex(png)
             hashes.add(digest)
-            yield f"{sample.key}.png", png
+            yield f"{sample.key}.{ext}", png
             yield f"{sample.key}.txt", sample.caption.encode("utf-8")
             yield f"{sample.key}.json", json_bytes(_pool_record(sample, png, digest, config))
             progress.step()
@@ -529,7 +530,22 @@ def write_dataset(root: Path, config: SynthWebConfig, progress: ProgressFn | Non
     """Write every split and the manifest into the (existing, empty) directory ``root``."""
     tracker = _Progress(config.n_images_total(), progress)
     samples = plan_pool(config)
-    seen = write_pool(root / "pool", samples, config, tracker)
+    if config.planted_eval_copies:  # eval sets as unplanted, then the pool with copies
+        from .planted import plant_copies, unplanted_hashes
+
+        write_eval_splits(root, config, unplanted_hashes(samples, config.image_size), tracker)
+        write_pool(root / "pool", plant_copies(root, samples, config), config, tracker)
+    else:
+        seen = write_pool(root / "pool", samples, config, tracker)
+        write_eval_splits(root, config, seen, tracker)
+    manifest = json.dumps(build_manifest(config, samples), indent=2, sort_keys=True) + "\n"
+    write_text(root / "manifest.json", manifest)
+
+
+def write_eval_splits(
+    root: Path, config: SynthWebConfig, seen: set[str], tracker: _Progress
+) -> None:
+    """The evaluation sets and the target split, each image distinct from ``seen``."""
     write_retrieval_set(
         root / EVAL_SETS["retrieval"], config, "retrieval", config.n_retrieval, seen, tracker
     )
@@ -544,8 +560,6 @@ def write_dataset(root: Path, config: SynthWebConfig, progress: ProgressFn | Non
             lambda sample_fn: render_unique(sample_fn, config.image_size, seen),
             tracker.step,
         )
-    manifest = json.dumps(build_manifest(config, samples), indent=2, sort_keys=True) + "\n"
-    write_text(root / "manifest.json", manifest)
 
 
 def generate_synthweb(
