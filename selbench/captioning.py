@@ -54,17 +54,26 @@ class DecodeSettings:
     with ``num_beams=6``, ``num_beam_groups=3``, ``min_seq_len=5``, ``seq_len=30``,
     repetition penalty 1 (none), length penalty 1 and no early stopping (transformers'
     ``BeamSearchScorer`` defaults). ``method="greedy"`` takes the most likely token at
-    each step instead (open_clip's ``top_k`` generation with ``top_k=1``)."""
+    each step instead (open_clip's ``top_k`` generation with ``top_k=1``).
+    ``method="nucleus"`` samples each token (transformers' ``generate(do_sample=True)``
+    order: repetition penalty, then top-k, then top-p), from a seeded generator."""
 
-    method: str = "beam"  # "beam" or "greedy"
+    method: str = "beam"  # "beam", "greedy" or "nucleus"
     num_beams: int = 6
     num_beam_groups: int = 3
     min_seq_len: int = 5
     seq_len: int = 30
+    top_p: float = 0.9  # nucleus only: the smallest set of tokens with this much mass
+    top_k: int = 0  # nucleus only: first keep the k most likely tokens (0: all)
+    repetition_penalty: float = 1.0  # nucleus only: CTRL's penalty on tokens already out
 
     def __post_init__(self) -> None:
-        if self.method not in ("beam", "greedy"):
-            raise ValueError(f"decoding method {self.method!r}: choose 'beam' or 'greedy'")
+        if self.method not in ("beam", "greedy", "nucleus"):
+            raise ValueError(
+                f"decoding method {self.method!r}: choose 'beam', 'greedy' or 'nucleus'"
+            )
+        if not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ValueError("need 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0")
         if self.num_beams % self.num_beam_groups:
             raise ValueError("num_beams must be a multiple of num_beam_groups")
         if self.seq_len <= self.min_seq_len:
@@ -294,14 +303,65 @@ def _greedy(
     return [row.tolist() for row in prefix.cpu()]
 
 
+def _nucleus_filter(logits: torch.Tensor, prefix: torch.Tensor, settings: DecodeSettings):
+    """transformers' sampling processors in its order: the repetition penalty (CTRL's:
+    a seen token's logit divided by it when positive, multiplied when negative), then
+    top-k, then top-p (drop every token whose more likely tokens already hold ``top_p``
+    of the probability; the most likely one always stays)."""
+    if settings.repetition_penalty != 1.0:
+        seen = torch.gather(logits, 1, prefix)
+        penalty = settings.repetition_penalty
+        logits = logits.scatter(1, prefix, torch.where(seen < 0, seen * penalty, seen / penalty))
+    if settings.top_k:
+        kth = torch.topk(logits, min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if settings.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True, dim=-1)
+        probs = ordered.softmax(dim=-1)
+        above = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        drop = above >= settings.top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -math.inf)
+    return logits
+
+
+def _nucleus(
+    model: Any,
+    image_embs: torch.Tensor,
+    settings: DecodeSettings,
+    seq_len: int,
+    generator: torch.Generator,
+) -> list[list[int]]:
+    """Sampled tokens until end of text or ``seq_len`` (end of text at the last slot, as
+    :func:`_greedy`), each drawn from :func:`_nucleus_filter`'s distribution."""
+    n = image_embs.shape[0]
+    prefix = torch.full((n, 1), SOT_TOKEN, dtype=torch.long, device=image_embs.device)
+    finished = torch.zeros(n, dtype=torch.bool, device=image_embs.device)
+    while prefix.shape[1] < seq_len and not bool(finished.all()):
+        logits = _next_logits(model, image_embs, prefix, settings.min_seq_len).float()
+        probs = _nucleus_filter(logits, prefix, settings).softmax(dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).view(-1)
+        if prefix.shape[1] + 1 == seq_len:
+            token = torch.full_like(token, EOT_TOKEN)
+        token = torch.where(finished, torch.zeros_like(token), token)
+        finished |= token == EOT_TOKEN
+        prefix = torch.cat([prefix, token.view(-1, 1)], dim=1)
+    return [row.tolist() for row in prefix.cpu()]
+
+
 def generate_captions(
-    model: Any, images: torch.Tensor, settings: DecodeSettings | None = None
+    model: Any,
+    images: torch.Tensor,
+    settings: DecodeSettings | None = None,
+    seed: int = 0,
 ) -> list[str]:
     """One caption per image, decoded as CLIP_benchmark decodes ``CoCa.generate``'s output:
     open_clip's tokenizer, cut at end of text, start token removed, stripped.
 
     Sequences are at most ``settings.seq_len`` tokens (start token included), shortened to
     what the model's text tower takes (its context length + 1) when that is less.
+    ``seed`` seeds nucleus sampling (the same images, settings and seed give the same
+    captions); beam search and greedy decoding do not draw.
     """
     from open_clip.tokenizer import _tokenizer
 
@@ -315,8 +375,12 @@ def generate_captions(
     model.eval()
     with torch.no_grad():
         _, image_embs = model._encode_image(images)
-        decode = _beam_search if settings.method == "beam" else _greedy
-        sequences = decode(model, image_embs, settings, seq_len)
+        if settings.method == "nucleus":
+            generator = torch.Generator(device=image_embs.device).manual_seed(seed)
+            sequences = _nucleus(model, image_embs, settings, seq_len, generator)
+        else:
+            decode = _beam_search if settings.method == "beam" else _greedy
+            sequences = decode(model, image_embs, settings, seq_len)
     texts = []
     for tokens in sequences:
         text = _tokenizer.decode(tokens)

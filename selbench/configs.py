@@ -61,6 +61,14 @@ class ScaleConfig(BaseModel):
         "settings of the separate clean corpus the reference model trains on, instead of "
         "the pool (selbench.reference)",
     )
+    captioner: str | None = Field(
+        default=None,
+        # Left out of dumps like ``corpus``: the reference CLIP's cache key stays the same.
+        exclude=True,
+        description="reference recipes only: the scale recipe of the reference captioner "
+        "(a CoCa trained on the same clean corpus; selbench.reference_captioner), a name in "
+        "configs/scales/ or a path relative to this recipe's folder",
+    )
     engine: Literal["in-memory", "open_clip"] = Field(
         default="in-memory",
         description="in-memory: selbench's loop over the decoded subset (tiny, CPU); "

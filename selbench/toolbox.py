@@ -15,6 +15,8 @@ Training a proxy or a small model with selbench's one training loop:
     :func:`build_model`, :func:`model_config`, :func:`load_scale`, :func:`load_training_data`,
     :func:`build_training_data`, :func:`train_clip`, :func:`training_loop`,
     :func:`weight_decay_groups`
+Captioning (SynthWeb's reference captioner, or a local CoCa checkpoint on a real pool):
+    :func:`reference_captioner` (a :class:`Captioner`), :class:`DecodeSettings`
 Caching:
     :func:`cached_directory` (a checkpoint folder built once, under a lock),
     :func:`checkpoint_in`, :func:`selbench_home` (where caches live),
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from selbench.captioning import DecodeSettings
 from selbench.configs import ScaleConfig, load_scale
 from selbench.embedders import Embedder, Embeddings, image_batches
 from selbench.errors import ConfigError, PluginError
@@ -51,6 +54,7 @@ from selbench.neighbours import (
 )
 from selbench.paths import selbench_home
 from selbench.progress import NullProgress, Tracker
+from selbench.reference_captioner import Captioner, reference_captioner
 from selbench.strategy import (
     NEEDS,
     PoolView,
@@ -76,7 +80,9 @@ from selbench.train import (
 
 __all__ = [
     "NEEDS",
+    "Captioner",
     "ConfigError",
+    "DecodeSettings",
     "Embedder",
     "Embeddings",
     "LoopResult",
@@ -111,6 +117,7 @@ __all__ = [
     "open_clip_no_decay",
     "pool_image_tensor",
     "rank",
+    "reference_captioner",
     "scaled_cluster_count",
     "selbench_home",
     "top_k",

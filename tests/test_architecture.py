@@ -60,6 +60,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "selbench.pools.*",
         "selbench.synthweb.*",
         "selbench.reference",
+        "selbench.reference_captioner",
         "selbench.probe",
         "selbench.captioning",
         "selbench.target",

@@ -64,11 +64,13 @@ def embed(pool, embedder, device, chunk_size, nproc_per_node) -> None:
 
 @main.group()
 def reference() -> None:
-    """SynthWeb's reference model: the offline stand-in for a pretrained CLIP.
+    """SynthWeb's reference models: offline stand-ins for a pretrained CLIP and captioner.
 
-    CLIP-score, SemDeDup, the DataComp-era filters and TL;DR score or embed with it by
-    default (their papers use OpenAI's CLIP or BLIP). It trains once, on a separate clean
-    SynthWeb corpus, and is cached in $SELBENCH_HOME/reference/ (docs/embeddings.md).
+    CLIP-score, SemDeDup, the DataComp-era filters and TL;DR score or embed with the
+    reference CLIP by default (their papers use OpenAI's CLIP or BLIP); SIEVE and TL;DR's
+    refine_captioner=reference caption with the reference captioner (a CoCa; the papers
+    use BLIP). Both train once, on the same separate clean SynthWeb corpus, and are cached
+    in $SELBENCH_HOME/reference/ (docs/embeddings.md).
     """
 
 
@@ -80,36 +82,75 @@ def reference() -> None:
     "$SELBENCH_REFERENCE_RECIPE, else reference.",
 )
 @click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@click.option(
+    "--captioner/--no-captioner",
+    default=True,
+    show_default=True,
+    help="also build the reference captioner; only SIEVE and TL;DR's "
+    "refine_captioner=reference use it (a run builds it on first use otherwise).",
+)
 @friendly_errors
-def reference_build(recipe, device) -> None:
-    """Train the reference model now (about 4.5 minutes on 2 CPU cores), unless it is cached.
+def reference_build(recipe, device, captioner) -> None:
+    """Train the reference CLIP (about 4.5 minutes on 2 CPU cores), then the reference
+    captioner (a CoCa on the same corpus, about 20 minutes), unless they are cached.
 
-    Runs need it the first time a strategy uses it and build it then; building it ahead
-    keeps that time out of the first run, as downloading a pretrained CLIP would.
+    Runs need them the first time a strategy uses them and build them then; building them
+    ahead keeps that time out of the first run, as downloading pretrained weights would.
+    Most strategies need only the CLIP: --no-captioner builds it alone.
 
     \b
     Example:
-      selbench reference build && selbench run --method clip_score --budget 0.25
+      selbench reference build --no-captioner && selbench run --method clip_score --budget 0.25
     """
     _quiet_libraries()
     from selbench.progress import RichProgress
     from selbench.reference import build_reference, recipe_spec
+    from selbench.reference_captioner import build_reference_captioner
     from selbench.run.spec import default_device
 
-    started = time.perf_counter()
-    with RichProgress(err_console) as progress:
-        built = build_reference(recipe, device or default_device(), progress)
-    meta = built.meta
-    state = "trained" if built.built else "cached"
-    console.print(
-        f"reference model ({recipe_spec(recipe)}): {state}, {built.checkpoint}\n"
-        f"  sha256 {built.sha256}\n"
-        f"  corpus {meta['corpus_dir']} ({meta['corpus_size']} clean pairs), "
-        f"{meta['samples_seen']} samples seen, final loss {meta['final_loss']:.4f}, "
-        f"trained in {meta['train_seconds']:.0f} s on {meta['device']}"
-        + (f"; this call took {time.perf_counter() - started:.0f} s" if built.built else ""),
-        highlight=False,
-    )
+    device = device or default_device()
+    builds = [("reference model", build_reference)]
+    if captioner:
+        builds.append(("reference captioner", build_reference_captioner))
+    for label, build in builds:
+        started = time.perf_counter()
+        with RichProgress(err_console) as progress:
+            built = build(recipe, device, progress)
+        meta = built.meta
+        state = "trained" if built.built else "cached"
+        took = f"; this call took {time.perf_counter() - started:.0f} s" if built.built else ""
+        name = recipe_spec(recipe) if build is build_reference else meta["recipe"]["name"]
+        console.print(
+            f"{label} ({name}): {state}, {built.checkpoint}\n"
+            f"  sha256 {built.sha256}\n"
+            f"  corpus {meta['corpus_dir']} ({meta['corpus_size']} clean pairs), "
+            f"{meta['samples_seen']} samples seen, final loss {meta['final_loss']:.4f}, "
+            f"trained in {meta['train_seconds']:.0f} s on {meta['device']}" + took,
+            highlight=False,
+        )
+
+
+@reference.command("status")
+@click.option(
+    "--recipe",
+    default="",
+    help="a scale YAML with a 'corpus'; default $SELBENCH_REFERENCE_RECIPE, else reference.",
+)
+@friendly_errors
+def reference_status(recipe) -> None:
+    """Say whether the reference CLIP and the reference captioner are built (builds nothing)."""
+    from selbench.reference import load_recipe, recipe_spec, reference_dir
+    from selbench.reference_captioner import cached_reference_captioner, captioner_recipe
+
+    clip = reference_dir(load_recipe(recipe)[0]) / "model.pt"
+    captioner_name = captioner_recipe(recipe)[0].name
+    captioner = cached_reference_captioner(recipe)
+    for label, name, path in (
+        ("reference model", recipe_spec(recipe), clip if clip.is_file() else None),
+        ("reference captioner", captioner_name, captioner),
+    ):
+        state = f"built, {path}" if path is not None else "not built (selbench reference build)"
+        console.print(f"{label} ({name}): {state}", highlight=False, soft_wrap=True)
 
 
 @main.group()

@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from selbench import flops
 from selbench.toolbox import (
@@ -54,16 +54,16 @@ from .captioner import (
     init_from_proxy,
     train_captioner,
 )
+from .refine import caption_examples, refine_with_codebook, refine_with_reference
 from .selection import (
     centre_distances,
     cluster_prototype_distances,
+    cluster_size_histogram,
     kmeans_all_points,
     largest_remainder_quotas,
     pick_within_cluster,
-    refine_caption,
     sample_then_filter,
     top_keywords,
-    truncate_to_context,
     whiten,
 )
 
@@ -174,6 +174,13 @@ class TldrParams(BaseModel):
         description="train on 'original; generated' captions of the selected samples "
         "(paper Sec. 3.2, T = T_o + T_g; Table 2a)",
     )
+    refine_captioner: str = Field(
+        default="codebook",
+        description="what generates T_g: codebook, TL;DR's own captioner (paper Sec. "
+        "3.2); reference, SynthWeb's reference captioner, a CoCa trained once on a "
+        "separate clean corpus, as the release captions with a separately tuned BLIP "
+        "(caption_coco.yaml); or a local CoCa checkpoint open_clip:ARCH:/path (real pools)",
+    )
     separator: str = Field(
         default="; ",
         min_length=1,
@@ -263,6 +270,22 @@ class TldrParams(BaseModel):
         "whose text encoder embeds the keywords (the paper: a pretrained ViT-B/16 and text "
         "encoder; SynthWeb: its reference CLIP; proxy: the CLIP trained on the pool)",
     )
+
+    @field_validator("refine_captioner")
+    @classmethod
+    def _known_captioner(cls, value: str) -> str:
+        if value == "codebook" or value.partition(":")[0] in ("reference", "open_clip"):
+            return value
+        raise ValueError("use codebook, reference or open_clip:ARCH:/path/to/weights.pt")
+
+    @model_serializer(mode="wrap")
+    def _omit_default_captioner(self, handler):
+        """The default refine_captioner is left out of dumps, so that every earlier run
+        keeps its cell key (selbench.run.spec.cell_key)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("refine_captioner") == "codebook":
+            del data["refine_captioner"]
+        return data
 
 
 class TldrReleaseParams(TldrParams):
@@ -505,14 +528,20 @@ class Tldr(Strategy):
         metrics["clusters_requested"] = float(p.clusters)
         metrics["cluster_size_max"] = float(sizes.max())
         metrics["cluster_size_median"] = float(np.median(sizes))
-        histogram = self._histogram(ctx, sizes)
+        histogram = cluster_size_histogram(ctx.work_dir, sizes)
 
         # -- stage 3: caption refinement --------------------------------------------
         rewrites: dict[str, str] | None = None
         if p.refine:
             t0 = time.perf_counter()
             with flops.counted("generation/tldr"):  # decoding, as it runs
-                rewrites, kept = self._refine(ctx, model, vocab, images, selected, context_length)
+                if p.refine_captioner == "codebook":
+                    rewrites, kept = refine_with_codebook(
+                        ctx, p, model, vocab, images, selected, context_length
+                    )
+                else:
+                    rewrites, kept = refine_with_reference(ctx, p, vocab, selected, context_length)
+                    metrics["refine_reference_captioner"] = 1.0
             timings["generation"] = time.perf_counter() - t0
             metrics["refined_with_generated_text"] = kept
         for stage, seconds in timings.items():
@@ -522,7 +551,7 @@ class Tldr(Strategy):
             captions=rewrites,
             scores={u: float(v) for u, v in zip(uids, caption_loss, strict=True)},
             metrics=metrics,
-            artifacts=[histogram, *self._examples(ctx, uids, captions, rewrites, selected)],
+            artifacts=[histogram, *caption_examples(ctx, uids, captions, rewrites, selected)],
             series={"captioner_caption_loss": meta["caption_loss_curve"]},
         )
 
@@ -539,65 +568,6 @@ class Tldr(Strategy):
             )
         emb = ctx.embeddings(p.match_embedder)
         return top_k(clip_scores(emb.image, emb.text), keep)
-
-    def _refine(self, ctx, model, vocab, images, selected, context_length):
-        p = self.params
-        pool_captions = ctx.pool.captions
-        uids = ctx.pool.uids
-        rewrites: dict[str, str] = {}
-        with_generated = 0
-        batch = 512
-        starts = range(0, len(selected), batch)
-        for start in ctx.progress.track(starts, "TL;DR: generating captions", total=len(starts)):
-            index = selected[start : start + batch]
-            generated = model.generate(
-                images[torch.from_numpy(index)].to(ctx.device),
-                beams=p.beams,
-                max_length=p.max_length or None,
-                min_length=p.min_length,
-                prompt=vocab.prompt_ids,
-            )
-            for i, ids in zip(index.tolist(), generated, strict=True):
-                original = pool_captions[i]
-                text = truncate_to_context(
-                    refine_caption(original, vocab.decode(ids), p.separator),
-                    vocab.tokenizer,
-                    context_length,
-                )
-                if not text.strip():
-                    continue
-                with_generated += len(text) > len(original)
-                rewrites[uids[i]] = text
-        return rewrites, with_generated / max(1, len(selected))
-
-    @staticmethod
-    def _histogram(ctx: SelectionContext, sizes: np.ndarray):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-        ax.hist(sizes, bins=min(50, max(5, len(sizes) // 4)), color="#4477aa")
-        ax.set_xlabel("samples per cluster")
-        ax.set_ylabel("clusters")
-        ax.set_title(f"TL;DR cluster sizes ({len(sizes)} clusters)")
-        fig.tight_layout()
-        path = ctx.work_dir / "tldr_cluster_sizes.png"
-        fig.savefig(path)
-        plt.close(fig)
-        return path
-
-    @staticmethod
-    def _examples(ctx, uids, captions, rewrites, selected, count: int = 30):
-        if not rewrites:
-            return []
-        lines = ["| uid | original | training caption |", "|---|---|---|"]
-        for i in selected[:count].tolist():
-            lines.append(f"| {uids[i]} | {captions[i]} | {rewrites.get(uids[i], captions[i])} |")
-        path = ctx.work_dir / "tldr_caption_examples.md"
-        path.write_text("\n".join(lines) + "\n")
-        return [path]
 
 
 class TldrRelease(Tldr):

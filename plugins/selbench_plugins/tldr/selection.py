@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -249,3 +250,22 @@ def truncate_to_context(text: str, tokenizer: Any, context_length: int) -> str:
         else:
             hi = mid - 1
     return " ".join(words[:lo]) if lo else text  # one over-long word: leave it to the tokenizer
+
+
+def cluster_size_histogram(work_dir: Path, sizes: np.ndarray) -> Path:
+    """A histogram of the cluster sizes, ``tldr_cluster_sizes.png`` in ``work_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.hist(sizes, bins=min(50, max(5, len(sizes) // 4)), color="#4477aa")
+    ax.set_xlabel("samples per cluster")
+    ax.set_ylabel("clusters")
+    ax.set_title(f"TL;DR cluster sizes ({len(sizes)} clusters)")
+    fig.tight_layout()
+    path = work_dir / "tldr_cluster_sizes.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
