@@ -6,7 +6,7 @@ image was trained on) and checks every caption against SynthWeb's ground-truth s
         [--pool synthweb] [--images 1000] [--decoding beam|greedy|nucleus] [--device cpu]
 
 It builds the reference captioner first if it is not cached (``selbench reference
-build``; about 20 minutes on 2 CPU cores). Per attribute (colour, shape, size, position)
+build``; about 27 minutes on 2 CPU cores). Per attribute (colour, shape, size, position)
 it prints the share of captions that state a true value (of some object of the image;
 synonyms counted, tldr_caption_quality.py's word matching), the share that state any
 value of that attribute, and their ratio (how often a stated value is right). The same

@@ -92,7 +92,7 @@ def reference() -> None:
 @friendly_errors
 def reference_build(recipe, device, captioner) -> None:
     """Train the reference CLIP (about 4.5 minutes on 2 CPU cores), then the reference
-    captioner (a CoCa on the same corpus, about 20 minutes), unless they are cached.
+    captioner (a CoCa on the same corpus, about 27 minutes), unless they are cached.
 
     Runs need them the first time a strategy uses them and build them then; building them
     ahead keeps that time out of the first run, as downloading pretrained weights would.
