@@ -108,45 +108,62 @@ def build_reference(
     is not cached: generate the clean corpus (content-addressed, like every SynthWeb),
     train the recipe's CLIP on all of it with selbench's own training loop, and write
     ``model.pt`` and ``meta.json`` atomically (an interrupted build leaves nothing)."""
+    from selbench.train import train_clip
+
+    recipe, corpus = load_recipe(spec)
+
+    def train(model: Any, data: Any, samples: int, progress: Progress) -> Any:
+        return train_clip(
+            model, data, recipe, samples, REFERENCE_SEED, device, progress,
+            description="Reference: training",
+        )  # fmt: skip
+
+    return build_on_corpus(
+        reference_dir(recipe), recipe, corpus, train, device, progress, "Reference corpus"
+    )
+
+
+def build_on_corpus(
+    folder: Path,
+    recipe: ScaleConfig,
+    corpus: Any,
+    train: Any,
+    device: str,
+    progress: Progress | None,
+    label: str,
+    meta_extra: dict[str, Any] | None = None,
+) -> Reference:
+    """One model of the reference family, cached in ``folder``: generate the clean
+    ``corpus``, build ``recipe.model`` from :data:`REFERENCE_SEED`, load the corpus and call
+    ``train(model, data, samples, progress)`` for ``recipe.epochs`` over it, then write
+    ``model.pt`` and ``meta.json`` atomically (:func:`cached_directory`). Shared by the
+    reference CLIP and the reference captioner (:mod:`selbench.reference_captioner`)."""
     from selbench.pools import ensure_synthweb
     from selbench.pools.shards import ShardPool
     from selbench.progress import NullProgress
-    from selbench.train import build_model, load_training_data, train_clip
+    from selbench.train import build_model, load_training_data
 
     progress = progress or NullProgress()
-    recipe, corpus = load_recipe(spec)
-    folder = reference_dir(recipe)
 
     def load(entry: Path) -> Path | None:
         ok = (entry / "model.pt").is_file() and (entry / "meta.json").is_file()
         return entry / "model.pt" if ok else None
 
     def build(tmp: Path) -> None:
+        import torch
+
         started = time.perf_counter()
         corpus_dir = ensure_synthweb(
             corpus.model_dump(), progress=progress.counter("Reference corpus: generating")
         )
         pool = ShardPool(corpus_dir / "pool", name="synthweb-reference-corpus")
         model, preprocess, tokenizer = build_model(recipe.model, REFERENCE_SEED, device)
-        data = load_training_data(
-            pool, preprocess, tokenizer, progress, "Reference corpus: loading"
-        )
-        samples = int(round(len(data) * recipe.epochs))
-        result = train_clip(
-            model,
-            data,
-            recipe,
-            samples,
-            REFERENCE_SEED,
-            device,
-            progress,
-            description="Reference: training",
-        )
-        import torch
-
+        data = load_training_data(pool, preprocess, tokenizer, progress, f"{label}: loading")
+        result = train(model, data, int(round(len(data) * recipe.epochs)), progress)
         torch.save(model.state_dict(), tmp / "model.pt")
         meta = {
             "recipe": recipe.model_dump(),
+            **(meta_extra or {}),
             "corpus": corpus.model_dump(),
             "corpus_dir": corpus_dir.name,
             "corpus_fingerprint": pool.fingerprint,

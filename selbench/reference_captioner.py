@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,9 +31,15 @@ import numpy as np
 
 from selbench.configs import ScaleConfig, find_config, load_scale
 from selbench.errors import ConfigError
-from selbench.fileutil import cached_directory, file_sha256
+from selbench.fileutil import file_sha256
 from selbench.paths import selbench_home
-from selbench.reference import REFERENCE_SEED, Reference, load_recipe, recipe_spec
+from selbench.reference import (
+    REFERENCE_SEED,
+    Reference,
+    build_on_corpus,
+    load_recipe,
+    recipe_spec,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -102,54 +107,17 @@ def build_reference_captioner(
     cached: the reference corpus (content-addressed, shared with the reference CLIP), the
     captioner recipe's CoCa trained on all of it with :func:`selbench.train.train_coca`,
     ``model.pt`` and ``meta.json`` written atomically (an interrupted build leaves nothing)."""
-    from selbench.progress import NullProgress
+    from selbench.train import train_coca
 
-    progress = progress or NullProgress()
     recipe, reference, corpus = captioner_recipe(spec)
-    folder = captioner_dir(recipe, corpus)
 
-    def load(entry: Path) -> Path | None:
-        ok = (entry / "model.pt").is_file() and (entry / "meta.json").is_file()
-        return entry / "model.pt" if ok else None
+    def train(model: Any, data: Any, samples: int, progress: Progress) -> Any:
+        return train_coca(model, data, recipe, samples, REFERENCE_SEED, device, progress)
 
-    def build(tmp: Path) -> None:
-        import torch
-
-        from selbench.pools import ensure_synthweb
-        from selbench.pools.shards import ShardPool
-        from selbench.train import build_model, load_training_data, train_coca
-
-        started = time.perf_counter()
-        corpus_dir = ensure_synthweb(
-            corpus.model_dump(), progress=progress.counter("Reference corpus: generating")
-        )
-        pool = ShardPool(corpus_dir / "pool", name="synthweb-reference-corpus")
-        model, preprocess, tokenizer = build_model(recipe.model, REFERENCE_SEED, device)
-        data = load_training_data(
-            pool, preprocess, tokenizer, progress, "Reference captioner: loading"
-        )
-        samples = int(round(len(data) * recipe.epochs))
-        result = train_coca(model, data, recipe, samples, REFERENCE_SEED, device, progress)
-        torch.save(model.state_dict(), tmp / "model.pt")
-        meta = {
-            "recipe": recipe.model_dump(),
-            "reference_recipe": reference.name,
-            "corpus": corpus.model_dump(),
-            "corpus_dir": corpus_dir.name,
-            "corpus_fingerprint": pool.fingerprint,
-            "corpus_size": len(data),
-            "samples_seen": result.samples_seen,
-            "final_loss": result.final_loss,
-            "train_seconds": result.seconds,
-            "build_seconds": time.perf_counter() - started,
-            "seed": REFERENCE_SEED,
-            "device": device,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-
-    checkpoint, hit = cached_directory(folder, load, build)
-    meta = json.loads((checkpoint.parent / "meta.json").read_text())
-    return Reference(checkpoint, file_sha256(checkpoint), meta, built=not hit)
+    return build_on_corpus(
+        captioner_dir(recipe, corpus), recipe, corpus, train, device, progress,
+        "Reference captioner", meta_extra={"reference_recipe": reference.name},
+    )  # fmt: skip
 
 
 @dataclass

@@ -89,3 +89,22 @@ def logged_runs(experiment: str, home: Path | None = None) -> list:
     else:
         mlflow.set_tracking_uri(f"sqlite:///{home / 'runs' / 'mlflow.db'}")
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def log_frame_runs(experiment: str, runs) -> None:
+    """Log each row of ``runs`` (a ``search_runs``-shaped frame: ``params.*`` and
+    ``metrics.*`` columns) as a finished MLflow run of ``experiment``: a leaderboard's input
+    without training anything."""
+    import mlflow
+
+    from selbench import tracking
+
+    experiment_id = tracking.setup(experiment)
+    for _, run in runs.iterrows():
+        with mlflow.start_run(experiment_id=experiment_id):
+            mlflow.log_params(
+                {k.removeprefix("params."): v for k, v in run.items() if k.startswith("params.")}
+            )
+            mlflow.log_metrics(
+                {k.removeprefix("metrics."): v for k, v in run.items() if k.startswith("metrics.")}
+            )

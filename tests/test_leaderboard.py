@@ -2,6 +2,7 @@ import math
 
 import pandas as pd
 import pytest
+from e2e_helpers import log_frame_runs
 
 from selbench import leaderboard as lb
 from selbench.leaderboard import plots
@@ -344,22 +345,6 @@ def test_kendall_tau_between_two_configurations_on_hand_built_tables():
         lb.rank_agreement(mixed, here)
 
 
-def _log_runs(experiment: str, runs: pd.DataFrame) -> None:
-    import mlflow
-
-    from selbench import tracking
-
-    experiment_id = tracking.setup(experiment)
-    for _, run in runs.iterrows():
-        with mlflow.start_run(experiment_id=experiment_id):
-            mlflow.log_params(
-                {k.removeprefix("params."): v for k, v in run.items() if k.startswith("params.")}
-            )
-            mlflow.log_metrics(
-                {k.removeprefix("metrics."): v for k, v in run.items() if k.startswith("metrics.")}
-            )
-
-
 def test_leaderboard_command_compares_with_another_pool_or_experiment(tmp_path):
     from click.testing import CliRunner
 
@@ -367,9 +352,9 @@ def test_leaderboard_command_compares_with_another_pool_or_experiment(tmp_path):
 
     means = {"a": 0.4, "b": 0.3, "c": 0.2, "random": 0.1}
     other = {"a": 0.4, "b": 0.2, "c": 0.3, "random": 0.1}  # b and c swap: tau 4/6
-    _log_runs("first", hand_runs({(m, 0.25): [v, v + 0.02] for m, v in means.items()}, "p1"))
-    _log_runs("first", hand_runs({(m, 0.25): [v, v + 0.02] for m, v in other.items()}, "p2"))
-    _log_runs("second", hand_runs({(m, 0.25): [v, v + 0.02] for m, v in other.items()}, "p3"))
+    log_frame_runs("first", hand_runs({(m, 0.25): [v, v + 0.02] for m, v in means.items()}, "p1"))
+    log_frame_runs("first", hand_runs({(m, 0.25): [v, v + 0.02] for m, v in other.items()}, "p2"))
+    log_frame_runs("second", hand_runs({(m, 0.25): [v, v + 0.02] for m, v in other.items()}, "p3"))
     out = tmp_path / "boards"
     base = ["leaderboard", "--experiment", "first", "--out", str(out), "--no-plots"]
     result = CliRunner().invoke(main, [*base, "--compare-with", "p2"])
@@ -528,7 +513,7 @@ def test_metric_vs_total_flops_draws_a_line_per_method_and_budget(tmp_path):
 
 def test_the_flops_plot_is_written_beside_the_others_and_the_page_shows_it(tmp_path):
     old = hand_runs({("tldr", 0.25): [0.2, 0.3]})
-    _log_runs("flops", pd.concat([flops_runs(), old], ignore_index=True))
+    log_frame_runs("flops", pd.concat([flops_runs(), old], ignore_index=True))
     runs = lb.load_runs("flops")  # back from MLflow: labels read as the page shows them
     board = lb.summarise(runs)
     figures = plots.all_plots(board, runs, tmp_path, "board", load_uids=lambda _: {"u1"})

@@ -9,6 +9,7 @@ import re
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from e2e_helpers import log_frame_runs
 
 from selbench import leaderboard as lb
 from selbench.cli import main
@@ -190,28 +191,12 @@ def test_an_unknown_published_table_fails_before_reading_any_run(tmp_path):
     assert result.exit_code == 2 and "needs --compare-with published:NAME" in result.output
 
 
-def _log_runs(experiment: str, runs: pd.DataFrame) -> None:
-    import mlflow
-
-    from selbench import tracking
-
-    experiment_id = tracking.setup(experiment)
-    for _, run in runs.iterrows():
-        with mlflow.start_run(experiment_id=experiment_id):
-            mlflow.log_params(
-                {k.removeprefix("params."): v for k, v in run.items() if k.startswith("params.")}
-            )
-            mlflow.log_metrics(
-                {k.removeprefix("metrics."): v for k, v in run.items() if k.startswith("metrics.")}
-            )
-
-
 def test_leaderboard_command_compares_a_page_with_datacomp_small(tmp_path):
     # DataComp small, ImageNet: clip_score .051 > image_based .043 > basic .038 >
     # full_pool .025 > random .022; here random is ahead of the full pool: tau 8/10
     means = {"clip_score": 0.5, "image_based": 0.4, "basic": 0.3, "random": 0.2}
     values = {(m, 0.25): [v, v + 0.01] for m, v in means.items()}
-    _log_runs("dc", runs_of({**values, ("random", 1.0): [0.1, 0.11]}))
+    log_frame_runs("dc", runs_of({**values, ("random", 1.0): [0.1, 0.11]}))
     out = tmp_path / "boards"
     args = ["leaderboard", "--experiment", "dc", "--out", str(out), "--no-plots"]
     result = CliRunner().invoke(main, [*args, "--compare-with", "published:datacomp-small"])
