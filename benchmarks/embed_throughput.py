@@ -17,11 +17,15 @@ encoder's speed.
 
     python benchmarks/embed_throughput.py                 # default SynthWeb, tiny model
     python benchmarks/embed_throughput.py --pool DIR --repeats 5
+    python benchmarks/embed_throughput.py --device cuda --json figures.json   # also as JSON
+
+``--json`` writes the figures to a file as well (benchmarks/gpu_check.sh reads them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--model", default="selbench-tiny", help="open_clip architecture")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
 
     pool = resolve_pool(args.pool).pool.strategy_view()
@@ -130,6 +135,25 @@ def main() -> None:
     )
     print("paired ratios: " + " ".join(f"{r:.3f}" for r in paired))
     print(f"ratio end-to-end / encoder-only: {statistics.median(paired):.3f}")
+    if args.json:
+        figures = {
+            "pool": args.pool,
+            "pool_samples": n,
+            "model": args.model,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "batch": ENCODE_BATCH,
+            "decoding": decoding,
+            "repeats": args.repeats,
+            "encoder_only_per_s": enc_rate,
+            "end_to_end_per_s": e2e_rate,
+            "outside_encoder_s": statistics.median(outside),
+            "paired_ratios": paired,
+            "ratio": statistics.median(paired),
+        }
+        Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -155,9 +155,11 @@ def embed_command(
     chunk_size: int,
     nproc_per_node: int | None,
     console: Console,
+    strict: bool = False,
 ) -> EmbedOutcome:
     """Fill the embedding cache entry of ``pool`` by ``embedder`` (progress bars on
-    ``console``): here, as one torchrun rank, or by launching ``nproc_per_node`` ranks."""
+    ``console``): here, as one torchrun rank, or by launching ``nproc_per_node`` ranks.
+    ``strict`` refuses a pool holding a corrupt shard (:mod:`selbench.pools.corrupt`)."""
     if nproc_per_node is not None:
         if under_torchrun():
             raise SelbenchError(
@@ -167,21 +169,29 @@ def embed_command(
         args = ["embed", "--pool", pool, "--embedder", embedder, "--chunk-size", str(chunk_size)]
         if device is not None:
             args += ["--device", device]
+        args += ["--strict"] if strict else []
         return EmbedOutcome(exit_code=launch(nproc_per_node, args))
     if not under_torchrun():
         from selbench.run.spec import default_device
 
-        return _embed(pool, embedder, device or default_device(), chunk_size, console, one_rank())
+        device = device or default_device()
+        return _embed(pool, embedder, device, chunk_size, console, one_rank(), strict)
     device = rank_device(device)
     ranks = join_torchrun(device)
     try:
-        return _embed(pool, embedder, device, chunk_size, console, ranks)
+        return _embed(pool, embedder, device, chunk_size, console, ranks, strict)
     finally:
         leave_torchrun()
 
 
 def _embed(
-    pool: str, embedder: str, device: str, chunk_size: int, console: Console, ranks: Ranks
+    pool: str,
+    embedder: str,
+    device: str,
+    chunk_size: int,
+    console: Console,
+    ranks: Ranks,
+    strict: bool = False,
 ) -> EmbedOutcome:
     """Rank 0 generates the pool and prepares the embedder first (the other ranks then
     find both on disk); then the ranks split the entry's chunks."""
@@ -194,7 +204,7 @@ def _embed(
         progress = shown if shown is not None else NullProgress()
         resolved = rank_zero_first(
             ranks,
-            lambda: resolve_pool(pool, progress=progress.counter("Generating SynthWeb")),
+            lambda: resolve_pool(pool, progress.counter("Generating SynthWeb"), strict),
             "resolving the pool",
         )
         service = EmbeddingService(

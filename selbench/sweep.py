@@ -83,6 +83,7 @@ def plan(
     device: str | None = None,
     eval_suite: str | None = None,
     train_samples: Sequence[float | str] = (1.0,),
+    strict: bool = False,
 ) -> list[Cell]:
     """The grid's cells (validated before anything runs), plus with ``full_pool`` the
     reference cells ``random`` at budget 1.0 for every seed; every cell at each training
@@ -120,6 +121,7 @@ def plan(
                     online=online.label if online else None,
                     train_samples=length,
                     decontaminate=decontaminate,
+                    strict=strict,
                 )
                 key = cell_key(request, resolved.params, online.params if online else None)
                 cells.append(Cell(request, key))
@@ -238,6 +240,7 @@ class SweepOptions:
     out: Path = Path("leaderboards")
     compare_with: str | None = None
     train_samples: list[float] = field(default_factory=lambda: [1.0])
+    strict: bool = False  # refuse a pool with a corrupt shard (--strict)
 
     def resolved_methods(self) -> list[str]:
         if self.methods == ["all"]:
@@ -259,6 +262,7 @@ class SweepOptions:
                     if self.train_samples != [1.0] else []
                 ),
                 *(["--eval", self.eval_suite] if self.eval_suite else []),
+                *(["--strict"] if self.strict else []),
                 "--experiment", self.experiment, "--leaderboard", str(self.board_name),
                 "--out", str(self.out),
                 *(["--compare-with", self.compare_with] if self.compare_with else []),
@@ -275,7 +279,7 @@ def run_grid(
     cells = plan(
         options.resolved_methods(), options.budgets, options.seeds, options.pool,
         options.scale, options.protocol, options.experiment, options.full_pool,
-        options.device, options.eval_suite, options.train_samples,
+        options.device, options.eval_suite, options.train_samples, options.strict,
     )  # fmt: skip
     return run_sweep(cells, options.experiment, progress=progress, on_update=on_update)
 

@@ -11,7 +11,9 @@ from selbench.testing import CHECKS, check_strategy, parametrize_with_checks
 # captioner, a two-epoch filter, one EL2N run): their defaults train for minutes, dozens
 # of times over. dfn also needs a captioned target set, which tests/test_dfn.py writes.
 # distill trains experts and unrolls students: tests/test_distill.py, tiny parameters.
-FAST_KIT_ELSEWHERE = {"tldr", "tldr-release", "dfn", "el2n", "distill"}
+# sieve samples 8 captions of every pool image by default: tests/test_sieve.py runs the kit
+# with 2 short captions (its defaults took about 4 minutes per check here).
+FAST_KIT_ELSEWHERE = {"tldr", "tldr-release", "dfn", "el2n", "distill", "sieve"}
 
 
 @parametrize_with_checks(

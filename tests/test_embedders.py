@@ -131,8 +131,8 @@ def test_kill_9_during_embedding_then_the_same_command_resumes(tmp_path, weights
     generate_synthweb(
         pool_dir,
         SynthWebConfig(
-            n_samples=4000,
-            shard_size=500,
+            n_samples=1600,  # 25 chunks of 64: killed after 3, far from the end
+            shard_size=400,
             n_retrieval=20,
             n_classification=20,
             n_target=10,

@@ -16,6 +16,16 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+#: ``--strict``'s help, the same for every command that reads a pool.
+STRICT_HELP = (
+    "Refuse a pool holding a corrupt shard (cut short, not a tar, or holding a different "
+    "number of samples than its _stats.json records), with an error naming the shard. "
+    "Default: leave the shard out with a warning naming it, count its samples as "
+    "corrupt_shard in the run's pool_skipped (its name goes in pool_skipped_shards), and "
+    "give the pool a fingerprint of its own (docs/reliability.md)."
+)
+
+
 def quiet_libraries() -> None:
     # MLflow's sqlite migrations are noise here. open_clip's "no pretrained weights" notice
     # is dropped where selbench builds its models (selbench.train.build_model); the root

@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 
 from selbench.cli.common import (
+    STRICT_HELP,
     console,
     err_console,
     friendly_errors,
@@ -49,13 +50,16 @@ from selbench.errors import SelbenchError
     "(gloo on CPU; NCCL and one GPU each on GPU). Rerun the same command to resume a killed "
     "pass. On several nodes, start `torchrun ... -m selbench.cli embed` yourself instead.",
 )
+@click.option("--strict", is_flag=True, default=False, help=STRICT_HELP)
 @friendly_errors
-def embed(pool, embedder, device, chunk_size, nproc_per_node) -> None:
+def embed(pool, embedder, device, chunk_size, nproc_per_node, strict) -> None:
     """Fill the embedding cache for POOL with EMBEDDER ahead of runs."""
     _quiet_libraries()
     from selbench.embed_ranks import embed_command
 
-    outcome = embed_command(pool, embedder, device, chunk_size, nproc_per_node, err_console)
+    outcome = embed_command(
+        pool, embedder, device, chunk_size, nproc_per_node, err_console, strict=strict
+    )
     if outcome.message is not None:
         console.print(outcome.message, soft_wrap=True)
     if outcome.exit_code:

@@ -13,6 +13,7 @@ from click.core import ParameterSource
 from rich.table import Table
 
 from selbench.cli.common import (
+    STRICT_HELP,
     console,
     err_console,
     friendly_errors,
@@ -153,6 +154,7 @@ if TYPE_CHECKING:
     "counts the pool left). Default: on for a real pool and for SynthWeb generated with "
     "planted_eval_copies, off for plain SynthWeb (docs/decontamination.md).",
 )
+@click.option("--strict", is_flag=True, default=False, help=STRICT_HELP)
 @click.option(
     "--resume",
     "resume_id",
@@ -191,6 +193,7 @@ def run(
     online_reference,
     train_samples,
     decontaminate,
+    strict,
     resume_id,
     stages,
 ) -> None:
@@ -234,6 +237,7 @@ def run(
                 online_reference=online_reference,
                 train_samples=parse_train_samples(train_samples),
                 decontaminate=decontaminate,
+                strict=strict,
             )
             outcome = execute(request, progress=progress, stages=list(stages) or None)
     title = f"run {outcome.run_id}" if resume_id else f"{method} @ budget {budget} (seed {seed})"
@@ -243,7 +247,7 @@ def run(
 # The options that name what a run measures; a resumed run keeps its own.
 _RUN_SETTINGS = (
     "method", "budget", "pool", "scale", "protocol", "target", "engine", "eval_suite",
-    "online", "online_reference", "train_samples", "decontaminate",
+    "online", "online_reference", "train_samples", "decontaminate", "strict",
 )  # fmt: skip
 
 
@@ -391,6 +395,7 @@ def _method_list(ctx, param, value: str) -> list[str]:
 )
 @click.option("--experiment", default="selbench", show_default=True, help="MLflow experiment.")
 @click.option("--device", default=None, help="torch device; default cuda when available, else cpu.")
+@click.option("--strict", is_flag=True, default=False, help=STRICT_HELP)
 @click.option(
     "--leaderboard",
     "board_name",
@@ -428,6 +433,7 @@ def sweep(
     train_samples,
     experiment,
     device,
+    strict,
     board_name,
     out,
     compare_with,
@@ -448,7 +454,7 @@ def sweep(
     options = sw.SweepOptions(
         methods, budgets, seeds, pool, scale, protocol, full_pool, eval_suite, experiment,
         device, board_name, out, compare_with,
-        train_samples=[parse_train_samples(t) for t in train_samples],
+        train_samples=[parse_train_samples(t) for t in train_samples], strict=strict,
     )  # fmt: skip
     started = time.perf_counter()
     with RichProgress(err_console) as progress:

@@ -79,7 +79,7 @@ def ensure_synthweb(overrides: dict, progress: Callable[[int, int], None] | None
     return out_dir
 
 
-def _from_synthweb_dir(root: Path, spec: str) -> ResolvedPool:
+def _from_synthweb_dir(root: Path, spec: str, strict: bool = False) -> ResolvedPool:
     manifest = json.loads((root / "manifest.json").read_text())
     eval_sets = []
     for name, rel in manifest["eval_sets"].items():
@@ -95,7 +95,7 @@ def _from_synthweb_dir(root: Path, spec: str) -> ResolvedPool:
         path = str(root / manifest["eval_sets"]["retrieval"])
         eval_sets.append(EvalSetConfig(name=SYNTHWEB_CAPTIONING, task="captioning", path=path))
     target = root / manifest["target"] if manifest.get("target") else None
-    pool = ShardPool(root / "pool", name="synthweb")
+    pool = ShardPool(root / "pool", name="synthweb", strict=strict)
     pool.kind = "synthweb"
     return ResolvedPool(
         pool=pool,
@@ -116,16 +116,20 @@ def _metadata_path(metadata: str | None, config_path: Path) -> str | None:
     return str(path if path.is_absolute() else config_path.parent / path)
 
 
-def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) -> ResolvedPool:
+def resolve_pool(
+    spec: str, progress: Callable[[int, int], None] | None = None, strict: bool = False
+) -> ResolvedPool:
     """Turn a ``--pool`` value into a :class:`ResolvedPool`.
 
     ``spec`` is a pool config name (``configs/pools/NAME.yaml``), a path to such a YAML,
     a SynthWeb dataset directory (it has ``manifest.json``) or a directory of shards.
+    A corrupt shard is left out of the pool (with a warning naming it), or with ``strict``
+    (``--strict``) refused (:mod:`selbench.pools.corrupt`).
     """
     path = Path(spec).expanduser()
     if path.is_dir():
         if (path / "manifest.json").is_file():
-            return _from_synthweb_dir(path, spec)
+            return _from_synthweb_dir(path, spec, strict)
         raise PoolError(
             f"pool directory {path} has no eval sets; write a pool config "
             f"(configs/pools/*.yaml, kind: shards) naming its shards and eval sets"
@@ -140,7 +144,7 @@ def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) 
     metadata = _metadata_path(config.metadata, config_path)
     if config.kind == "synthweb":
         root = ensure_synthweb(config.synthweb, progress=progress)
-        resolved = _from_synthweb_dir(root, spec)
+        resolved = _from_synthweb_dir(root, spec, strict)
         resolved.pool.name = config.name
         resolved.pool.metadata = metadata
         return resolved
@@ -160,7 +164,7 @@ def resolve_pool(spec: str, progress: Callable[[int, int], None] | None = None) 
         eval_sets = resolve_eval_suite(config.eval_suite, check=False)
     # No sets is allowed here (embedding, export, or a run given --eval SUITE need none);
     # a run that would evaluate on nothing is refused when the run is prepared, naming the fix.
-    pool = ShardPool(config.path, name=config.name)
+    pool = ShardPool(config.path, name=config.name, strict=strict)
     pool.reference = config.reference
     pool.metadata = metadata
     return ResolvedPool(

@@ -16,8 +16,9 @@ samples a hostile shard could use against a reader that extracts it: members wit
 absolute or ``..`` name, symlinks and other non-files, and a member name written twice
 (the cases and their outcomes are in docs/reliability.md). Members are only ever read
 from the tar, never extracted. A shard that cannot be read at all (truncated, not a tar,
-or holding a different number of samples than its ``_stats.json`` records) is an error
-naming the shard.
+or holding a different number of samples than its ``_stats.json`` records) is corrupt:
+a strict pool refuses it with an error naming the shard, any other leaves it out and
+counts its samples (:mod:`selbench.pools.corrupt`).
 
 Members are grouped into samples by key as webdataset does (the basename up to its first
 dot). The scan is written with ``tarfile`` rather than webdataset's streaming iterator
@@ -39,7 +40,7 @@ import shutil
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,16 @@ from selbench.decoding import decode_image_bytes
 from selbench.errors import PoolError
 from selbench.fileutil import atomic_write_text, memoised_sha256, read_member, writing
 from selbench.paths import index_home
+from selbench.pools.corrupt import (
+    CORRUPT_SHARD,
+    CorruptShardError,
+    check_complete_tar,
+    corrupt_sample_count,
+    fingerprint_with_skipped,
+    refuse_corrupt,
+    warn_skipped,
+)
+from selbench.pools.view import PoolForStrategies
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 GROUND_TRUTH_KEY = "synthweb"
@@ -61,24 +72,6 @@ INDEX_FORMAT = 4  # 4: hostile members (unsafe names, links, duplicates) skipped
 #: Below this many bytes of shards to scan, the default scan stays in-process: starting
 #: a spawned worker (about a second) would cost more than decoding the images.
 PARALLEL_MIN_BYTES = 64 << 20
-
-
-def _check_complete_tar(shard: Path) -> None:
-    """Raise PoolError unless ``shard`` ends like a complete tar archive.
-
-    Python's streaming tar reader (which webdataset uses) stops quietly at a truncation
-    that falls on a header, so a cut-short shard would lose samples without a word. A
-    complete archive is a whole number of 512-byte blocks ending in two zero blocks.
-    """
-    try:
-        size = shard.stat().st_size
-        with open(shard, "rb") as fh:
-            fh.seek(max(size - 1024, 0))
-            tail = fh.read(1024)
-    except OSError as exc:
-        raise PoolError(f"shard {shard} cannot be read: {exc}") from None
-    if size < 1024 or size % 512 or tail.count(0) != len(tail):
-        raise PoolError(f"shard {shard} is truncated or not a tar archive ({size} bytes)")
 
 
 #: Why a sample's members keep it out of the index (see :func:`_member_problem`).
@@ -115,7 +108,7 @@ def _shard_samples(
     """``(key, {extension: member}, tar, problem)`` per sample of one shard, in member
     order; ``problem`` names why the sample must be skipped (:func:`_member_problem`,
     or a member name written twice), else None."""
-    _check_complete_tar(shard)
+    check_complete_tar(shard)
     try:
         with tarfile.open(shard) as tar:
             grouped: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -138,8 +131,8 @@ def _shard_samples(
             for key, parts in grouped.items():
                 yield os.path.basename(key), parts, tar, problems.get(key)
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise PoolError(
-            f"shard {shard} is corrupt or unreadable: {type(exc).__name__}: {exc}"
+        raise CorruptShardError(
+            shard, f"is corrupt or unreadable: {type(exc).__name__}: {exc}"
         ) from exc
 
 
@@ -149,19 +142,23 @@ class ScanStats:
 
     ``total`` counts the samples present in the tars; downloads that img2dataset
     recorded as failed (absent from the tars) are counted under
-    ``skipped["failed_download"]`` and not in ``total``.
+    ``skipped["failed_download"]`` and not in ``total``. ``corrupt`` maps each corrupt
+    shard left out (file name) to its problem; its samples are ``skipped["corrupt_shard"]``.
     """
 
     total: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    corrupt: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
+        raw = {"total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
+        return {**raw, "corrupt_shards": self.corrupt} if self.corrupt else raw
 
     @classmethod
     def from_dict(cls, raw: dict) -> ScanStats:
-        return cls(int(raw["total"]), int(raw["kept"]), Counter(raw["skipped"]))
+        corrupt = dict(raw.get("corrupt_shards", {}))
+        return cls(int(raw["total"]), int(raw["kept"]), Counter(raw["skipped"]), corrupt)
 
 
 INDEX_COLUMNS = ["uid", "key", "caption", "shard", "ground_truth", "offset", "size", "ext"]
@@ -248,7 +245,7 @@ def scan_shard(shard: Path) -> tuple[pd.DataFrame, ScanStats]:
     Every image is decoded once here, so that an unreadable one is skipped and counted
     now rather than failing a training run later. Samples are checked against the
     shard's ``_stats.json``: a shard holding a different number of samples than its
-    downloader wrote is an error naming the shard.
+    downloader wrote is corrupt (CorruptShardError, naming the shard).
     """
     rows: list[tuple] = []
     stats = ScanStats()
@@ -284,9 +281,10 @@ def scan_shard(shard: Path) -> tuple[pd.DataFrame, ScanStats]:
         stats.kept += 1
     written = _shard_stats(shard)
     if written is not None and "successes" in written and int(written["successes"]) != stats.total:
-        raise PoolError(
-            f"shard {shard} holds {stats.total} samples but its _stats.json records "
-            f"{written['successes']} successes: the shard is not what its downloader wrote"
+        raise CorruptShardError(
+            shard,
+            f"holds {stats.total} samples but its _stats.json records "
+            f"{written['successes']} successes: the shard is not what its downloader wrote",
         )
     failed = failed_downloads(shard)
     if failed:
@@ -294,9 +292,24 @@ def scan_shard(shard: Path) -> tuple[pd.DataFrame, ScanStats]:
     return pd.DataFrame(rows, columns=INDEX_COLUMNS), stats
 
 
+def _is_corrupt(shard: Path) -> bool:
+    try:
+        scan_shard(shard)
+    except CorruptShardError:
+        return True
+    return False
+
+
 def _scan_shard_to_file(shard: Path, part: Path) -> dict:
-    """Worker: index ``shard`` into the partial index file ``part``; return its stats."""
-    frame, stats = scan_shard(shard)
+    """Worker: index ``shard`` into the partial index file ``part``; return its stats.
+    A corrupt shard's part holds no rows, and its stats name it and count its samples
+    (:func:`selbench.pools.corrupt.corrupt_sample_count`)."""
+    try:
+        frame, stats = scan_shard(shard)
+    except CorruptShardError as exc:
+        count = corrupt_sample_count(shard)
+        frame = pd.DataFrame([], columns=INDEX_COLUMNS)
+        stats = ScanStats(count, 0, Counter({CORRUPT_SHARD: count}), {shard.name: exc.problem})
     # The stats travel inside the parquet's metadata, so a part is one atomic file.
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata(
@@ -330,13 +343,20 @@ def index_workers() -> int:
 class ShardPool:
     """An img2dataset-layout pool. Builds (and caches) an index of readable samples.
 
-    The index is built once per pool content (see :attr:`fingerprint`): shards are
-    scanned by ``workers`` processes, each writing a partial index file per shard, so
-    a scan that is killed resumes with the shards it had not finished.
+    The index is built once per pool content (see :attr:`content_fingerprint`): shards
+    are scanned by ``workers`` processes, each writing a partial index file per shard, so
+    a scan that is killed resumes with the shards it had not finished. A corrupt shard
+    (:mod:`selbench.pools.corrupt`) is refused while ``strict`` (the default here; the
+    commands pass ``--strict``, default off, through :func:`selbench.pools.resolve_pool`),
+    else left out with a warning naming it.
     """
 
     def __init__(
-        self, root: Path | str, name: str | None = None, workers: int | None = None
+        self,
+        root: Path | str,
+        name: str | None = None,
+        workers: int | None = None,
+        strict: bool = True,
     ) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -352,7 +372,9 @@ class ShardPool:
         #: the metadata entries file its pool YAML names (``metadata``), if any
         self.metadata: str | None = None
         self.workers = workers
-        self.fingerprint = self._fingerprint()
+        self.strict = strict
+        #: sha256 of the shards' names and bytes: names the index cache
+        self.content_fingerprint = self._fingerprint()
         self._index: pd.DataFrame | None = None
         self.scan_stats = ScanStats()
 
@@ -365,18 +387,35 @@ class ShardPool:
             digest.update(f"{shard.name}:{memoised_sha256(shard, memo_path)}\n".encode())
         return digest.hexdigest()[:16]
 
+    @property
+    def fingerprint(self) -> str:
+        """What caches and runs compare pools by: :attr:`content_fingerprint` when no shard
+        was left out, else a digest of it and the names of the shards left out (reads the
+        index to know which)."""
+        return fingerprint_with_skipped(self.content_fingerprint, self.skipped_shards)
+
+    @property
+    def skipped_shards(self) -> list[str]:
+        """File names of the corrupt shards left out of the index, in shard order."""
+        _ = self.index
+        return sorted(self.scan_stats.corrupt)
+
     # -- index -----------------------------------------------------------------------
     @property
     def index(self) -> pd.DataFrame:
         if self._index is None:
-            self._index = self._load_or_build_index()
+            index = self._load_or_build_index()
+            if self.strict:
+                refuse_corrupt(self.root, self.scan_stats.corrupt)
+            warn_skipped(self.root, self.scan_stats.corrupt, self.scan_stats.skipped[CORRUPT_SHARD])
+            self._index = index
         return self._index
 
     def _index_path(self) -> Path:
-        return index_home() / f"{self.fingerprint}.v{INDEX_FORMAT}.parquet"
+        return index_home() / f"{self.content_fingerprint}.v{INDEX_FORMAT}.parquet"
 
     def _parts_dir(self) -> Path:
-        return index_home() / f"{self.fingerprint}.v{INDEX_FORMAT}.parts"
+        return index_home() / f"{self.content_fingerprint}.v{INDEX_FORMAT}.parts"
 
     def _load_index(self) -> pd.DataFrame | None:
         path = self._index_path()
@@ -388,6 +427,8 @@ class ShardPool:
             self.scan_stats = ScanStats.from_dict(json.loads(stats_path.read_text()))
         except (OSError, ValueError, KeyError):
             return None  # damaged cache entry: rebuilt by the caller
+        if not all(_is_corrupt(self.root / name) for name in self.scan_stats.corrupt):
+            return None  # a shard left out reads whole now (its _stats.json put right)
         return index
 
     def _load_or_build_index(self) -> pd.DataFrame:
@@ -411,11 +452,42 @@ class ShardPool:
 
     def _scan(self) -> pd.DataFrame:
         """Index every shard (in parallel, resuming from finished partial files), then
-        join the parts in shard order; a uid seen in an earlier sample is skipped."""
+        join the parts in shard order; a uid seen in an earlier sample is skipped, and a
+        corrupt shard's part adds no rows."""
         parts_dir = self._parts_dir()
         parts_dir.mkdir(parents=True, exist_ok=True)
         parts = [parts_dir / f"{i:08d}.parquet" for i in range(len(self.shards))]
-        todo = [i for i, part in enumerate(parts) if not part.is_file()]
+        self._scan_parts([i for i, part in enumerate(parts) if not part.is_file()], parts)
+        frames, stats = [], ScanStats()
+        for shard_id, part in enumerate(parts):
+            frame, part_stats = _read_part(part)
+            stats.total += part_stats.total
+            stats.kept += part_stats.kept
+            stats.skipped.update(part_stats.skipped)
+            stats.corrupt.update(part_stats.corrupt)
+            if not part_stats.corrupt:
+                frame["shard"] = shard_id
+                frames.append(frame)
+        empty = pd.DataFrame([], columns=INDEX_COLUMNS)  # every shard corrupt
+        index = pd.concat(frames or [empty], ignore_index=True)
+        duplicate = index["uid"].duplicated(keep="first")
+        if duplicate.any():
+            stats.skipped["duplicate_uid"] += int(duplicate.sum())
+            stats.kept -= int(duplicate.sum())
+            index = index[~duplicate].reset_index(drop=True)
+        if index.empty:
+            if self.strict:
+                refuse_corrupt(self.root, stats.corrupt)
+            corrupt = f", corrupt shards {sorted(stats.corrupt)}" if stats.corrupt else ""
+            raise PoolError(
+                f"pool {self.root} has no readable samples ({dict(stats.skipped)}{corrupt})"
+            )
+        index["shard"] = index["shard"].astype("int64")
+        self.scan_stats = stats
+        return index
+
+    def _scan_parts(self, todo: list[int], parts: list[Path]) -> None:
+        """Write the partial index files ``parts[i]`` of the shards ``todo``."""
         if self.workers is not None:
             workers = self.workers
         elif sum(self.shards[i].stat().st_size for i in todo) < PARALLEL_MIN_BYTES:
@@ -426,40 +498,19 @@ class ShardPool:
         if workers <= 1:
             for i in todo:
                 _scan_shard_to_file(self.shards[i], parts[i])
-        else:
-            # spawn, not fork: the parent may hold threads (MLflow, torch) that fork
-            # would copy mid-lock.
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as executor:
-                futures = [
-                    executor.submit(_scan_shard_to_file, self.shards[i], parts[i]) for i in todo
-                ]
-                try:
-                    for future in futures:
-                        future.result()
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
-        frames, stats = [], ScanStats()
-        for shard_id, part in enumerate(parts):
-            frame, part_stats = _read_part(part)
-            frame["shard"] = shard_id
-            frames.append(frame)
-            stats.total += part_stats.total
-            stats.kept += part_stats.kept
-            stats.skipped.update(part_stats.skipped)
-        index = pd.concat(frames, ignore_index=True)
-        duplicate = index["uid"].duplicated(keep="first")
-        if duplicate.any():
-            stats.skipped["duplicate_uid"] += int(duplicate.sum())
-            stats.kept -= int(duplicate.sum())
-            index = index[~duplicate].reset_index(drop=True)
-        if index.empty:
-            raise PoolError(f"pool {self.root} has no readable samples ({dict(stats.skipped)})")
-        index["shard"] = index["shard"].astype("int64")
-        self.scan_stats = stats
-        return index
+            return
+        # spawn, not fork: the parent may hold threads (MLflow, torch) that fork
+        # would copy mid-lock.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as executor:
+            futures = [executor.submit(_scan_shard_to_file, self.shards[i], parts[i]) for i in todo]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
 
     # -- access ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -531,60 +582,6 @@ class ShardPool:
 
     def strategy_view(self) -> PoolForStrategies:
         return PoolForStrategies(self)
-
-
-class PoolForStrategies:
-    """The read-only view of a pool handed to strategies: no ground truth."""
-
-    def __init__(self, pool: ShardPool) -> None:
-        self._pool = pool
-
-    @property
-    def uids(self) -> Sequence[str]:
-        return self._pool.uids
-
-    @property
-    def captions(self) -> Sequence[str]:
-        return self._pool.captions
-
-    @property
-    def fingerprint(self) -> str:
-        return self._pool.fingerprint
-
-    @property
-    def name(self) -> str:
-        return self._pool.name
-
-    @property
-    def kind(self) -> str:
-        """``synthweb`` for a generated SynthWeb pool, ``shards`` for any other."""
-        return self._pool.kind
-
-    @property
-    def reference(self) -> str | None:
-        """The embedder spec the pool config names as its reference model, if any."""
-        return self._pool.reference
-
-    @property
-    def metadata(self) -> str | None:
-        """The metadata entries file (one per line) the pool config names, if any."""
-        return self._pool.metadata
-
-    def __len__(self) -> int:
-        return len(self._pool)
-
-    def iter_images(
-        self, uids: Iterable[str] | None = None, start: int = 0
-    ) -> Iterator[tuple[str, Image.Image]]:
-        return self._pool.iter_images(uids, start)
-
-    def iter_image_bytes(
-        self, uids: Iterable[str] | None = None, start: int = 0
-    ) -> Iterator[tuple[str, bytes, str]]:
-        return self._pool.iter_image_bytes(uids, start)
-
-    def locate(self, uid: str) -> str:
-        return self._pool.locate(uid)
 
 
 def _map_file(path: Path) -> mmap.mmap:

@@ -24,6 +24,7 @@ from filelock import BaseFileLock
 
 from selbench import tracking
 from selbench.errors import ConfigError, SelbenchError
+from selbench.pools.corrupt import skipped_shards_param
 from selbench.progress import NullProgress, Progress
 from selbench.run.selection_io import selection_from_file, selection_path
 from selbench.run.spec import EXECUTION_SETTINGS, RunRequest, cell_key
@@ -180,6 +181,12 @@ def run_identity(plan: PreparedRun) -> tuple[dict[str, str], dict[str, Any]]:
         "pool_fingerprint": plan.pool_view.fingerprint,
         "pool_size": plan.pool_size,
         "pool_skipped": json.dumps(dict(pool.scan_stats.skipped), sort_keys=True),
+        # Only when a corrupt shard was left out, so a clean pool's runs log what they did.
+        **(
+            {"pool_skipped_shards": skipped_shards_param(pool.skipped_shards)}
+            if pool.skipped_shards
+            else {}
+        ),
         "device": plan.device,
         "plugin_package": f"{info.package}=={info.version}",
         **{f"param.{k}": v for k, v in params.model_dump().items()},

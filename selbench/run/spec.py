@@ -60,6 +60,7 @@ class RunRequest:
     # remove the pool's near-duplicates of evaluation images first; None: the pool's default
     # (selbench.pools.decontaminates_by_default), resolved when the run is prepared
     decontaminate: bool | None = None
+    strict: bool = False  # refuse a pool with a corrupt shard instead of leaving it out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunRequest:

@@ -174,7 +174,8 @@ def _resolve_pool(request: RunRequest, progress: Progress) -> ResolvedPool:
     """The pool and the sets the run evaluates on; a missing set fails here, before any
     selection or training."""
     eval_sets = resolve_eval_suite(request.eval_suite) if request.eval_suite else None
-    resolved = resolve_pool(request.pool, progress=progress.counter("Generating SynthWeb"))
+    counter = progress.counter("Generating SynthWeb")
+    resolved = resolve_pool(request.pool, progress=counter, strict=request.strict)
     if eval_sets is not None:
         resolved.eval_sets = eval_sets
     if not resolved.eval_sets:
