@@ -125,14 +125,24 @@ class EvalSuiteConfig(BaseModel):
 
 
 class PoolConfig(BaseModel):
-    """A pool (``configs/pools/*.yaml``): SynthWeb (generated) or img2dataset shards."""
+    """A pool (``configs/pools/*.yaml``): SynthWeb (generated), img2dataset shards, or
+    DataComp's metadata folder without images (``datacomp-metadata``, docs/real-data.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["synthweb", "shards"]
+    kind: Literal["synthweb", "shards", "datacomp-metadata"]
     synthweb: dict[str, Any] = Field(default_factory=dict, description="SynthWebConfig overrides")
-    path: str | None = Field(default=None, description="shard directory (kind: shards)")
+    path: str | None = Field(
+        default=None,
+        description="kind: shards: the shard directory; kind: datacomp-metadata: the folder of "
+        "NAME.parquet + NAME.npz pairs",
+    )
+    shards: str | None = Field(
+        default=None,
+        description="kind: datacomp-metadata: the folder of the pool's image shards, read only "
+        "to materialize a selection for training; unset: select and export only",
+    )
     eval: list[EvalSetConfig] = Field(default_factory=list)
     eval_suite: str | None = Field(
         default=None, description="a suite in configs/evals/ to use when 'eval' is empty"

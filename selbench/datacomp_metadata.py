@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selbench.embedders import Embedder
@@ -78,6 +79,8 @@ class MetadataDir:
     ) -> None:
         """Write the ``model`` features of every pool uid into row ``i`` of ``image`` and
         ``text`` (``pool_uids[i]``); every pool uid must be in the metadata."""
+        if self._fill_in_order(pool_uids, model, image, text):
+            return
         index = pd.Index(pool_uids)
         if not index.is_unique:
             first = index[index.duplicated()][0]
@@ -91,15 +94,7 @@ class MetadataDir:
                 continue
             with np.load(self.npz(parquet)) as arrays:  # allow_pickle stays False
                 for kind, out in (("img", image), ("txt", text)):
-                    key = f"{model}_{kind}"
-                    if key not in arrays.files:
-                        raise PoolError(f"{self.npz(parquet)} has no {key!r} array")
-                    values = arrays[key]
-                    if len(values) != len(uids):
-                        raise PoolError(
-                            f"{self.npz(parquet).name} has {len(values)} rows of {key!r} but "
-                            f"{parquet.name} has {len(uids)} uids; the pair must align"
-                        )
+                    values = self._features(arrays, parquet, f"{model}_{kind}", len(uids))
                     out[rows[mine]] = values[mine]
             found[rows[mine]] = True
         if not found.all():
@@ -108,6 +103,43 @@ class MetadataDir:
                 f"{missing} pool uid(s) have no DataComp features in {self.root}, e.g. "
                 f"{index[np.flatnonzero(~found)[0]]!r}: is this the metadata of the same pool?"
             )
+
+    def _features(self, arrays: Any, parquet: Path, key: str, rows: int) -> np.ndarray:
+        """The ``key`` array of ``parquet``'s npz, checked to have its ``rows`` rows."""
+        if key not in arrays.files:
+            raise PoolError(f"{self.npz(parquet)} has no {key!r} array")
+        values = arrays[key]
+        if len(values) != rows:
+            raise PoolError(
+                f"{self.npz(parquet).name} has {len(values)} rows of {key!r} but "
+                f"{parquet.name} has {rows} uids; the pair must align"
+            )
+        return np.asarray(values)
+
+    def _fill_in_order(
+        self, pool_uids: Sequence[str], model: str, image: np.ndarray, text: np.ndarray
+    ) -> bool:
+        """When the pool lists exactly the metadata's rows in file order (a pool of kind
+        ``datacomp-metadata``, whose uids are an Arrow array), copy each file's features
+        to its block of rows with no uid lookup; False (nothing written) otherwise."""
+        arrow = getattr(pool_uids, "arrow", None)
+        if not isinstance(arrow, pa.ChunkedArray):
+            return False
+        blocks, offset = [], 0
+        for parquet in self.parquets:
+            uids = pq.read_table(parquet, columns=["uid"]).column("uid").cast(pa.string())
+            n = len(uids)
+            if offset + n > len(arrow) or not arrow.slice(offset, n).equals(uids):
+                return False
+            blocks.append((parquet, offset, n))
+            offset += n
+        if offset != len(arrow):
+            return False
+        for parquet, first, n in blocks:
+            with np.load(self.npz(parquet)) as arrays:  # allow_pickle stays False
+                for kind, out in (("img", image), ("txt", text)):
+                    out[first : first + n] = self._features(arrays, parquet, f"{model}_{kind}", n)
+        return True
 
     def dim(self, model: str) -> int:
         with np.load(self.npz(self.parquets[0])) as arrays:
@@ -126,6 +158,9 @@ class DataCompFeaturesEmbedder(Embedder):
     name = "datacomp"
     summary = "DataComp CommonPool's precomputed CLIP features: datacomp:l14|b32:/path/to/metadata"
     reference = "Gadre et al., DataComp (NeurIPS 2023), Sec. 3.2: metadata with CLIP features"
+    #: the features' model's learned temperature, 1/exp(logit_scale): OpenAI CLIP's logit
+    #: scale trained to its cap of 100 (Radford et al. 2021, Sec. 2.5), for both sets
+    temperature = 0.01
 
     def __init__(self, args: str = "") -> None:
         super().__init__(args)

@@ -352,6 +352,12 @@ def decontaminate_run(
     if not wanted:
         return request, None
     pool = resolved.pool
+    if getattr(pool, "kind", None) == "datacomp-metadata":
+        raise ConfigError(
+            f"pool {request.pool!r} is DataComp metadata without images, so nothing can be "
+            "compared with the evaluation images; run with --no-decontaminate (DataComp "
+            "removed the evaluation sets' near-duplicates from its pool before release)"
+        )
     services = EmbeddingService(
         pool.strategy_view(), device, get_registry().make_embedder, progress
     )

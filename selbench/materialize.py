@@ -44,7 +44,7 @@ from selbench.errors import PoolError, SelbenchError
 from selbench.fileutil import atomic_write_text, read_member, tar_member, temp_sibling
 
 if TYPE_CHECKING:
-    from selbench.pools import ShardPool
+    from selbench.pools import MetadataPool, ShardPool
 
 DEFAULT_SHARD_SIZE = 10_000  # DataComp resharder's --shard-size default
 MANIFEST = "manifest.json"
@@ -234,7 +234,7 @@ def _finish(
 
 
 def materialize(
-    pool: ShardPool,
+    pool: ShardPool | MetadataPool,
     uids: Sequence[str],
     train_captions: Sequence[str],
     captions: Sequence[str],
@@ -244,8 +244,9 @@ def materialize(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Subset:
-    """Write the samples ``uids`` of ``pool`` (a :class:`selbench.pools.ShardPool`) as
-    shards under ``out_dir``; resume a previous attempt at the same plan shard by shard.
+    """Write the samples ``uids`` of ``pool`` (a :class:`selbench.pools.ShardPool`, or a
+    :class:`selbench.pools.MetadataPool`'s ``shards:``) as shards under ``out_dir``; resume
+    a previous attempt at the same plan shard by shard.
 
     ``train_captions`` and ``captions`` are parallel to ``uids``. Returns the subset.
     """

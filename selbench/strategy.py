@@ -35,6 +35,11 @@ NEEDS: dict[str, tuple[str, ...]] = {
     # Oracles only: the pool's recorded pathology labels (SynthWeb). A method that reads
     # them is an upper bound for comparison, not a selection method one could deploy.
     "ground_truth": ("ground_truth",),
+    # The pool's pixels, read from ctx.pool (iter_images, iter_image_bytes,
+    # toolbox.pool_image_tensor) or by a model trained on them: no context method, but a
+    # pool without images (DataComp metadata alone, docs/real-data.md) refuses the
+    # strategy before selection, naming it.
+    "pool_images": (),
 }
 
 

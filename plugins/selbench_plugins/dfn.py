@@ -194,7 +194,7 @@ class Dfn(Strategy):
         "(filter by the DFN's image-text cosine, keep the top share)"
     )
     stochastic = False
-    needs = frozenset({"target", "proxy"})
+    needs = frozenset({"target", "proxy", "pool_images"})  # scores the pool's images
     Params = DfnParams
 
     def score(self, ctx: SelectionContext) -> np.ndarray:

@@ -220,6 +220,7 @@ class Distill(Strategy):
         "Sec. 3.2 bi-trajectory matching; MTT loss of Cazenavette et al. (CVPR 2022) Eq. 2"
     )
     stochastic = True  # initial pairs, expert and start epoch draws, minibatches: ctx.seed
+    needs = frozenset({"pool_images"})  # starts from, and matches on, the pool's images
     Params = DistillParams
 
     def select(self, ctx: SelectionContext) -> Selection:

@@ -160,6 +160,7 @@ class El2n(Strategy):
         "score E_w||p(w,x) - y||_2, adapted to image-text contrastive logits"
     )
     stochastic = True  # the proxies' seeds and the reference negatives come from ctx.seed
+    needs = frozenset({"pool_images"})  # its proxies train on the pool's images
     Params = El2nParams
 
     def score(self, ctx: SelectionContext) -> np.ndarray:

@@ -172,6 +172,10 @@ class ReferenceEmbedder(Embedder):
             delegate.tokenizer,
         )
         self.weights_digest, self._architecture = delegate.weights_digest, delegate.architecture
+        precomputed = getattr(delegate, "precomputed_batches", None)
+        if precomputed is not None:  # features shipped with the pool (datacomp:l14:PATH)
+            self.precomputed_batches = precomputed
+            self.temperature = getattr(delegate, "temperature", None)
         self.details.update(delegate.details)
         self.details["resolved_to"] = spec
 

@@ -379,7 +379,7 @@ class Nds(Strategy):
         "(expert-data-server-flask)"
     )
     stochastic = True  # k-means, expert initialisation/batches and the draw follow ctx.seed
-    needs = frozenset({"embeddings", "target"})
+    needs = frozenset({"embeddings", "target", "pool_images"})  # loads the pool's images
     Params = NdsParams
 
     experts_used: int | None = None

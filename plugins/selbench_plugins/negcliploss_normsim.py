@@ -114,8 +114,16 @@ def teacher_temperature(ctx: SelectionContext, params: BaseModel) -> float:
         return float(params.temperature)
     if params.temperature < 0:
         raise ConfigError(f"negCLIPLoss temperature must be > 0, got {params.temperature}")
-    model = ctx.proxy(params.embedder).model
-    return float(1.0 / model.logit_scale.detach().exp().item())
+    embedder = ctx.proxy(params.embedder)
+    if embedder.model is None:  # precomputed features (datacomp:l14:PATH): their model's
+        known = getattr(embedder, "temperature", None)
+        if known is None:
+            raise ConfigError(
+                f"negCLIPLoss: embedder {params.embedder!r} has no model to read the "
+                "temperature from; give temperature=VALUE (0.01 for OpenAI CLIP)"
+            )
+        return float(known)
+    return float(1.0 / embedder.model.logit_scale.detach().exp().item())
 
 
 class NegClipLossParams(BaseModel):

@@ -239,7 +239,7 @@ class Sieve(Strategy):
         "baselines/apply_filter.py)"
     )
     stochastic = False  # the captions are sampled once, with caption_seed
-    needs = frozenset({"proxy", "embeddings"})
+    needs = frozenset({"proxy", "embeddings", "pool_images"})  # captions the pool's images
     Params = SieveParams
 
     def decode_settings(self) -> DecodeSettings:

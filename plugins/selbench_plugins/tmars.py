@@ -139,7 +139,7 @@ class TMars(Strategy):
     summary = "T-MARS: mask text in the images, keep the pairs whose masked image still matches"
     reference = "Maini et al., T-MARS (ICLR 2024, arXiv 2307.03132), Sec. 4"
     stochastic = False
-    needs = frozenset({"embeddings"})
+    needs = frozenset({"embeddings", "pool_images"})  # masks text in the pool's images
     Params = TMarsParams
 
     def score(self, ctx: SelectionContext) -> np.ndarray:

@@ -13,16 +13,25 @@ from typing import TYPE_CHECKING
 from selbench.configs import EvalSetConfig, PoolConfig, find_config, load_yaml_model
 from selbench.errors import ConfigError, PoolError
 from selbench.paths import data_home
+from selbench.pools.metadata import KIND as METADATA_KIND
+from selbench.pools.metadata import (
+    MetadataPool,
+    refuse_training_without_shards,
+    refuse_without_images,
+)
 from selbench.pools.shards import PoolForStrategies, ShardPool
 
 if TYPE_CHECKING:
     from selbench.synthweb import SynthWebConfig
 
 __all__ = [
+    "MetadataPool",
     "PoolForStrategies",
     "ResolvedPool",
     "ShardPool",
     "decontaminates_by_default",
+    "refuse_training_without_shards",
+    "refuse_without_images",
     "resolve_pool",
     "synthweb_dir",
 ]
@@ -33,9 +42,10 @@ SYNTHWEB_CAPTIONING = "captioning"
 
 @dataclass
 class ResolvedPool:
-    """A pool ready to use: its shards, its eval sets and where it came from."""
+    """A pool ready to use: its shards (or DataComp metadata), its eval sets and where it
+    came from."""
 
-    pool: ShardPool
+    pool: ShardPool | MetadataPool
     eval_sets: list[EvalSetConfig]
     kind: str
     spec: str
@@ -149,13 +159,17 @@ def resolve_pool(
         resolved.pool.metadata = metadata
         return resolved
     if not config.path:
-        raise ConfigError(f"config file {config_path}: key 'path' is required for kind: shards")
-    unset = re.findall(r"\$\{?(\w+)", config.path)
-    if unset:
         raise ConfigError(
-            f"config file {config_path}: key 'path' uses ${{{unset[0]}}}, which is not set; "
-            f"export it as the directory of the pool's shards"
+            f"config file {config_path}: key 'path' is required for kind: {config.kind}"
         )
+    for key in ("path", "shards"):
+        unset = re.findall(r"\$\{?(\w+)", getattr(config, key) or "")
+        if unset:
+            what = "metadata folder" if key == "path" and config.kind == METADATA_KIND else "shards"
+            raise ConfigError(
+                f"config file {config_path}: key '{key}' uses ${{{unset[0]}}}, which is not "
+                f"set; export it as the directory of the pool's {what}"
+            )
     eval_sets = list(config.eval)
     if not eval_sets and config.eval_suite:
         from selbench.evaluate import resolve_eval_suite
@@ -164,24 +178,39 @@ def resolve_pool(
         eval_sets = resolve_eval_suite(config.eval_suite, check=False)
     # No sets is allowed here (embedding, export, or a run given --eval SUITE need none);
     # a run that would evaluate on nothing is refused when the run is prepared, naming the fix.
-    pool = ShardPool(config.path, name=config.name, strict=strict)
-    pool.reference = config.reference
+    pool: ShardPool | MetadataPool
+    if config.kind == METADATA_KIND:
+        folder = _relative(config.path, config_path) or config.path
+        pool = MetadataPool(folder, config.name, _relative(config.shards, config_path))
+        pool.reference = config.reference or pool.reference
+    else:
+        pool = ShardPool(config.path, name=config.name, strict=strict)
+        pool.reference = config.reference
     pool.metadata = metadata
     return ResolvedPool(
         pool=pool,
         eval_sets=eval_sets,
-        kind="shards",
+        kind=config.kind,
         spec=spec,
         config=config.model_dump(),
     )
+
+
+def _relative(path: str | None, config_path: Path) -> str | None:
+    """A path of a pool YAML, a relative one read from the YAML's folder."""
+    if not path:
+        return None
+    found = Path(path).expanduser()
+    return str(found if found.is_absolute() else config_path.parent / found)
 
 
 def decontaminates_by_default(spec: str) -> bool:
     """Whether a run on pool ``spec`` removes the pool's near-duplicates of the evaluation
     images unless told (``--decontaminate/--no-decontaminate``): yes on a real pool, whose
     web images may hold evaluation images, and on SynthWeb generated with
-    ``planted_eval_copies``; no on plain SynthWeb, whose evaluation images are drawn apart
-    from the pool (so its runs select and score as before). Reads the config only."""
+    ``planted_eval_copies``; no on DataComp metadata (no images to compare); no on plain
+    SynthWeb, whose evaluation images are drawn apart from the pool (so its runs select and
+    score as before). Reads the config only."""
     path = Path(spec).expanduser()
     if path.is_dir():
         manifest = path / "manifest.json"
@@ -195,4 +224,6 @@ def decontaminates_by_default(spec: str) -> bool:
         return True  # resolve_pool says what is wrong with it
     if config.kind == "synthweb":
         return bool(config.synthweb.get("planted_eval_copies", 0))
-    return True
+    # DataComp's metadata holds no images to compare with the evaluation images; DataComp
+    # deduplicated its pool against them before release (Gadre et al. 2023, Sec. 3.2).
+    return config.kind != METADATA_KIND

@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 if TYPE_CHECKING:
+    from selbench.pools.metadata import MetadataPool
     from selbench.pools.shards import ShardPool
 
 
 class PoolForStrategies:
     """The read-only view of a pool handed to strategies: no ground truth."""
 
-    def __init__(self, pool: ShardPool) -> None:
+    def __init__(self, pool: ShardPool | MetadataPool) -> None:
         self._pool = pool
 
     @property
@@ -35,7 +36,8 @@ class PoolForStrategies:
 
     @property
     def kind(self) -> str:
-        """``synthweb`` for a generated SynthWeb pool, ``shards`` for any other."""
+        """``synthweb`` for a generated SynthWeb pool, ``datacomp-metadata`` for DataComp's
+        metadata without images, ``shards`` for any other."""
         return self._pool.kind
 
     @property

@@ -24,6 +24,7 @@ from filelock import BaseFileLock
 
 from selbench import tracking
 from selbench.errors import ConfigError, SelbenchError
+from selbench.pools import refuse_training_without_shards
 from selbench.pools.corrupt import skipped_shards_param
 from selbench.progress import NullProgress, Progress
 from selbench.run.selection_io import selection_from_file, selection_path
@@ -125,6 +126,7 @@ def execute(
             f"a new run starts with the select stage, not {', '.join(stages)}; "
             "continue an existing run with --resume RUN_ID"
         )
+    refuse_training_without_shards(plan.resolved.pool, stages)
     recorder = tracking.Recorder(request.experiment)
     reap_stale_runs(recorder)
     run_id = recorder.start(
@@ -252,6 +254,8 @@ def resume(
         reap_stale_runs(recorder)  # other dead runs; this one's lock is ours now
         plan = prepare(request, progress)
         _check_same_pool(run_id, plan, found.data.params.get("pool_fingerprint"))
+        if todo:
+            refuse_training_without_shards(plan.resolved.pool, todo)
     except BaseException:
         lock.release()
         raise

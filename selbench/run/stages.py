@@ -37,7 +37,7 @@ from selbench.errors import ConfigError, SelbenchError
 from selbench.evaluate import evaluate, resolve_eval_suite
 from selbench.fileutil import atomic_write_text
 from selbench.materialize import Subset, load_subset, materialize, materialize_synthesized
-from selbench.pools import ResolvedPool, resolve_pool
+from selbench.pools import ResolvedPool, refuse_without_images, resolve_pool
 from selbench.progress import Progress
 from selbench.registry import StrategyInfo, get_registry
 from selbench.run.compute import (
@@ -223,6 +223,7 @@ def prepare(request: RunRequest, progress: Progress) -> PreparedRun:
         )
     check_budget(request.budget)  # before any work
     resolved = _resolve_pool(request, progress)
+    refuse_without_images(resolved.pool, method)  # before any work
     request, cleaned = decontaminate_run(
         request, resolved, request.device or default_device(), progress
     )

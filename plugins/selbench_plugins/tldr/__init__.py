@@ -359,7 +359,8 @@ class Tldr(Strategy):
         "(arXiv 2305.20087), Sec. 3, Table 2"
     )
     stochastic = True
-    needs = frozenset({"proxy", "embeddings"})  # embeddings: the optional matching filter
+    # pool_images: the captioner and the proxy train on the pool's images
+    needs = frozenset({"proxy", "embeddings", "pool_images"})  # embeddings: the matching filter
     Params = TldrParams
 
     def select(self, ctx: SelectionContext) -> Selection:
@@ -584,7 +585,7 @@ class TldrRelease(Tldr):
         "datacentric.vlp (a488102): quantize.py, fast_cluster.py, codebook_cluster.py"
     )
     stochastic = True
-    needs = frozenset({"proxy", "embeddings"})
+    needs = frozenset({"proxy", "embeddings", "pool_images"})
     Params = TldrReleaseParams
 
 

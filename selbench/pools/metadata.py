@@ -1,0 +1,290 @@
+"""A pool of DataComp metadata alone (``kind: datacomp-metadata``): uids, captions and
+OpenAI CLIP features, no images.
+
+DataComp's CommonPool ships a metadata folder of ``NAME.parquet`` (``uid``, ``url``,
+``text``, the CLIP similarity scores, ...) + ``NAME.npz`` (``b32_img``, ``b32_txt``,
+``l14_img``, ``l14_txt``) pairs, rows aligned, beside image shards a user may not have
+downloaded (Gadre et al., DataComp, NeurIPS 2023). This pool lists the metadata's rows in
+file order (the parquet files sorted by name, rows as stored): its uids and captions are
+Arrow string arrays (:class:`ArrowStrings`), about 4 bytes of offset per sample beside the
+characters, never one Python object per row. Its default ``reference`` is DataComp's own
+L/14 features (``datacomp:l14:PATH``), so ``clip_score`` and every other strategy that
+embeds with ``reference`` read the shipped features instead of a model.
+
+What needs pixels cannot run here: a strategy that declares ``pool_images`` in ``needs``
+is refused before selection (:func:`refuse_without_images`), and a run that would train
+without ``shards:`` is refused before it starts (:func:`refuse_training_without_shards`).
+With ``shards:`` the materialize stage (and ``selbench export --format shards``) reads
+the selected images from those shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from selbench.errors import ConfigError, PoolError
+from selbench.pools.shards import ScanStats, ShardPool
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from PIL import Image
+
+    from selbench.pools.view import PoolForStrategies
+
+#: The pool kind of a metadata folder (``configs/pools/*.yaml``'s ``kind``).
+KIND = "datacomp-metadata"
+#: The need a strategy declares when it reads the pool's pixels (selbench.strategy.NEEDS).
+POOL_IMAGES = "pool_images"
+#: The parquet column of the caption (DataComp's ``text``).
+CAPTION_COLUMN = "text"
+
+
+class ArrowStrings(Sequence[str]):
+    """A read-only sequence of strings backed by an Arrow string array, one chunk per
+    metadata file (no Python object per row, and no 2 GiB limit of one array's 32-bit
+    offsets): indexing gives ``str``, slicing another :class:`ArrowStrings`, iteration
+    decodes a block at a time."""
+
+    BLOCK = 65_536  # rows decoded to Python at a time while iterating
+
+    def __init__(self, array: pa.Array | pa.ChunkedArray) -> None:
+        if isinstance(array, pa.Array):
+            array = pa.chunked_array([array], array.type)
+        self.arrow: pa.ChunkedArray = array
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ArrowStrings: ...
+
+    def __getitem__(self, index: int | slice) -> str | ArrowStrings:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return ArrowStrings(self.arrow.slice(start, max(stop - start, 0)))
+            return ArrowStrings(self.arrow.take(pa.array(range(start, stop, step), pa.int64())))
+        n = len(self)
+        if index < -n or index >= n:
+            raise IndexError(f"index {index} out of range for {n} strings")
+        return str(self.arrow[index % n].as_py())
+
+    def __iter__(self) -> Iterator[str]:
+        for first in range(0, len(self), self.BLOCK):
+            yield from self.arrow.slice(first, self.BLOCK).to_pylist()
+
+    def __repr__(self) -> str:
+        return f"ArrowStrings({len(self)} strings)"
+
+    def to_numpy(self) -> np.ndarray:
+        """The strings as a NumPy object array (one Python string per row)."""
+        return np.asarray(self.arrow.to_numpy(), dtype=object)
+
+
+def _string_bytes(column: pa.ChunkedArray) -> bytes:
+    """The 32-bit offsets and the characters of ``column`` as one array from offset 0:
+    the same strings give the same bytes, however the file was cut into row groups."""
+    array = pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], pa.string())
+    _, offsets, chars = array.buffers()
+    ends = np.frombuffer(offsets, dtype=np.int32, count=len(array) + 1, offset=array.offset * 4)
+    used = b"" if chars is None else chars.to_pybytes()[int(ends[0]) : int(ends[-1])]
+    return (ends - ends[0]).tobytes() + used
+
+
+def _files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise ConfigError(f"DataComp metadata folder {root} does not exist")
+    parquets = sorted(p for p in root.glob("*.parquet") if not p.name.startswith("."))
+    if not parquets:
+        raise ConfigError(
+            f"DataComp metadata folder {root} holds no .parquet files (expected NAME.parquet "
+            "+ NAME.npz pairs, as DataComp's download_upstream.py --download_npz writes)"
+        )
+    return parquets
+
+
+class MetadataPool:
+    """A pool read from a DataComp metadata folder (module docstring): uids and captions
+    in file order, features in the npz files, images only through ``shards`` if given."""
+
+    def __init__(self, root: Path | str, name: str | None = None, shards: str | None = None):
+        self.root = Path(root).expanduser()
+        self.parquets = _files(self.root)
+        self.name = name or self.root.name
+        self.kind = KIND
+        #: the features `reference` means here: DataComp's own OpenAI CLIP ViT-L/14
+        self.reference: str | None = f"datacomp:l14:{self.root}"
+        self.metadata: str | None = None
+        self.shards_root = Path(shards).expanduser() if shards else None
+        self.scan_stats = ScanStats()
+        self.skipped_shards: list[str] = []
+        self._columns: tuple[ArrowStrings, ArrowStrings] | None = None
+        self._images: ShardPool | None = None
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        """sha256 over each parquet's name and size and its ``uid`` column (the Arrow
+        buffers, no Python strings), and each npz's name and size: the pool's rows, in
+        order, and the features beside them; 16 hex digits like a shard pool's."""
+        digest = hashlib.sha256(f"{KIND}\n".encode())
+        for parquet in self.parquets:
+            npz = parquet.with_suffix(".npz")
+            npz_size = npz.stat().st_size if npz.is_file() else -1
+            digest.update(f"{parquet.name}:{parquet.stat().st_size}:{npz_size}\n".encode())
+            column = pq.read_table(parquet, columns=["uid"]).column("uid").cast(pa.string())
+            digest.update(_string_bytes(column))
+        return digest.hexdigest()[:16]
+
+    def _read(self) -> tuple[ArrowStrings, ArrowStrings]:
+        if self._columns is None:
+            uids, captions = [], []
+            for parquet in self.parquets:
+                names = set(pq.read_schema(parquet).names)
+                missing = {"uid", CAPTION_COLUMN} - names
+                if missing:
+                    raise PoolError(
+                        f"{parquet} has no {sorted(missing)} column; a DataComp metadata "
+                        "parquet holds uid and text"
+                    )
+                table = pq.read_table(parquet, columns=["uid", CAPTION_COLUMN])
+                uids.append(table.column("uid").cast(pa.string()))
+                text = table.column(CAPTION_COLUMN).cast(pa.string())
+                captions.append(text.fill_null(""))
+            # One chunk per file (each under 2 GiB of characters, as DataComp's are).
+            uid_array = pa.chunked_array([a.combine_chunks() for a in uids], pa.string())
+            self._check_uids(uid_array)
+            text_array = pa.chunked_array([a.combine_chunks() for a in captions], pa.string())
+            self._columns = ArrowStrings(uid_array), ArrowStrings(text_array)
+        return self._columns
+
+    def _check_uids(self, uids: pa.ChunkedArray) -> None:
+        if uids.null_count:
+            raise PoolError(f"DataComp metadata {self.root} has {uids.null_count} empty uid(s)")
+        if pc.count_distinct(uids).as_py() != len(uids):
+            counts = pc.value_counts(uids)
+            repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+            raise PoolError(
+                f"uid {repeated[0]['values'].as_py()!r} appears more than once in DataComp "
+                f"metadata {self.root}; uids must be unique"
+            )
+
+    # -- what strategies see ---------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._read()[0])
+
+    @property
+    def uids(self) -> ArrowStrings:
+        return self._read()[0]
+
+    @property
+    def captions(self) -> ArrowStrings:
+        return self._read()[1]
+
+    def _no_images(self) -> PoolError:
+        return PoolError(
+            f"pool {self.name!r} is DataComp metadata without images (kind: {KIND}), and "
+            "the strategy or its embedder asked for the pool's pixels: embed with DataComp's "
+            f"features (reference, the pool's default, or datacomp:l14:{self.root} / "
+            "datacomp:b32:...), not a model (proxy, open_clip:...), and choose a strategy "
+            "that reads no images; or point a kind: shards pool at the downloaded shards "
+            "(docs/real-data.md)"
+        )
+
+    def iter_image_bytes(
+        self, uids: Iterable[str] | None = None, start: int = 0
+    ) -> Iterator[tuple[str, bytes, str]]:
+        raise self._no_images()
+
+    def iter_images(
+        self, uids: Iterable[str] | None = None, start: int = 0
+    ) -> Iterator[tuple[str, Image.Image]]:
+        raise self._no_images()
+
+    def locate(self, uid: str) -> str:
+        return f"a row of DataComp metadata {self.root}"
+
+    def has_ground_truth(self) -> bool:
+        return False
+
+    def ground_truth(self) -> dict[str, dict]:
+        return {}
+
+    def strategy_view(self) -> PoolForStrategies:
+        from selbench.pools.view import PoolForStrategies
+
+        return PoolForStrategies(self)
+
+    # -- images, for materialize ---------------------------------------------------------
+    def images(self) -> ShardPool:
+        """The pool of the ``shards:`` folder, whose samples materialize reads."""
+        if self.shards_root is None:
+            raise PoolError(
+                f"pool {self.name!r} is DataComp metadata without shards: set 'shards:' in its "
+                "config to the folder of its image shards, or run --stage select and write "
+                "the uid file for DataComp's resharder with selbench export RUN_ID --format "
+                "datacomp"
+            )
+        if self._images is None:
+            self._images = ShardPool(self.shards_root, name=self.name, strict=False)
+        return self._images
+
+    @property
+    def index(self) -> pd.DataFrame:
+        """The ``shards:`` pool's index (what :func:`selbench.materialize.materialize` reads)."""
+        return self.images().index
+
+    @property
+    def shards(self) -> list[Path]:
+        return self.images().shards
+
+
+def refuse_without_images(pool: Any, method: Any) -> None:
+    """Refuse, before selection, a method (a :class:`selbench.run.plan.ResolvedMethod`)
+    with a strategy that declares ``pool_images`` in its needs (any step of a pipeline)
+    on a pool that has no images, naming the strategy, the pool, why and what to run."""
+    if getattr(pool, "kind", None) != KIND or POOL_IMAGES not in method.needs:
+        return
+    from selbench.registry import get_registry
+    from selbench.run.plan import steps_of
+
+    infos = [step.info for _, step in steps_of(method.plan)] if method.plan else [method.info]
+    readers = sorted({info.name for info in infos if POOL_IMAGES in info.cls.needs})
+    within = f" (in method {method.label!r})" if method.plan else ""
+    runnable = sorted(
+        info.name
+        for info in get_registry().infos()
+        if not {POOL_IMAGES, "ground_truth"} & set(info.cls.needs)
+    )
+    raise ConfigError(
+        f"strategy {', '.join(map(repr, readers))}{within} reads the pool's images (it "
+        f"declares {POOL_IMAGES!r} in its needs), and pool {pool.name!r} is DataComp "
+        f"metadata without images (kind: {KIND}). Point a kind: shards pool at the "
+        f"downloaded shards (its 'reference:' can stay datacomp:l14:{pool.root}), or choose "
+        f"a method that needs no pool images: {', '.join(runnable)} (docs/real-data.md)"
+    )
+
+
+def refuse_training_without_shards(pool: Any, stages: Sequence[str] | None) -> None:
+    """Refuse, before a run starts, to go past ``select`` on a metadata pool that names no
+    ``shards:``: materialize would have no images to read. ``stages`` None or empty: all."""
+    if getattr(pool, "kind", None) != KIND or getattr(pool, "shards_root", None) is not None:
+        return
+    if stages and set(stages) <= {"select"}:
+        return
+    raise ConfigError(
+        f"pool {pool.name!r} is DataComp metadata without images, so a run on it cannot "
+        "train: run only the selection with --stage select, then write the uid file for "
+        "DataComp's resharder with `selbench export RUN_ID --format datacomp`; or set "
+        "'shards:' in the pool's config to the folder of its downloaded image shards"
+    )
