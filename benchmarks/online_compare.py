@@ -148,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     metrics = args.metric or ["mean_R1", "zeroshot_acc1"]
     frame = runs_frame(args.experiment, metrics)
-    seeds = sorted(frame["seed"].unique())
+    seeds = sorted(int(s) for s in frame["seed"].unique())
     print(f"{len(frame)} finished runs of experiment {args.experiment!r}; seeds {seeds}")
     for metric in metrics:
         equal_steps(frame, metric)

@@ -8,7 +8,14 @@ thread pinning is done. GPU results are deterministic run to run on the same GPU
 differ from CPU results in the last bits (and so in near-tied assignments).
 
 Faiss k-means subsamples the training set to ``max_points_per_centroid`` (256) points per
-centroid when ``n > 256 * k``; that default is kept (the subsampling is seeded). Its
+centroid when ``n > 256 * k``; that default is kept (the subsampling is seeded). On CPU,
+:func:`kmeans` draws that same subsample itself (faiss's ``rand_perm`` with the k-means
+seed, the rows in its order), so only the sample is converted to float32, and then assigns
+every row in blocks of :data:`ASSIGN_ROWS`: the same centroids, assignment and scores as
+faiss given every row, bit for bit, without a float32 copy of the pool.
+``max_train_points`` caps the training rows further (a seeded sample of that many, as
+SemDeDup and TL;DR train at scale); it changes results only where it is below both the
+pool and ``256 * k``. Its
 "please provide at least ... training points" warning, which faiss prints to stderr when
 ``n < 39 * k``, is silenced by setting ``min_points_per_centroid=1`` (that parameter only
 controls the warning). The "Sampling a subset" message is printed only in verbose mode.
@@ -32,6 +39,14 @@ log = logging.getLogger(__name__)
 GPU_MAX_K = 2048
 # Rows per block where a whole-array temporary would cost memory the size of the data.
 ROWS_AT_ONCE = 65536
+# Rows per faiss search when k-means assigns rows in blocks. faiss's flat search takes its
+# BLAS path once queries x dim reach distance_compute_blas_threshold (128,000 in faiss
+# 1.15: 131,072 queries take it at any dim) and runs it in blocks of 4,096 queries
+# (distance_compute_blas_query_bs); BLAS's sums depend on a block's row count, so a block
+# of 32 x 4,096 rows, the last block taking the rest (between 1x and 2x this), makes the
+# very BLAS calls one search of every row makes: bit-identical scores (checked by
+# tests/test_select_memory.py). A pool under twice this is searched at once.
+ASSIGN_ROWS = 131072
 # PyPI distributions that install the ``faiss`` module (they overwrite each other's files).
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11")
 
@@ -117,6 +132,8 @@ def kmeans(
     use_gpu: bool | None = None,
     return_scores: bool = False,
     max_points_per_centroid: int = 256,
+    max_train_points: int | None = None,
+    unit: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """Cluster the rows of ``x`` into ``k`` clusters with faiss k-means.
 
@@ -126,36 +143,114 @@ def kmeans(
     float32 ``(n,)`` search score of that centroid, which the assignment computed anyway:
     the inner product with it when ``spherical`` (the cosine similarity, for unit rows),
     else the squared L2 distance to it. ``x`` may be any float array or
-    memory map; it is converted to contiguous float32. ``k`` larger than ``n`` is clipped
-    to ``n`` with a warning. ``use_gpu=None`` uses a GPU when faiss has one. ``seed`` is
-    taken modulo 2**31. faiss trains on a seeded subsample of ``max_points_per_centroid
-    * k`` rows when there are more (faiss's default, 256).
+    memory map; it is converted to contiguous float32 (``unit``: to :func:`unit_rows`, as
+    it is read). ``k`` larger than ``n`` is clipped to ``n`` with a warning.
+    ``use_gpu=None`` uses a GPU when faiss has one. ``seed`` is taken modulo 2**31.
+
+    faiss trains on a seeded subsample of ``max_points_per_centroid * k`` rows when there
+    are more (faiss's default, 256); on CPU that subsample is drawn here, exactly as faiss
+    draws it, and only it is converted, then every row is assigned in blocks (module
+    docstring). ``max_train_points`` caps the training rows further: a pool larger than
+    it trains on a seeded sample of that many rows (a prefix of the same permutation),
+    then assigns every row in blocks. None (the default) keeps faiss's cap alone.
     """
-    data = as_float32_matrix(x)
-    n, d = data.shape
+    x = np.asarray(x)  # a view of an array or memory map, never a copy of one
+    n, d = _matrix_shape(x)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if k > n:
         log.warning("kmeans: k=%d is larger than the number of points %d; using k=%d", k, n, n)
         k = n
+    gpu = use_faiss_gpu(use_gpu)
+    sample = _training_rows(n, int(k), int(max_points_per_centroid), max_train_points, gpu)
     clustering = faiss.Kmeans(
         d,
         int(k),
         niter=int(niter),
         seed=faiss_seed(seed),
         spherical=bool(spherical),
-        gpu=use_faiss_gpu(use_gpu),
+        gpu=gpu,
         verbose=False,
         min_points_per_centroid=1,  # only silences faiss's "too few points" stderr warning
         max_points_per_centroid=int(max_points_per_centroid),
     )
-    clustering.train(data)
-    scores, assignment = clustering.index.search(data, 1)
+    if sample is None:  # every row trains: one float32 copy, one search
+        data = _float_rows(x, unit)
+        clustering.train(data)
+        scores, assignment = clustering.index.search(data, 1)
+        scores, assignment = scores.reshape(-1), assignment.reshape(-1)
+    else:
+        picked = faiss_permutation(n, seed)[:sample]
+        clustering.train(_float_rows(np.asarray(x[picked]), unit))
+        scores, assignment = assign_in_blocks(clustering.index, x, unit)
     centroids = np.ascontiguousarray(clustering.centroids, dtype=np.float32)
-    assignment = assignment.reshape(-1).astype(np.int64, copy=False)
+    assignment = assignment.astype(np.int64, copy=False)
     if return_scores:
-        return centroids, assignment, scores.reshape(-1)
+        return centroids, assignment, scores
     return centroids, assignment
+
+
+def _matrix_shape(x: np.ndarray) -> tuple[int, int]:
+    """``x``'s (rows, columns), without converting it; as_float32_matrix's shape check."""
+    shape = np.shape(x)
+    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"x must be a non-empty 2-d array, got shape {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def _float_rows(x: np.ndarray, unit: bool) -> np.ndarray:
+    """Rows of ``x`` as checked contiguous float32, made unit vectors when ``unit``."""
+    return as_float32_matrix(unit_rows(x) if unit else x)
+
+
+def _training_rows(
+    n: int, k: int, max_points_per_centroid: int, max_train_points: int | None, gpu: bool
+) -> int | None:
+    """How many rows of faiss's permutation train k-means, or None for every row (and
+    faiss's own subsampling, as on GPU, where the search is not split into blocks)."""
+    if max_train_points is not None and max_train_points < k:
+        raise ValueError(f"max_train_points must be >= k ({k}), got {max_train_points}")
+    faiss_cap = k * max_points_per_centroid
+    if max_train_points is not None and n > max_train_points:
+        return min(max_train_points, faiss_cap)
+    if n > faiss_cap and not gpu:
+        return faiss_cap
+    return None
+
+
+def faiss_permutation(n: int, seed: int) -> np.ndarray:
+    """The permutation of ``range(n)`` faiss's k-means draws its training subsample from
+    (``faiss::rand_perm`` with the k-means seed; the sample is its first rows)."""
+    if n >= 2**31:
+        raise ValueError(f"faiss k-means samples at most 2**31 - 1 rows, got {n}")
+    perm = np.empty(n, dtype=np.int32)
+    faiss.rand_perm(faiss.swig_ptr(perm), n, faiss_seed(seed))  # type: ignore[attr-defined]
+    return perm
+
+
+def assign_blocks(n: int, rows: int = ASSIGN_ROWS) -> list[tuple[int, int]]:
+    """``(start, stop)`` blocks of ``n`` rows: ``rows`` each, the last taking the rest
+    (``rows`` to ``2 * rows - 1``); one block when ``n < 2 * rows``."""
+    starts = list(range(0, n, rows)) or [0]
+    if len(starts) > 1 and n - starts[-1] < rows:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n], strict=True))
+
+
+def assign_in_blocks(
+    index: faiss.Index, x: np.ndarray, unit: bool = False, rows: int = ASSIGN_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, assignment)``: float32 and int64 ``(n,)``, every row of ``x``'s nearest
+    entry of ``index``, searched :func:`assign_blocks` at a time, so one block of ``x`` is
+    in float32 at once."""
+    n = len(x)
+    scores = np.empty(n, dtype=np.float32)
+    assignment = np.empty(n, dtype=np.int64)
+    for lo, hi in assign_blocks(n, rows):
+        found, nearest = index.search(_float_rows(x[lo:hi], unit), 1)
+        scores[lo:hi] = found.reshape(-1)
+        assignment[lo:hi] = nearest.reshape(-1)
+    return scores, assignment
 
 
 def knn(
@@ -252,9 +347,12 @@ def kmeans_scaled(
     niter: int,
     who: str,
     return_scores: bool = False,
+    max_train_points: int | None = None,
+    unit: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """Spherical k-means with :func:`scaled_cluster_count` clusters; logs (naming ``who``)
-    when a small pool reduced the requested count. ``return_scores`` as in :func:`kmeans`."""
+    when a small pool reduced the requested count. ``return_scores``, ``max_train_points``
+    and ``unit`` as in :func:`kmeans`."""
     k = scaled_cluster_count(requested, len(x), min_points_per_cluster)
     if k < requested:
         log.info(
@@ -265,4 +363,13 @@ def kmeans_scaled(
             requested,
             min_points_per_cluster,
         )
-    return kmeans(x, k, seed=seed, niter=niter, spherical=True, return_scores=return_scores)
+    return kmeans(
+        x,
+        k,
+        seed=seed,
+        niter=niter,
+        spherical=True,
+        return_scores=return_scores,
+        max_train_points=max_train_points,
+        unit=unit,
+    )

@@ -148,10 +148,24 @@ def top_k(
     return np.sort(rank(scores, among, largest)[:k])
 
 
-def clip_scores(image: np.ndarray, text: np.ndarray) -> np.ndarray:
+def clip_scores(image: np.ndarray, text: np.ndarray, rows: int = ROWS_AT_ONCE) -> np.ndarray:
     """Per-pair cosine similarity ``<f_img(x_i), f_txt(t_i)>`` of L2-normalised rows
-    (float32): the CLIP score of DataComp (Gadre et al., 2023, Sec. 4)."""
-    return np.einsum("ij,ij->i", image.astype(np.float32), text.astype(np.float32))
+    (float32): the CLIP score of DataComp (Gadre et al., 2023, Sec. 4).
+
+    Scored ``rows`` rows at a time, so with the cache's memory maps only the scores
+    (4 bytes a row) and one block's float32 copies are resident. Each score is the same
+    row-wise dot product of the same float32 values whatever the block size
+    (``tests/test_select_memory.py`` checks the blocks give identical floats)."""
+    image, text = np.asarray(image), np.asarray(text)
+    if image.shape != text.shape or image.ndim != 2:
+        raise ValueError(f"image {image.shape} and text {text.shape} must be one 2-d shape")
+    scores = np.empty(len(image), dtype=np.float32)
+    for lo in range(0, len(image), max(1, int(rows))):
+        hi = lo + max(1, int(rows))
+        scores[lo:hi] = np.einsum(
+            "ij,ij->i", image[lo:hi].astype(np.float32), text[lo:hi].astype(np.float32)
+        )
+    return scores
 
 
 # -- distances -----------------------------------------------------------------------

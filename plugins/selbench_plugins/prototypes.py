@@ -11,10 +11,10 @@ embedding is the pool's image embedding (the proxy CLIP by default).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selbench.toolbox import (
     Selection,
@@ -23,7 +23,6 @@ from selbench.toolbox import (
     hookimpl,
     kmeans_scaled,
     top_k,
-    unit_rows,
 )
 
 # Small pools: at least this many points per prototype on average.
@@ -50,11 +49,27 @@ class PrototypesParams(BaseModel):
         ge=1,
         description="k-means iterations (faiss's default, 20; the paper does not state one)",
     )
+    max_train_points: int | None = Field(
+        default=None,
+        ge=1,
+        description="k-means trains on at most this many rows: a larger pool trains on a "
+        "seeded sample of that many (faiss's permutation, the k-means seed) and every row is "
+        "then assigned in blocks (docs/scale-out.md). None: faiss's own cap alone, 256 "
+        "rows per cluster, which selbench draws exactly as faiss does (identical results)",
+    )
     keep: Literal["hard", "easy"] = Field(
         default="hard",
         description="hard: keep the examples farthest from their prototype (the paper's "
         "choice when data is abundant, i.e. large budgets); easy: keep the closest",
     )
+
+    @field_validator("max_train_points", mode="before")
+    @classmethod
+    def _no_cap(cls, value: Any) -> Any:
+        # -p max_train_points=none (or null, as the default reads in MLflow or JSON)
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return None
+        return value
 
 
 class Prototypes(Strategy):
@@ -78,18 +93,21 @@ class Prototypes(Strategy):
         Float32; k-means is seeded with ``ctx.seed``. :meth:`select` keeps exactly the top
         ``budget``."""
         found = ctx.embeddings(self.params.embedder)
-        image = unit_rows(np.asarray(found.image))
         # The assignment's search already computed each row's inner product with its
         # (unit) centroid: for unit rows, the cosine similarity of centroid_distances.
         # Reusing it saves three passes over the pool (benchmarks/cluster_scale.py).
+        # unit=True: kmeans makes the rows unit vectors (unit_rows) as it reads them, so
+        # the pool is never copied whole (the same floats as unit_rows of the whole pool).
         _, _, similarity = kmeans_scaled(
-            image,
+            np.asarray(found.image),
             self.params.clusters,
             MIN_POINTS_PER_CLUSTER,
             ctx.seed,
             self.params.niter,
             "prototypes",
             return_scores=True,
+            max_train_points=self.params.max_train_points,
+            unit=True,
         )
         distances = (1.0 - similarity).astype(np.float32)
         return distances if self.params.keep == "hard" else -distances

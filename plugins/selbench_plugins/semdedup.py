@@ -18,10 +18,10 @@ function of ``eps`` and the ``eps`` that meets a budget is an order statistic of
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selbench.toolbox import (
     Selection,
@@ -214,11 +214,27 @@ class SemDeDupParams(BaseModel):
         description="k-means seed (the released code's config: 1234); fixed so the selection "
         "does not change with the run seed, as in the released pipeline",
     )
+    max_train_points: int | None = Field(
+        default=None,
+        ge=1,
+        description="k-means trains on at most this many rows: a larger pool trains on a "
+        "seeded sample of that many (faiss's permutation, the k-means seed) and every row is "
+        "then assigned in blocks (docs/scale-out.md). None: faiss's own cap alone, 256 "
+        "rows per cluster, which selbench draws exactly as faiss does (identical results)",
+    )
     keep: Literal["farthest", "closest", "random"] = Field(
         default="farthest",
         description="which member of a duplicate group is kept: farthest from the centroid "
         "(the paper, Sec. 3, and the released code's keep_hard), closest, or random",
     )
+
+    @field_validator("max_train_points", mode="before")
+    @classmethod
+    def _no_cap(cls, value: Any) -> Any:
+        # -p max_train_points=none (or null, as the default reads in MLflow or JSON)
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null"):
+            return None
+        return value
 
 
 class SemDeDup(Strategy):
@@ -256,6 +272,7 @@ class SemDeDup(Strategy):
             self.params.kmeans_seed,
             self.params.niter,
             "semdedup",
+            max_train_points=self.params.max_train_points,
         )
         scores = semdedup_scores(
             image, centroids, assignment, self.params.keep, ctx.rng, normalized=True

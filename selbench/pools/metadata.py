@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selbench.errors import ConfigError, PoolError
+from selbench.pools.arrow import ArrowStrings
 from selbench.pools.shards import ScanStats, ShardPool
 
 if TYPE_CHECKING:
@@ -45,51 +46,6 @@ KIND = "datacomp-metadata"
 POOL_IMAGES = "pool_images"
 #: The parquet column of the caption (DataComp's ``text``).
 CAPTION_COLUMN = "text"
-
-
-class ArrowStrings(Sequence[str]):
-    """A read-only sequence of strings backed by an Arrow string array, one chunk per
-    metadata file (no Python object per row, and no 2 GiB limit of one array's 32-bit
-    offsets): indexing gives ``str``, slicing another :class:`ArrowStrings`, iteration
-    decodes a block at a time."""
-
-    BLOCK = 65_536  # rows decoded to Python at a time while iterating
-
-    def __init__(self, array: pa.Array | pa.ChunkedArray) -> None:
-        if isinstance(array, pa.Array):
-            array = pa.chunked_array([array], array.type)
-        self.arrow: pa.ChunkedArray = array
-
-    def __len__(self) -> int:
-        return len(self.arrow)
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> ArrowStrings: ...
-
-    def __getitem__(self, index: int | slice) -> str | ArrowStrings:
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            if step == 1:
-                return ArrowStrings(self.arrow.slice(start, max(stop - start, 0)))
-            return ArrowStrings(self.arrow.take(pa.array(range(start, stop, step), pa.int64())))
-        n = len(self)
-        if index < -n or index >= n:
-            raise IndexError(f"index {index} out of range for {n} strings")
-        return str(self.arrow[index % n].as_py())
-
-    def __iter__(self) -> Iterator[str]:
-        for first in range(0, len(self), self.BLOCK):
-            yield from self.arrow.slice(first, self.BLOCK).to_pylist()
-
-    def __repr__(self) -> str:
-        return f"ArrowStrings({len(self)} strings)"
-
-    def to_numpy(self) -> np.ndarray:
-        """The strings as a NumPy object array (one Python string per row)."""
-        return np.asarray(self.arrow.to_numpy(), dtype=object)
 
 
 def _string_bytes(column: pa.ChunkedArray) -> bytes:

@@ -55,6 +55,7 @@ from selbench.decoding import decode_image_bytes
 from selbench.errors import PoolError
 from selbench.fileutil import atomic_write_text, memoised_sha256, read_member, writing
 from selbench.paths import index_home
+from selbench.pools.arrow import ArrowStrings, arrow_strings, frame_rows, mapped_frame
 from selbench.pools.corrupt import (
     CORRUPT_SHARD,
     CorruptShardError,
@@ -69,6 +70,8 @@ from selbench.pools.view import PoolForStrategies
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 GROUND_TRUTH_KEY = "synthweb"
 INDEX_FORMAT = 4  # 4: hostile members (unsafe names, links, duplicates) skipped
+#: The index columns iter_image_bytes reads per sample.
+READ_COLUMNS = ("uid", "shard", "offset", "size", "ext")
 #: Below this many bytes of shards to scan, the default scan stays in-process: starting
 #: a spawned worker (about a second) would cost more than decoding the images.
 PARALLEL_MIN_BYTES = 64 << 20
@@ -423,7 +426,7 @@ class ShardPool:
         if not (path.exists() and stats_path.exists()):
             return None
         try:
-            index = pd.read_parquet(path)
+            index = mapped_frame(path)  # string columns stay in a memory-mapped file
             self.scan_stats = ScanStats.from_dict(json.loads(stats_path.read_text()))
         except (OSError, ValueError, KeyError):
             return None  # damaged cache entry: rebuilt by the caller
@@ -445,6 +448,7 @@ class ShardPool:
             index = self._scan()
             stats = json.dumps(self.scan_stats.as_dict())
             atomic_write_text(path.with_suffix(".stats.json"), stats)
+            path.with_suffix(".arrow").unlink(missing_ok=True)  # an older index's mapped copy
             with writing(path, "pool index") as tmp:  # last: complete once it exists
                 index.to_parquet(tmp, index=False)
             shutil.rmtree(self._parts_dir(), ignore_errors=True)
@@ -517,12 +521,14 @@ class ShardPool:
         return len(self.index)
 
     @property
-    def uids(self) -> list[str]:
-        return self.index["uid"].tolist()
+    def uids(self) -> ArrowStrings:
+        """The uids in pool order, as the index's own Arrow column (no list per call)."""
+        return arrow_strings(self.index["uid"])
 
     @property
-    def captions(self) -> list[str]:
-        return self.index["caption"].tolist()
+    def captions(self) -> ArrowStrings:
+        """The captions in pool order, as the index's own Arrow column."""
+        return arrow_strings(self.index["caption"])
 
     def iter_image_bytes(
         self, uids: Iterable[str] | None = None, start: int = 0
@@ -532,14 +538,14 @@ class ShardPool:
         rows = self.index.iloc[start:] if start else self.index
         if uids is not None:
             rows = rows[rows["uid"].isin(set(uids))]
-        # Plain lists and a memory-mapped shard: iterating pandas' Arrow columns and one
-        # seek+read per sample took 4x as long as the slices (16,000 small PNGs: 0.04 s
-        # against 0.01 s), a tenth of a CPU embedding pass's overhead (docs/embeddings.md).
-        columns = [rows[name].tolist() for name in ("uid", "shard", "offset", "size", "ext")]
+        # Plain lists (a block of rows at a time) and a memory-mapped shard: iterating
+        # pandas' Arrow columns and one seek+read per sample took 4x as long as the slices
+        # (16,000 small PNGs: 0.04 s against 0.01 s), a tenth of a CPU embedding pass's
+        # overhead (docs/embeddings.md).
         mapped: mmap.mmap | None = None
         open_shard = -1
         try:
-            for uid, shard_id, offset, size, ext in zip(*columns, strict=True):
+            for uid, shard_id, offset, size, ext in frame_rows(rows, READ_COLUMNS):
                 if mapped is None or shard_id != open_shard:
                     if mapped is not None:
                         mapped.close()

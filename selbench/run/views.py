@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from selbench.embedders import Embedder, Embeddings
+from selbench.pools.arrow import ArrowStrings
 from selbench.strategy import PoolView, SelectionServices
 from selbench.target import TargetSet
 
@@ -32,9 +33,8 @@ class SubsetView:
         self.rows = np.asarray(rows, dtype=np.int64)
         if len(self.rows) and np.any(np.diff(self.rows) <= 0):
             raise ValueError("a pool view's rows must be ascending and distinct")
-        base_uids, base_captions = base.uids, base.captions
-        self._uids = [base_uids[i] for i in self.rows]
-        self._captions = [base_captions[i] for i in self.rows]
+        self._uids = _pick(base.uids, self.rows)
+        self._captions = _pick(base.captions, self.rows)
         self.whole = len(self.rows) == len(base)
         if self.whole:  # the pool itself: caches keyed by its fingerprint still serve it
             self._fingerprint = base.fingerprint
@@ -87,6 +87,13 @@ class SubsetView:
     def subset(self, positions: np.ndarray) -> SubsetView:
         """The view of this view's samples at ``positions`` (ascending)."""
         return SubsetView(self.base, self.rows[np.asarray(positions, dtype=np.int64)])
+
+
+def _pick(values: Sequence[str], rows: np.ndarray) -> list[str]:
+    """``[values[i] for i in rows]``; an Arrow-backed pool column in one gather."""
+    if isinstance(values, ArrowStrings):
+        return values.take(rows)
+    return [values[i] for i in rows]
 
 
 def whole_view(pool: PoolView) -> SubsetView:

@@ -1,0 +1,143 @@
+"""Pools' columns as Arrow: read-only string sequences backed by Arrow arrays
+(:class:`ArrowStrings`), how pools hand strategies their uids and captions without one
+Python object per row, and a parquet file's frame read through a memory-mapped Arrow IPC
+copy of it (:func:`mapped_frame`), how a shard pool holds its index."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, overload
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selbench.errors import StorageError
+from selbench.fileutil import writing
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger("selbench.pools")
+
+
+class ArrowStrings(Sequence[str]):
+    """A read-only sequence of strings backed by an Arrow string array (chunked: one chunk
+    per metadata file of a metadata pool; no Python object per row, and no 2 GiB limit of
+    one array's 32-bit offsets): indexing gives ``str``, slicing another
+    :class:`ArrowStrings`, iteration decodes a block at a time, and it equals a list of
+    the same strings."""
+
+    BLOCK = 65_536  # rows decoded to Python at a time while iterating
+
+    def __init__(self, array: pa.Array | pa.ChunkedArray) -> None:
+        if isinstance(array, pa.Array):
+            array = pa.chunked_array([array], array.type)
+        self.arrow: pa.ChunkedArray = array
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ArrowStrings: ...
+
+    def __getitem__(self, index: int | slice) -> str | ArrowStrings:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return ArrowStrings(self.arrow.slice(start, max(stop - start, 0)))
+            return ArrowStrings(self.arrow.take(pa.array(range(start, stop, step), pa.int64())))
+        n = len(self)
+        if index < -n or index >= n:
+            raise IndexError(f"index {index} out of range for {n} strings")
+        return str(self.arrow[index % n].as_py())
+
+    def __iter__(self) -> Iterator[str]:
+        for first in range(0, len(self), self.BLOCK):
+            yield from self.arrow.slice(first, self.BLOCK).to_pylist()
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a list (or another :class:`ArrowStrings`) of the same strings, as the
+        ``list[str]`` it stands in for is; anything else compares as a list would."""
+        if not isinstance(other, (list, ArrowStrings)):
+            return NotImplemented
+        if len(other) != len(self):
+            return False
+        return all(mine == theirs for mine, theirs in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-sequence semantics, as a list
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> list[str]:
+        """``[self[i] for i in rows]`` (non-negative ``rows``) in one Arrow gather."""
+        indices = pa.array(np.asarray(rows, dtype=np.int64), pa.int64())
+        return [str(value) for value in self.arrow.take(indices).to_pylist()]
+
+    def __repr__(self) -> str:
+        return f"ArrowStrings({len(self)} strings)"
+
+    def to_numpy(self) -> np.ndarray:
+        """The strings as a NumPy object array (one Python string per row)."""
+        return np.asarray(self.arrow.to_numpy(), dtype=object)
+
+
+def arrow_strings(column: pd.Series) -> ArrowStrings:
+    """A string column of a pandas frame as :class:`ArrowStrings`: pandas' own Arrow
+    arrays where it holds them (pandas 3's ``str`` dtype; no copy), else converted."""
+    to_arrow = getattr(column.array, "__arrow_array__", None)
+    array = to_arrow() if to_arrow is not None else pa.array(column, type=pa.large_string())
+    return ArrowStrings(array)
+
+
+def mapped_frame(parquet: Path) -> pd.DataFrame:
+    """The frame of ``parquet`` (equal to ``pd.read_parquet``'s, dtypes included), read
+    from an Arrow IPC copy of it beside it (``NAME.arrow``), memory-mapped: its string
+    columns are pandas' Arrow strings over the mapped file (no copy, no Python object per
+    row), so only the numeric columns take memory. The copy is written once, atomically,
+    from the parquet, and again when it is missing, unreadable or not the parquet's shape
+    (rows and schema, from the parquet's footer); where it cannot be written (a full
+    disk), the parquet is read as before. Raises what reading the parquet raises."""
+    footer = pq.ParquetFile(parquet)
+    rows, schema = footer.metadata.num_rows, footer.schema_arrow
+    del footer
+    copy = parquet.with_suffix(".arrow")
+    table = _mapped_table(copy)
+    if table is not None and table.num_rows == rows and table.schema.equals(schema):
+        return table.to_pandas()
+    table = pq.read_table(parquet)
+    try:
+        with writing(copy, "pool index (Arrow copy)") as tmp:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
+                out.write_table(table)
+    except StorageError as exc:
+        log.warning("%s; reading the pool index from %s instead", exc, parquet)
+        return table.to_pandas()
+    del table
+    mapped = _mapped_table(copy)
+    if mapped is None:  # unreadable right after writing: the filesystem misbehaves
+        return pq.read_table(parquet).to_pandas()
+    return mapped.to_pandas()
+
+
+def _mapped_table(path: Path) -> pa.Table | None:
+    """The Arrow IPC file ``path`` memory-mapped (its buffers stay in the map), or None
+    when it is missing or unreadable."""
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+        table.validate()  # the cheap structural check: it reads no row
+        return table
+    except (OSError, ValueError):  # missing, torn, not an IPC file (ArrowInvalid)
+        return None
+
+
+def frame_rows(frame: pd.DataFrame, columns: Sequence[str], block: int = 65_536) -> Iterator[tuple]:
+    """The ``columns`` of every row of ``frame`` as a tuple of plain Python values, in
+    order, converted a ``block`` of rows at a time (``tolist`` of whole columns would hold
+    one Python object per row and column of the pool)."""
+    for first in range(0, len(frame), block):
+        part = frame.iloc[first : first + block]
+        yield from zip(*(part[name].tolist() for name in columns), strict=True)
