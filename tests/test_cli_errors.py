@@ -38,7 +38,9 @@ def test_missing_pool_path_is_named(tmp_path):
     assert "no-such-pool" in result.output
 
 
-def test_corrupt_shard_is_named(tiny, tmp_path):
+def test_corrupt_shard_is_named_and_refused_with_strict(tiny, tmp_path):
+    """--strict refuses a pool with a cut shard, naming it (by default the shard is left
+    out: tests/test_corrupt_shards.py)."""
     import shutil
 
     pool, scale = tiny
@@ -56,6 +58,7 @@ def test_corrupt_shard_is_named(tiny, tmp_path):
         str(broken),
         "--scale",
         str(scale),
+        "--strict",
     )
     assert result.exit_code != 0
     assert "00001.tar" in result.output

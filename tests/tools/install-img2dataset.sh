@@ -14,6 +14,5 @@ if "$venv/bin/python" -c "import importlib.metadata as m; assert m.version('img2
 fi
 rm -rf "$venv"
 python3 -m venv "$venv"
-# --no-compile: the test runs one command of it; Python compiles what that imports.
-"$venv/bin/pip" install --quiet --disable-pip-version-check --no-compile "img2dataset==$version"
+"$venv/bin/pip" install --quiet --disable-pip-version-check "img2dataset==$version"
 echo "img2dataset $version installed in $venv"
