@@ -206,22 +206,10 @@ def _pool_subset(pool_dir: Path):
 
 def _use_model(config: dict, out_dir: Path) -> None:
     """Make the open_clip engine train ``config`` (open_clip_train's ``local-dir:``)."""
-    import open_clip
-
     import selbench.train_open_clip as engine
 
-    model_dir = out_dir / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    preprocess = {
-        "size": config["vision_cfg"]["image_size"],
-        "mean": list(open_clip.OPENAI_DATASET_MEAN),
-        "std": list(open_clip.OPENAI_DATASET_STD),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
-    payload = {"model_cfg": config, "preprocess_cfg": preprocess}
-    (model_dir / "open_clip_config.json").write_text(json.dumps(payload, indent=1))
-    engine.model_argument = lambda name, out: f"local-dir:{model_dir}"
+    argument = engine.write_local_model(config, out_dir)
+    engine.model_argument = lambda name, out: argument
 
 
 def cmd_train(args: argparse.Namespace) -> dict:

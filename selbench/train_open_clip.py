@@ -86,6 +86,15 @@ def model_argument(model_name: str, out_dir: Path) -> str:
         )
     if model_name in open_clip.list_models() and not _is_selbench_model(model_name):
         return model_name
+    return write_local_model(config, out_dir)
+
+
+def write_local_model(config: dict, out_dir: Path) -> str:
+    """Write open_clip model config ``config`` (with OpenAI preprocessing) where
+    open_clip_train's ``local-dir:`` reads it, under ``out_dir/model``; returns the
+    ``--model`` value naming it."""
+    import open_clip
+
     model_dir = out_dir / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     preprocess = {
