@@ -156,10 +156,22 @@ def embed_command(
     nproc_per_node: int | None,
     console: Console,
     strict: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> EmbedOutcome:
     """Fill the embedding cache entry of ``pool`` by ``embedder`` (progress bars on
-    ``console``): here, as one torchrun rank, or by launching ``nproc_per_node`` ranks.
-    ``strict`` refuses a pool holding a corrupt shard (:mod:`selbench.pools.corrupt`)."""
+    ``console``): here, as one torchrun rank, or by launching ``nproc_per_node`` ranks;
+    with ``executor="ray"``, ``nproc_per_node`` (default 1) ranks as Ray tasks on the
+    cluster at ``ray_address`` (:mod:`selbench.embed_ray`). ``strict`` refuses a pool
+    holding a corrupt shard (:mod:`selbench.pools.corrupt`)."""
+    if executor == "ray" and not under_torchrun():
+        from selbench.embed_ray import embed_on_ray
+
+        world = nproc_per_node or 1
+        message = embed_on_ray(pool, embedder, device, chunk_size, world, ray_address, strict)
+        return EmbedOutcome(message)
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"unknown executor {executor!r}; choose one of local, ray")
     if nproc_per_node is not None:
         if under_torchrun():
             raise SelbenchError(

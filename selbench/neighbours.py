@@ -33,6 +33,8 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from selbench.executors import Executor, LocalExecutor, SharedArray, local_or
+
 log = logging.getLogger(__name__)
 
 # faiss GPU flat search handles k (and nprobe) up to this; larger k runs on CPU.
@@ -134,6 +136,7 @@ def kmeans(
     max_points_per_centroid: int = 256,
     max_train_points: int | None = None,
     unit: bool = False,
+    executor: Executor | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Cluster the rows of ``x`` into ``k`` clusters with faiss k-means.
 
@@ -153,6 +156,9 @@ def kmeans(
     docstring). ``max_train_points`` caps the training rows further: a pool larger than
     it trains on a seeded sample of that many rows (a prefix of the same permutation),
     then assigns every row in blocks. None (the default) keeps faiss's cap alone.
+    ``executor`` runs the assignment's blocks (default: here); training runs here. A pool
+    small enough to train on every row is searched at once here, and in
+    :func:`assign_blocks` blocks elsewhere (bit-identical: :data:`ASSIGN_ROWS`).
     """
     x = np.asarray(x)  # a view of an array or memory map, never a copy of one
     n, d = _matrix_shape(x)
@@ -162,6 +168,7 @@ def kmeans(
         log.warning("kmeans: k=%d is larger than the number of points %d; using k=%d", k, n, n)
         k = n
     gpu = use_faiss_gpu(use_gpu)
+    executor = None if gpu else executor  # a GPU index searches here (it does not serialise)
     sample = _training_rows(n, int(k), int(max_points_per_centroid), max_train_points, gpu)
     clustering = faiss.Kmeans(
         d,
@@ -177,12 +184,15 @@ def kmeans(
     if sample is None:  # every row trains: one float32 copy, one search
         data = _float_rows(x, unit)
         clustering.train(data)
-        scores, assignment = clustering.index.search(data, 1)
-        scores, assignment = scores.reshape(-1), assignment.reshape(-1)
+        if executor is None or isinstance(executor, LocalExecutor):
+            scores, assignment = clustering.index.search(data, 1)
+            scores, assignment = scores.reshape(-1), assignment.reshape(-1)
+        else:
+            scores, assignment = assign_in_blocks(clustering.index, data, executor=executor)
     else:
         picked = faiss_permutation(n, seed)[:sample]
         clustering.train(_float_rows(np.asarray(x[picked]), unit))
-        scores, assignment = assign_in_blocks(clustering.index, x, unit)
+        scores, assignment = assign_in_blocks(clustering.index, x, unit, executor=executor)
     centroids = np.ascontiguousarray(clustering.centroids, dtype=np.float32)
     assignment = assignment.astype(np.int64, copy=False)
     if return_scores:
@@ -238,19 +248,49 @@ def assign_blocks(n: int, rows: int = ASSIGN_ROWS) -> list[tuple[int, int]]:
 
 
 def assign_in_blocks(
-    index: faiss.Index, x: np.ndarray, unit: bool = False, rows: int = ASSIGN_ROWS
+    index: faiss.Index,
+    x: np.ndarray,
+    unit: bool = False,
+    rows: int | None = None,
+    executor: Executor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, assignment)``: float32 and int64 ``(n,)``, every row of ``x``'s nearest
-    entry of ``index``, searched :func:`assign_blocks` at a time, so one block of ``x`` is
-    in float32 at once."""
+    entry of ``index``, searched :func:`assign_blocks` at a time (``rows``: default
+    :data:`ASSIGN_ROWS`), so one block of ``x`` is in float32 at once. ``executor`` runs
+    the blocks (default: here, in order); each searches a copy of ``index`` made from its
+    serialised bytes, the same blocks whatever the executor (so the same floats)."""
+    executor = local_or(executor)
     n = len(x)
+    blocks = assign_blocks(n, ASSIGN_ROWS if rows is None else rows)
+    if isinstance(executor, LocalExecutor):  # the index itself, not a copy
+        found = [_search_block(index, x, lo, hi, unit) for lo, hi in blocks]
+    else:
+        serialised = executor.share(faiss.serialize_index(index))
+        shared = executor.share(np.asarray(x))
+        tasks = [(serialised, shared, lo, hi, unit) for lo, hi in blocks]
+        found = executor.map(_search_serialised_block, tasks)
     scores = np.empty(n, dtype=np.float32)
     assignment = np.empty(n, dtype=np.int64)
-    for lo, hi in assign_blocks(n, rows):
-        found, nearest = index.search(_float_rows(x[lo:hi], unit), 1)
-        scores[lo:hi] = found.reshape(-1)
-        assignment[lo:hi] = nearest.reshape(-1)
+    for (lo, hi), (block_scores, nearest) in zip(blocks, found, strict=True):
+        scores[lo:hi] = block_scores
+        assignment[lo:hi] = nearest
     return scores, assignment
+
+
+def _search_block(
+    index: faiss.Index, x: np.ndarray, lo: int, hi: int, unit: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest entry of ``index`` (score, position) for rows ``lo:hi`` of ``x``."""
+    found, nearest = index.search(_float_rows(x[lo:hi], unit), 1)
+    return found.reshape(-1), nearest.reshape(-1).astype(np.int64, copy=False)
+
+
+def _search_serialised_block(
+    serialised: SharedArray, x: SharedArray, lo: int, hi: int, unit: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_search_block` in a task: the index rebuilt from its bytes, ``x`` mapped."""
+    index = faiss.deserialize_index(np.ascontiguousarray(serialised.get()))
+    return _search_block(index, x.get(), lo, hi, unit)
 
 
 def knn(
@@ -349,10 +389,11 @@ def kmeans_scaled(
     return_scores: bool = False,
     max_train_points: int | None = None,
     unit: bool = False,
+    executor: Executor | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Spherical k-means with :func:`scaled_cluster_count` clusters; logs (naming ``who``)
-    when a small pool reduced the requested count. ``return_scores``, ``max_train_points``
-    and ``unit`` as in :func:`kmeans`."""
+    when a small pool reduced the requested count. ``return_scores``, ``max_train_points``,
+    ``unit`` and ``executor`` as in :func:`kmeans`."""
     k = scaled_cluster_count(requested, len(x), min_points_per_cluster)
     if k < requested:
         log.info(
@@ -372,4 +413,5 @@ def kmeans_scaled(
         return_scores=return_scores,
         max_train_points=max_train_points,
         unit=unit,
+        executor=executor,
     )

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from selbench.errors import ConfigError, PluginError, UndeclaredNeedError
+from selbench.executors import Executor, LocalExecutor
 from selbench.progress import NullProgress
 
 if TYPE_CHECKING:  # heavy (torch, open_clip); only the annotations need them
@@ -223,6 +224,9 @@ class SelectionContext:
     # The harness sets this to the pool's ground truth loader when the pool records one
     # (SynthWeb); only strategies that declare "ground_truth" may call it.
     truth: Callable[[], Mapping[str, Mapping[str, Any]]] | None = None
+    # Where row-block work runs (``--executor``): pass it as ``executor=`` to the toolbox
+    # functions that take one. An execution setting: it never changes the selection.
+    executor: Executor = field(default_factory=LocalExecutor)
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:

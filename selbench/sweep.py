@@ -84,10 +84,13 @@ def plan(
     eval_suite: str | None = None,
     train_samples: Sequence[float | str] = (1.0,),
     strict: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> list[Cell]:
     """The grid's cells (validated before anything runs), plus with ``full_pool`` the
     reference cells ``random`` at budget 1.0 for every seed; every cell at each training
-    length of ``train_samples`` (multiples of the protocol's samples seen)."""
+    length of ``train_samples`` (multiples of the protocol's samples seen). ``executor``
+    and ``ray_address`` say where selection runs; they are in no cell key."""
     if not methods or not budgets or not seeds:
         raise ConfigError("a sweep needs at least one method, one budget and one seed")
     for budget in budgets:
@@ -122,6 +125,8 @@ def plan(
                     train_samples=length,
                     decontaminate=decontaminate,
                     strict=strict,
+                    executor=executor,
+                    ray_address=ray_address,
                 )
                 key = cell_key(request, resolved.params, online.params if online else None)
                 cells.append(Cell(request, key))
@@ -241,6 +246,8 @@ class SweepOptions:
     compare_with: str | None = None
     train_samples: list[float] = field(default_factory=lambda: [1.0])
     strict: bool = False  # refuse a pool with a corrupt shard (--strict)
+    executor: str = "local"  # where selection runs (--executor; not in any cell key)
+    ray_address: str | None = None  # --ray-address
 
     def resolved_methods(self) -> list[str]:
         if self.methods == ["all"]:
@@ -280,6 +287,7 @@ def run_grid(
         options.resolved_methods(), options.budgets, options.seeds, options.pool,
         options.scale, options.protocol, options.experiment, options.full_pool,
         options.device, options.eval_suite, options.train_samples, options.strict,
+        options.executor, options.ray_address,
     )  # fmt: skip
     return run_sweep(cells, options.experiment, progress=progress, on_update=on_update)
 

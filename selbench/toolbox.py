@@ -5,6 +5,9 @@ Ranking (ties always go to the earlier pool position, so selections reproduce):
     :func:`rank`, :func:`top_k`, :func:`clip_scores`
 Normalisation and distances:
     :func:`unit_rows`, :func:`centroid_distances`
+Where row blocks run (``ctx.executor``, passed as ``executor=`` to :func:`clip_scores`,
+:func:`centroid_distances`, :func:`kmeans` and :func:`kmeans_scaled`; docs/scale-out.md):
+    :class:`Executor`, :class:`LocalExecutor`, :class:`SharedArray`
 faiss (on every GPU faiss sees, else CPU; deterministic for a seed):
     :func:`kmeans`, :func:`kmeans_scaled`, :func:`scaled_cluster_count`, :func:`knn`,
     :func:`faiss_gpu_count`, :func:`one_blas_thread`, :func:`cluster_members` (members of
@@ -40,6 +43,7 @@ from selbench.captioning import DecodeSettings
 from selbench.configs import ScaleConfig, load_scale
 from selbench.embedders import Embedder, Embeddings, image_batches
 from selbench.errors import ConfigError, PluginError
+from selbench.executors import Executor, LocalExecutor, SharedArray, local_or
 from selbench.fileutil import cached_directory, file_sha256, memoised_sha256
 from selbench.hookspecs import hookimpl
 from selbench.neighbours import (
@@ -85,11 +89,14 @@ __all__ = [
     "DecodeSettings",
     "Embedder",
     "Embeddings",
+    "Executor",
+    "LocalExecutor",
     "LoopResult",
     "PluginError",
     "ScaleConfig",
     "Selection",
     "SelectionContext",
+    "SharedArray",
     "Strategy",
     "Synthesized",
     "TargetSet",
@@ -148,42 +155,78 @@ def top_k(
     return np.sort(rank(scores, among, largest)[:k])
 
 
-def clip_scores(image: np.ndarray, text: np.ndarray, rows: int = ROWS_AT_ONCE) -> np.ndarray:
+def clip_scores(
+    image: np.ndarray,
+    text: np.ndarray,
+    rows: int | None = None,
+    executor: Executor | None = None,
+) -> np.ndarray:
     """Per-pair cosine similarity ``<f_img(x_i), f_txt(t_i)>`` of L2-normalised rows
     (float32): the CLIP score of DataComp (Gadre et al., 2023, Sec. 4).
 
-    Scored ``rows`` rows at a time, so with the cache's memory maps only the scores
-    (4 bytes a row) and one block's float32 copies are resident. Each score is the same
+    Scored ``rows`` (default :data:`ROWS_AT_ONCE`) rows at a time, so with the cache's
+    memory maps only the scores (4 bytes a row, twice while the blocks' scores are
+    gathered) and one block's float32 copies are resident. Each score is the same
     row-wise dot product of the same float32 values whatever the block size
-    (``tests/test_select_memory.py`` checks the blocks give identical floats)."""
+    (``tests/test_select_memory.py`` checks the blocks give identical floats).
+    ``executor`` runs the blocks (default: here, in order; ``ctx.executor`` on Ray)."""
     image, text = np.asarray(image), np.asarray(text)
     if image.shape != text.shape or image.ndim != 2:
         raise ValueError(f"image {image.shape} and text {text.shape} must be one 2-d shape")
+    executor = local_or(executor)
+    step = max(1, int(ROWS_AT_ONCE if rows is None else rows))
+    blocks = [(lo, min(lo + step, len(image))) for lo in range(0, len(image), step)]
+    shared = executor.share(image), executor.share(text)
+    parts = executor.map(_clip_block, [(*shared, lo, hi) for lo, hi in blocks])
     scores = np.empty(len(image), dtype=np.float32)
-    for lo in range(0, len(image), max(1, int(rows))):
-        hi = lo + max(1, int(rows))
-        scores[lo:hi] = np.einsum(
-            "ij,ij->i", image[lo:hi].astype(np.float32), text[lo:hi].astype(np.float32)
-        )
+    for (lo, hi), part in zip(blocks, parts, strict=True):
+        scores[lo:hi] = part
     return scores
 
 
+def _clip_block(image: SharedArray, text: SharedArray, lo: int, hi: int) -> np.ndarray:
+    """:func:`clip_scores` of rows ``lo:hi``: one task."""
+    return np.einsum(
+        "ij,ij->i",
+        image.get()[lo:hi].astype(np.float32),
+        text.get()[lo:hi].astype(np.float32),
+    )
+
+
 # -- distances -----------------------------------------------------------------------
-def centroid_distances(x: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> np.ndarray:
+def centroid_distances(
+    x: np.ndarray,
+    centroids: np.ndarray,
+    assignment: np.ndarray,
+    executor: Executor | None = None,
+) -> np.ndarray:
     """Cosine distance of every row of ``x`` to its assigned centroid (float32).
 
     ``d_i = 1 - <x_i, c_{a_i}> / (|x_i| |c_{a_i}|)``, in ``[0, 2]``: the self-supervised
     prototype metric of Sorscher et al. (NeurIPS 2022, Sec. 5), where ``a_i`` is the
-    nearest prototype of ``x_i``. Rows and centroids need not be normalised.
+    nearest prototype of ``x_i``. Rows and centroids need not be normalised. Computed in
+    blocks of rows, which ``executor`` runs (default: here).
     """
+    executor = local_or(executor)
     assignment = np.asarray(assignment, dtype=np.int64)
     unit_protos = unit_rows(centroids)
-    distances = np.empty(len(x), dtype=np.float32)
-    for lo in range(0, len(x), ROWS_AT_ONCE):  # row by row math: blocks bound the memory only
-        rows = unit_rows(x[lo : lo + ROWS_AT_ONCE])
-        protos = unit_protos[assignment[lo : lo + ROWS_AT_ONCE]]
-        distances[lo : lo + len(rows)] = 1.0 - np.einsum("ij,ij->i", rows, protos)
+    n = len(x)
+    blocks = [(lo, min(lo + ROWS_AT_ONCE, n)) for lo in range(0, n, ROWS_AT_ONCE)]
+    shared = executor.share(np.asarray(x)), executor.share(unit_protos)
+    tasks = [(*shared, assignment[lo:hi], lo, hi) for lo, hi in blocks]
+    distances = np.empty(n, dtype=np.float32)
+    for (lo, hi), part in zip(blocks, executor.map(_distance_block, tasks), strict=True):
+        distances[lo:hi] = part
     return distances
+
+
+def _distance_block(
+    x: SharedArray, protos: SharedArray, assigned: np.ndarray, lo: int, hi: int
+) -> np.ndarray:
+    """:func:`centroid_distances` of rows ``lo:hi`` (row by row math: blocks bound the
+    memory only)."""
+    rows = unit_rows(x.get()[lo:hi])
+    return 1.0 - np.einsum("ij,ij->i", rows, protos.get()[assigned])
 
 
 # -- caching -------------------------------------------------------------------------

@@ -46,9 +46,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("services", [
         "selbench",  # the package's __init__: the public API of strategies
         "selbench.strategy",
+        "selbench.executors",
         "selbench.registry",
         "selbench.embedders",
         "selbench.embed_ranks",
+        "selbench.embed_ray",
         "selbench.toolbox",
         "selbench.testing",
         "selbench.train",

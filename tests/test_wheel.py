@@ -184,7 +184,7 @@ def test_constraints_pin_every_dependency_within_its_range():
     pins = _pins()
     project = _project()
     extras = project["optional-dependencies"]
-    direct = project["dependencies"] + extras["dev"] + extras["docs"]
+    direct = project["dependencies"] + extras["dev"] + extras["docs"] + extras["ray"]
     for line in direct:
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)

@@ -65,7 +65,7 @@ class ClipScore(Strategy):
         L2-normalised embeddings (DataComp, Gadre et al. 2023, Sec. 4; :func:`clip_scores`),
         float32 in pool order. Higher means keep: ``mode=top_k`` keeps the budget's best."""
         found = ctx.embeddings(self.params.embedder)
-        return clip_scores(np.asarray(found.image), np.asarray(found.text))
+        return clip_scores(np.asarray(found.image), np.asarray(found.text), executor=ctx.executor)
 
     def _passing(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores >= self.params.threshold)

@@ -108,6 +108,7 @@ class Prototypes(Strategy):
             return_scores=True,
             max_train_points=self.params.max_train_points,
             unit=True,
+            executor=ctx.executor,
         )
         distances = (1.0 - similarity).astype(np.float32)
         return distances if self.params.keep == "hard" else -distances

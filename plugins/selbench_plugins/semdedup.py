@@ -24,8 +24,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from selbench.toolbox import (
+    Executor,
+    LocalExecutor,
     Selection,
     SelectionContext,
+    SharedArray,
     Strategy,
     cluster_members,
     hookimpl,
@@ -122,29 +125,72 @@ def semdedup_scores(
     keep: Literal["farthest", "closest", "random"],
     rng: np.random.Generator | None = None,
     normalized: bool = False,
+    executor: Executor | None = None,
 ) -> np.ndarray:
     """``M`` for every row of ``x``: Algorithm 1 run on every k-means cluster.
 
     ``x`` are embeddings (normalised here, as in Algorithm 1, unless ``normalized`` says
     they are unit float32 rows already: then no second float32 copy of the pool is made,
     2x a float16 cache entry at 1M x 256), ``assignment`` the cluster of every row,
-    ``centroids`` the cluster centres (for the visiting order). Clusters are processed in
-    increasing id, so ``keep="random"`` draws from ``rng`` reproducibly.
+    ``centroids`` the cluster centres (for the visiting order). ``keep="random"`` draws
+    every cluster's visiting order from ``rng`` here, in increasing cluster id, so it
+    reproduces. ``executor`` runs groups of whole clusters (:data:`ROWS_PER_TASK` rows a
+    group; default: here, in order); each cluster's ``M`` is the same wherever it runs.
     """
+    executor = executor or LocalExecutor()
     unit = x if normalized else unit_rows(x)
     protos = unit_rows(centroids)
     assignment = np.asarray(assignment, dtype=np.int64)
     scores = np.full(len(unit), NO_EARLIER_POINT, dtype=np.float64)
     members = cluster_members(np.arange(len(unit)), assignment, len(protos))  # pool order
-    with one_blas_thread():  # many small products: one thread each is faster
-        for c, idx in enumerate(members):
-            if len(idx) < 2:
-                continue
-            members = unit[idx]
-            dist = 1.0 - members @ protos[c]
-            order = order_within_cluster(dist, keep, rng)
-            scores[idx] = _cluster_max_similarity(members, order)
+    clusters = [(c, idx) for c, idx in enumerate(members) if len(idx) >= 2]
+    drawn = [  # the visiting orders keep=random draws, in cluster order
+        order_within_cluster(np.zeros(len(idx)), keep, rng) if keep == "random" else None
+        for _, idx in clusters
+    ]
+    groups = _cluster_groups([(c, idx, o) for (c, idx), o in zip(clusters, drawn, strict=True)])
+    shared = executor.share(unit), executor.share(protos)
+    found = executor.map(_group_max_similarity, [(*shared, group, keep) for group in groups])
+    for group, parts in zip(groups, found, strict=True):
+        for (_, idx, _), part in zip(group, parts, strict=True):
+            scores[idx] = part
     return scores
+
+
+# Rows of the clusters one task of semdedup_scores takes (a larger cluster is one task).
+ROWS_PER_TASK = 65536
+Cluster = tuple[int, np.ndarray, "np.ndarray | None"]  # id, member rows, drawn order
+
+
+def _cluster_groups(clusters: list[Cluster]) -> list[list[Cluster]]:
+    """Consecutive clusters in groups of about :data:`ROWS_PER_TASK` rows."""
+    groups: list[list[Cluster]] = []
+    rows = ROWS_PER_TASK
+    for cluster in clusters:
+        if rows >= ROWS_PER_TASK:
+            groups.append([])
+            rows = 0
+        groups[-1].append(cluster)
+        rows += len(cluster[1])
+    return groups
+
+
+def _group_max_similarity(
+    unit: SharedArray,
+    protos: SharedArray,
+    group: list[Cluster],
+    keep: Literal["farthest", "closest", "random"],
+) -> list[np.ndarray]:
+    """Algorithm 1's ``M`` of every cluster of ``group``, in its members' order: one task."""
+    rows, centres = unit.get(), protos.get()
+    found = []
+    with one_blas_thread():  # many small products: one thread each is faster
+        for c, idx, drawn in group:
+            members = rows[idx]
+            dist = 1.0 - members @ centres[c]
+            order = drawn if drawn is not None else order_within_cluster(dist, keep)
+            found.append(_cluster_max_similarity(members, order))
+    return found
 
 
 def kept_mask(scores: np.ndarray, epsilon: float) -> np.ndarray:
@@ -273,9 +319,16 @@ class SemDeDup(Strategy):
             self.params.niter,
             "semdedup",
             max_train_points=self.params.max_train_points,
+            executor=ctx.executor,
         )
         scores = semdedup_scores(
-            image, centroids, assignment, self.params.keep, ctx.rng, normalized=True
+            image,
+            centroids,
+            assignment,
+            self.params.keep,
+            ctx.rng,
+            normalized=True,
+            executor=ctx.executor,
         )
         return scores, len(centroids)
 

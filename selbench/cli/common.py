@@ -26,6 +26,47 @@ STRICT_HELP = (
 )
 
 
+#: ``--executor``'s help: what runs where (selection's row blocks, or embed's ranks).
+SELECT_EXECUTOR_HELP = (
+    "Where selection's row-block work runs (CLIP scores, k-means assignment, SemDeDup's "
+    "clusters). local: in this process. ray: as Ray tasks over row blocks, on the cluster "
+    "at --ray-address or on a Ray instance started here; the driver ranks the gathered "
+    "scores, so the budget and the selection are exactly the local ones. Needs "
+    "`pip install 'selbench[ray]'`; on several nodes the embedding cache (SELBENCH_HOME) "
+    "must be on a filesystem every worker sees (docs/scale-out.md)."
+)
+EMBED_EXECUTOR_HELP = (
+    "Where the embedding ranks run. local: here, or under torchrun with --nproc-per-node. "
+    "ray: --nproc-per-node ranks (default 1) as Ray tasks on CPU, on the cluster at "
+    "--ray-address or on a Ray instance started here; a killed task runs again and resumes "
+    "from the parts it wrote. Needs `pip install 'selbench[ray]'`; the embedding cache "
+    "(SELBENCH_HOME) must be on a filesystem every worker sees (docs/scale-out.md)."
+)
+
+
+def executor_options(help_text: str):
+    """``--executor local|ray`` and ``--ray-address``, for run, sweep and embed."""
+
+    def decorate(func):
+        func = click.option(
+            "--ray-address",
+            default=None,
+            metavar="ADDR",
+            help="The Ray cluster for --executor ray: the address `ray start --head` "
+            "prints (HOST:6379), or auto for the one this node belongs to. Default: start "
+            "a Ray instance on this machine.",
+        )(func)
+        return click.option(
+            "--executor",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help=help_text,
+        )(func)
+
+    return decorate
+
+
 def quiet_libraries() -> None:
     # MLflow's sqlite migrations are noise here. open_clip's "no pretrained weights" notice
     # is dropped where selbench builds its models (selbench.train.build_model); the root

@@ -10,9 +10,11 @@ import click
 from rich.table import Table
 
 from selbench.cli.common import (
+    EMBED_EXECUTOR_HELP,
     STRICT_HELP,
     console,
     err_console,
+    executor_options,
     friendly_errors,
     main,
     parse_assignments,
@@ -51,15 +53,19 @@ from selbench.errors import SelbenchError
     "pass. On several nodes, start `torchrun ... -m selbench.cli embed` yourself instead.",
 )
 @click.option("--strict", is_flag=True, default=False, help=STRICT_HELP)
+@executor_options(EMBED_EXECUTOR_HELP)
 @friendly_errors
-def embed(pool, embedder, device, chunk_size, nproc_per_node, strict) -> None:
+def embed(
+    pool, embedder, device, chunk_size, nproc_per_node, strict, executor, ray_address
+) -> None:
     """Fill the embedding cache for POOL with EMBEDDER ahead of runs."""
     _quiet_libraries()
     from selbench.embed_ranks import embed_command
 
     outcome = embed_command(
-        pool, embedder, device, chunk_size, nproc_per_node, err_console, strict=strict
-    )
+        pool, embedder, device, chunk_size, nproc_per_node, err_console, strict=strict,
+        executor=executor, ray_address=ray_address,
+    )  # fmt: skip
     if outcome.message is not None:
         console.print(outcome.message, soft_wrap=True)
     if outcome.exit_code:

@@ -13,9 +13,11 @@ from click.core import ParameterSource
 from rich.table import Table
 
 from selbench.cli.common import (
+    SELECT_EXECUTOR_HELP,
     STRICT_HELP,
     console,
     err_console,
+    executor_options,
     friendly_errors,
     main,
     parse_assignments,
@@ -162,7 +164,8 @@ if TYPE_CHECKING:
     metavar="RUN_ID",
     help="Continue run RUN_ID from its first unfinished stage (after a crash, a preemption "
     "or a kill); it keeps its own settings, so give no --method/--budget/--pool; "
-    "--device, --nproc-per-node and --launcher may change (train on another node).",
+    "--device, --nproc-per-node, --launcher, --executor and --ray-address may change "
+    "(train on another node).",
 )
 @click.option(
     "--stage",
@@ -173,6 +176,7 @@ if TYPE_CHECKING:
     "selecting; `--resume RUN_ID --stage train` trains it, e.g. on another node. Without "
     "it every stage left runs.",
 )
+@executor_options(SELECT_EXECUTOR_HELP)
 @friendly_errors
 def run(
     method,
@@ -196,6 +200,8 @@ def run(
     strict,
     resume_id,
     stages,
+    executor,
+    ray_address,
 ) -> None:
     """Select a subset with METHOD, train the fixed recipe on it, evaluate, log to MLflow.
 
@@ -238,6 +244,8 @@ def run(
                 train_samples=parse_train_samples(train_samples),
                 decontaminate=decontaminate,
                 strict=strict,
+                executor=executor,
+                ray_address=ray_address,
             )
             outcome = execute(request, progress=progress, stages=list(stages) or None)
     title = f"run {outcome.run_id}" if resume_id else f"{method} @ budget {budget} (seed {seed})"
@@ -420,6 +428,7 @@ def _method_list(ctx, param, value: str) -> list[str]:
     "another configuration) and report Kendall's tau per budget, as `selbench leaderboard "
     "--compare-with` does.",
 )
+@executor_options(SELECT_EXECUTOR_HELP)
 @friendly_errors
 def sweep(
     methods,
@@ -437,6 +446,8 @@ def sweep(
     board_name,
     out,
     compare_with,
+    executor,
+    ray_address,
 ) -> None:
     """Run methods x budgets x seeds as nested MLflow runs under one sweep run.
 
@@ -455,6 +466,7 @@ def sweep(
         methods, budgets, seeds, pool, scale, protocol, full_pool, eval_suite, experiment,
         device, board_name, out, compare_with,
         train_samples=[parse_train_samples(t) for t in train_samples], strict=strict,
+        executor=executor, ray_address=ray_address,
     )  # fmt: skip
     started = time.perf_counter()
     with RichProgress(err_console) as progress:

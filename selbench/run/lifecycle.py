@@ -190,6 +190,7 @@ def run_identity(plan: PreparedRun) -> tuple[dict[str, str], dict[str, Any]]:
             else {}
         ),
         "device": plan.device,
+        "executor": request.executor,  # an execution setting: never in the cell key
         "plugin_package": f"{info.package}=={info.version}",
         **{f"param.{k}": v for k, v in params.model_dump().items()},
         "decontaminate": bool(request.decontaminate),

@@ -218,6 +218,7 @@ def _context(
         needs=frozenset(step.info.cls.needs),
         image_size=ctx.image_size,
         truth=ctx.truth,
+        executor=ctx.executor,
     )
 
 

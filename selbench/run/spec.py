@@ -33,7 +33,7 @@ from selbench.tracking import DEFAULT_EXPERIMENT
 
 # How a run executes, not what it measures: a resumed run may change these (train on
 # another node, with more GPUs) without becoming a different benchmark cell.
-EXECUTION_SETTINGS = ("device", "nproc_per_node", "launcher")
+EXECUTION_SETTINGS = ("device", "nproc_per_node", "launcher", "executor", "ray_address")
 
 
 @dataclass
@@ -61,6 +61,10 @@ class RunRequest:
     # (selbench.pools.decontaminates_by_default), resolved when the run is prepared
     decontaminate: bool | None = None
     strict: bool = False  # refuse a pool with a corrupt shard instead of leaving it out
+    # where selection's row blocks run: local (this process) or ray (selbench.executors),
+    # on the Ray cluster at ray_address (None: a Ray instance started for the run)
+    executor: str = "local"
+    ray_address: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunRequest:

@@ -35,17 +35,13 @@ from selbench.diagnostics import concept_coverage, pathology_fractions
 from selbench.embedders import EmbeddingService
 from selbench.errors import ConfigError, SelbenchError
 from selbench.evaluate import evaluate, resolve_eval_suite
+from selbench.executors import make_executor
 from selbench.fileutil import atomic_write_text
 from selbench.materialize import Subset, load_subset, materialize, materialize_synthesized
 from selbench.pools import ResolvedPool, refuse_without_images, resolve_pool
 from selbench.progress import Progress
 from selbench.registry import StrategyInfo, get_registry
-from selbench.run.compute import (
-    load_reference,
-    selection_compute,
-    total_compute,
-    training_compute,
-)
+from selbench.run.compute import load_reference, selection_compute, total_compute, training_compute
 from selbench.run.pipeline import run_strategy
 from selbench.run.plan import ResolvedOnline, resolve_method, resolve_online
 from selbench.run.selection_io import (
@@ -283,6 +279,7 @@ def selection_context(stage: StageContext, services: EmbeddingService) -> Select
         image_size=training_image_size(run.scale),
         truth=pool.ground_truth if pool.has_ground_truth() else None,
         services=ViewServices(services, view) if isinstance(view, SubsetView) else services,
+        executor=make_executor(run.request.executor, run.request.ray_address),
     )
 
 

@@ -1,4 +1,4 @@
-"""Write constraints.txt: the installed version of every distribution that selbench[dev]
+"""Write constraints.txt: the installed version of every distribution that selbench[dev,ray]
 needs, directly or through its dependencies (the dependency closure, extras followed),
 selbench itself left out. Run it in the environment CI's install made, after changing a
 dependency on purpose: `python tests/tools/freeze-constraints.py > constraints.txt`
@@ -12,10 +12,11 @@ from importlib import metadata
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-ROOT, ROOT_EXTRAS = "selbench", ("dev",)
+ROOT, ROOT_EXTRAS = "selbench", ("dev", "ray")
 HEADER = """\
 # What CI installs and tests: the README's install command is
 #   pip install -e '.[dev]' -c constraints.txt
+# and its test command adds the ray extra: pip install -e '.[ray]' -c constraints.txt
 # pyproject.toml says which ranges selbench accepts; this file pins one tested set
 # (Python 3.11, Linux). Written by tests/tools/freeze-constraints.py (docs/install.md).
 """
