@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,7 +50,8 @@ class Server:
         command += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed with the process
         # The server keeps lock files (db_init_lock-*) in its temporary directory: its own.
-        env = dict(os.environ, TMPDIR=str(self.root))
+        # MLflow's job runner (its GenAI jobs: 7 consumer processes) has nothing to run here.
+        env = dict(os.environ, TMPDIR=str(self.root), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         self.process = subprocess.Popen(
             command, stdout=log, stderr=log, start_new_session=True, cwd=self.root, env=env
         )
@@ -97,8 +99,10 @@ def _group_alive(pgid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    started = Server(tmp_path_factory.mktemp("mlflow-server"))
+def server(tmp_path_factory, empty_mlflow_store):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copyfile(empty_mlflow_store, root / "mlflow.db")  # its tables made once (conftest)
+    started = Server(root)
     started.start()
     yield started
     pid = started.process.pid if started.process else None
