@@ -20,21 +20,32 @@ encoder's speed.
     python benchmarks/embed_throughput.py --device cuda --json figures.json   # also as JSON
 
 ``--json`` writes the figures to a file as well (benchmarks/gpu_check.sh reads them).
+``--reader tar`` reads a pool directory's tar shards with :class:`TarShards` instead of
+selbench.pools' indexed reader, whose index needs pyarrow: what benchmarks/gpu_check.sh
+runs on the GPU machine, which is given no pyarrow (docs/gpu-check.md). The images are
+read the same way (slices of the memory-mapped shard at recorded offsets), then go
+through the same cache, decoding and encoder.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import mmap
+import os
 import statistics
+import tarfile
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from selbench.cache import EmbeddingCache
-from selbench.decoding import helpers_enabled
+from selbench.decoding import decode_image_bytes, helpers_enabled, png_decoder
 from selbench.embedders import (
     ENCODE_BATCH,
     EmbeddingService,
@@ -42,9 +53,115 @@ from selbench.embedders import (
     decode_workers,
     pool_batches,
 )
-from selbench.pools import resolve_pool
 from selbench.registry import get_registry
 from selbench.train import build_model
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # as selbench.pools.shards
+
+
+class TarShards:
+    """A pool read from the tar shards of a directory (``DIR/pool/*.tar`` of a SynthWeb
+    dataset, or ``DIR/*.tar``) with what the embedding service and the cache read of a
+    pool: its length, uids, captions, fingerprint, name, ``iter_image_bytes``,
+    ``iter_images`` and ``locate``. One ``tarfile`` scan records each sample's uid (its
+    json's ``uid``, else its key), caption and image offset in memory, so no pyarrow is
+    needed; a sample without an image or a caption is left out. Trusted shards only (made
+    by the generator on the same machine): none of selbench.pools' checks of hostile or
+    corrupt shards."""
+
+    kind = "shards"
+    reference = None
+    metadata = None
+
+    def __init__(self, root: Path) -> None:
+        folder = root / "pool" if (root / "pool").is_dir() else root
+        self.shards = sorted(folder.glob("*.tar"))
+        if not self.shards:
+            raise SystemExit(f"no tar shards in {folder}")
+        self.name = root.name
+        self.uids: list[str] = []
+        self.captions: list[str] = []
+        self._where: list[tuple[int, int, int, str, str]] = []  # shard, offset, size, ext, key
+        digest = hashlib.sha256()
+        for shard_id, shard in enumerate(self.shards):
+            digest.update(
+                f"{shard.name}:{hashlib.sha256(shard.read_bytes()).hexdigest()}\n".encode()
+            )
+            self._scan(shard_id, shard)
+        self.fingerprint = "tar-" + digest.hexdigest()[:16]
+
+    def _scan(self, shard_id: int, shard: Path) -> None:
+        with tarfile.open(shard) as tar:
+            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for member in tar.getmembers():
+                key, dot, ext = os.path.basename(member.name).partition(".")
+                if member.isfile() and dot:
+                    samples.setdefault(key, {})[ext.lower()] = member
+            for key, parts in samples.items():
+                ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
+                text = parts.get("txt")
+                caption = "" if text is None else _read(tar, text).decode(errors="replace")
+                if ext is None or not caption.strip():
+                    continue
+                meta = json.loads(_read(tar, parts["json"])) if "json" in parts else {}
+                uid = meta.get("uid") if isinstance(meta, dict) else None
+                self.uids.append(uid if isinstance(uid, str) and uid else key)
+                self.captions.append(caption.strip())
+                image = parts[ext]
+                self._where.append((shard_id, image.offset_data, image.size, ext, key))
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+    def iter_image_bytes(
+        self, uids: Iterable[str] | None = None, start: int = 0
+    ) -> Iterator[tuple[str, bytes, str]]:
+        """``(uid, encoded image bytes, extension)`` in pool order from ``start`` (only
+        ``uids`` when given): slices of the memory-mapped shard, as ShardPool reads."""
+        wanted = None if uids is None else set(uids)
+        mapped: mmap.mmap | None = None
+        open_shard = -1
+        try:
+            for uid, (shard_id, offset, size, ext, _) in zip(
+                self.uids[start:], self._where[start:], strict=True
+            ):
+                if wanted is not None and uid not in wanted:
+                    continue
+                if mapped is None or shard_id != open_shard:
+                    if mapped is not None:
+                        mapped.close()
+                    with open(self.shards[shard_id], "rb") as handle:
+                        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                    open_shard = shard_id
+                yield uid, mapped[offset : offset + size], ext
+        finally:
+            if mapped is not None:
+                mapped.close()
+
+    def iter_images(self, uids: Iterable[str] | None = None, start: int = 0) -> Iterator[Any]:
+        for uid, data, _ in self.iter_image_bytes(uids, start):
+            yield uid, decode_image_bytes(data)
+
+    def locate(self, uid: str) -> str:
+        if uid not in self.uids:
+            return f"not in the shards of {self.name}"
+        shard_id, _, _, ext, key = self._where[self.uids.index(uid)]
+        return f"member {key}.{ext} of shard {self.shards[shard_id]}"
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(member)
+    return b"" if handle is None else handle.read()
+
+
+def open_pool(spec: str, reader: str) -> Any:
+    """The strategy view of pool ``spec`` (as for ``selbench run``; ``reader`` "index"),
+    or :class:`TarShards` over the directory ``spec`` (``reader`` "tar")."""
+    if reader == "tar":
+        return TarShards(Path(spec))
+    from selbench.pools import resolve_pool  # the indexed reader: pyarrow
+
+    return resolve_pool(spec).pool.strategy_view()
 
 
 def main() -> None:
@@ -54,9 +171,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument(
+        "--reader",
+        choices=("index", "tar"),
+        default="index",
+        help="index: selbench.pools (default); tar: the tar shards of the directory --pool, "
+        "without pyarrow (benchmarks/gpu_check.sh)",
+    )
     args = parser.parse_args()
 
-    pool = resolve_pool(args.pool).pool.strategy_view()
+    pool = open_pool(args.pool, args.reader)
     n = len(pool)
     with tempfile.TemporaryDirectory() as tmp:
         model, _, _ = build_model(args.model, seed=0)
@@ -122,7 +246,7 @@ def main() -> None:
         f"{helpers} helper process{'es' if helpers > 1 else ''}"
         if helpers_enabled()
         else f"{decode_workers()} thread(s) in-process"
-    )
+    ) + f", PNG by {png_decoder()}"
     print(
         f"pool: {args.pool} ({n} samples), model: {args.model}, device: {args.device}, "
         f"threads: {torch.get_num_threads()}, batch: {ENCODE_BATCH}, decoding: {decoding}"
@@ -138,6 +262,7 @@ def main() -> None:
     if args.json:
         figures = {
             "pool": args.pool,
+            "reader": args.reader,
             "pool_samples": n,
             "model": args.model,
             "device": args.device,

@@ -11,10 +11,10 @@
 #   bash benchmarks/gpu_check.sh --device cpu --out DIR   # toy sizes, this venv (the test)
 #
 # On cuda it first makes a venv (.gpu-check-venv, --system-site-packages: the machine's
-# torch) and installs the wheels of benchmarks/gpu-wheels*/ (benchmarks/gpu_check_prepare.sh)
-# with --no-index --no-deps. --install-only stops after that (staging extra wheel folders
-# on a warm machine, docs/gpu-check.md). --fail PART (or GPU_CHECK_FAIL=PART) makes PART
-# (embed, cluster or train) fail on purpose: the test of the failed-row path.
+# torch) and installs the wheels of benchmarks/gpu-wheels/ (benchmarks/gpu_check_prepare.sh:
+# one folder of <= 64 MiB, every part's) with --no-index --no-deps. --install-only stops
+# after that. --fail PART (or GPU_CHECK_FAIL=PART) makes PART (embed, cluster or train)
+# fail on purpose: the test of the failed-row path.
 set -u
 
 DEVICE=cuda
@@ -74,23 +74,22 @@ if [ "$USE_VENV" = 1 ]; then
     (
         set -e
         [ -x "$VENV/bin/python" ] || "$BASE_PYTHON" -m venv --system-site-packages "$VENV"
-        for dir in "$REPO"/benchmarks/gpu-wheels*/; do
-            [ -d "$dir" ] || continue
-            wheels=()
-            for wheel in "$dir"*.whl; do
-                [ -e "$wheel" ] || continue
-                dist=$(basename "$wheel" | cut -d- -f1)
-                # The machine's own numpy 2 / torchvision / pillow stay (they match its torch).
-                case "$dist" in
-                    numpy) "$VENV/bin/python" -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) < 2)' 2>/dev/null && continue ;;
-                    torchvision|pillow) "$VENV/bin/python" -c "import ${dist/pillow/PIL}" 2>/dev/null && continue ;;
-                esac
-                wheels+=("$wheel")
-            done
-            echo "$dir: installing ${#wheels[@]} wheel(s)"
-            [ ${#wheels[@]} -eq 0 ] || "$VENV/bin/python" -m pip install -q --no-index --no-deps \
-                --disable-pip-version-check --find-links "$dir" "${wheels[@]}"
+        dir=${GPU_WHEELS:-$REPO/benchmarks/gpu-wheels}
+        [ -d "$dir" ] || { echo "no wheel folder $dir: make it with benchmarks/gpu_check_prepare.sh"; exit 1; }
+        wheels=()
+        for wheel in "$dir"/*.whl; do
+            [ -e "$wheel" ] || continue
+            dist=$(basename "$wheel" | cut -d- -f1)
+            # The machine's own numpy 2 / torchvision / pillow stay (they match its torch).
+            case "$dist" in
+                numpy) "$VENV/bin/python" -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) < 2)' 2>/dev/null && continue ;;
+                torchvision|pillow) "$VENV/bin/python" -c "import ${dist/pillow/PIL}" 2>/dev/null && continue ;;
+            esac
+            wheels+=("$wheel")
         done
+        echo "$dir: installing ${#wheels[@]} wheel(s)"
+        [ ${#wheels[@]} -eq 0 ] || "$VENV/bin/python" -m pip install -q --no-index --no-deps \
+            --disable-pip-version-check --find-links "$dir" "${wheels[@]}"
         cd / && "$VENV/bin/python" -c 'import selbench, torch; print("selbench", selbench.__file__, "torch", torch.__version__)'
     ) > "$INSTALL_LOG" 2>&1
     install_rc=$?
@@ -140,15 +139,10 @@ pool_rc=$?
 pool_s=$(($(date +%s) - pool_started))
 SECONDS_PER_PART="install $INSTALL_S s, pool $pool_s s,"
 
-# selbench.pools (the pool index) needs pyarrow, selbench.decoding opencv, the open_clip
-# embedder's plugin faiss: their wheels are carried apart (docs/gpu-check.md), maybe not at all.
-EMBED_CMD=("$PYTHON")
-"$PYTHON" -c 'import pyarrow, cv2, faiss' > /dev/null 2>&1 || EMBED_CMD=("$PYTHON" -c "raise \
-SystemExit('the embedding cache needs pyarrow, opencv-python-headless and faiss-cpu (selbench.pools, \
-selbench.decoding, the embedders plugin), not installed: stage benchmarks/gpu-wheels-extra-*/ \
-(docs/gpu-check.md)')")
-run_part embed "$T_EMBED" "${EMBED_CMD[@]}" "$REPO/benchmarks/embed_throughput.py" --pool "$POOL" \
-    --device "$DEVICE" "${EMBED_ARGS[@]}" --json "$PARTS/embed.json"
+# --reader tar: the pool's shards read without selbench.pools, whose index needs pyarrow;
+# PNGs decode with PIL where OpenCV is absent. Neither is among the wheels (docs/gpu-check.md).
+run_part embed "$T_EMBED" "$PYTHON" "$REPO/benchmarks/embed_throughput.py" --pool "$POOL" \
+    --reader tar --device "$DEVICE" "${EMBED_ARGS[@]}" --json "$PARTS/embed.json"
 run_part cluster "$T_CLUSTER" "$PYTHON" "$REPO/benchmarks/gpu_check.py" cluster \
     --device "$DEVICE" "${CLUSTER_ARGS[@]}" --json "$PARTS/cluster.json"
 run_part train "$T_TRAIN" "$PYTHON" "$REPO/benchmarks/gpu_check.py" train --pool "$POOL" \

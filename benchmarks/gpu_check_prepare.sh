@@ -3,20 +3,22 @@
 # has Python 3.12 and torch 2.11 but no network and none of selbench's other packages.
 #
 #   bash benchmarks/gpu_check_prepare.sh               # benchmarks/gpu-wheels/ (<= 64 MiB)
-#   bash benchmarks/gpu_check_prepare.sh --embedding   # also gpu-wheels-extra-{1,2,3}/
 #
-# Only what the check's code paths import, each wheel with --no-deps, at the versions
-# constraints.txt pins (CI's tested set), as cp312 manylinux x86_64 or pure-Python wheels:
-# selbench itself (pip wheel --no-deps .), open_clip_torch (open_clip_train is inside it)
-# and what open_clip, open_clip_train.data (pandas), selbench.configs/cache/progress and
-# huggingface_hub import, plus numpy, pillow and torchvision 0.26 (torch 2.11's), which the
-# install skips where the machine has its own: 56 MiB, for the k-means/kNN and training
-# parts. selbench's other dependencies (MLflow, scikit-learn, ...) are not imported by the
-# check and stay out. The embedding part also needs pyarrow (48 MiB), opencv (61 MiB) and
-# faiss-cpu (18 MiB); --embedding packs them into gpu-wheels-extra-N/ folders of <= 64 MiB,
-# each staged on the warm machine by a call of its own (docs/gpu-check.md).
-# Fails when a folder is over 64 MiB (what one device call may carry). Env: PYTHON_VERSION
-# (3.12), TORCHVISION (0.26.0), PLATFORM (manylinux_2_28_x86_64).
+# One folder for every part, carried in one device call. Only what the check's code paths
+# import, each wheel with --no-deps, at the versions constraints.txt pins (CI's tested set),
+# as cp312 manylinux x86_64 or pure-Python wheels: selbench itself (pip wheel --no-deps .),
+# open_clip_torch (open_clip_train is inside it) and what open_clip, open_clip_train.data
+# (pandas), selbench.configs/cache/progress and huggingface_hub import, plus numpy, pillow
+# and torchvision 0.26 (torch 2.11's), which the install skips where the machine has its
+# own. selbench's other dependencies (MLflow, scikit-learn, ...) are not imported by the
+# check and stay out, and so are pyarrow, opencv and faiss (48, 61 and 18 MiB): the
+# embedding part reads the pool's shards without selbench.pools (embed_throughput.py
+# --reader tar), decodes PNGs with PIL where OpenCV is absent, and faiss is imported only
+# where selbench clusters or searches (selbench/neighbours.py), which the check does in
+# torch. --embedding, which once packed those three into extra folders, is accepted and
+# does nothing. Fails when the folder is over 64 MiB (what one device call may carry).
+# Env: PYTHON_VERSION (3.12), TORCHVISION (0.26.0), PLATFORM (manylinux_2_28_x86_64),
+# GPU_WHEELS (the folder).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,8 +27,11 @@ TORCHVISION=${TORCHVISION:-0.26.0}
 PLATFORM=${PLATFORM:-manylinux_2_28_x86_64}
 DEST=${GPU_WHEELS:-$REPO/benchmarks/gpu-wheels}
 LIMIT=$((64 * 1024 * 1024))
-EMBEDDING=0
-[ "${1:-}" = --embedding ] && EMBEDDING=1
+case "${1:-}" in
+    "") ;;
+    --embedding) echo "--embedding is no longer needed: $DEST holds every part's wheels" >&2 ;;
+    *) echo "unknown argument: $1 (no arguments: docs/gpu-check.md)" >&2; exit 2 ;;
+esac
 
 CORE=(
     open_clip_torch timm huggingface_hub httpx2 httpcore2 h11 anyio idna certifi truststore
@@ -35,10 +40,6 @@ CORE=(
     mdurl Pygments click pluggy filelock packaging pandas python-dateutil six cloudpickle
     numpy pillow
 )
-
-# The embedding cache's pool index (pyarrow), decoder (opencv) and the open_clip embedder's
-# plugin, which imports selbench.toolbox and so selbench.neighbours (faiss, threadpoolctl).
-EMBEDDING_EXTRA=(pyarrow opencv-python-headless faiss-cpu threadpoolctl)
 
 pinned() {  # NAME -> NAME==VERSION from constraints.txt (NAME alone when unpinned)
     local line
@@ -80,28 +81,3 @@ python -c 'import hatchling' 2>/dev/null && isolation=(--no-build-isolation)
 python -m pip wheel -q --disable-pip-version-check --no-deps "${isolation[@]}" -w "$DEST" "$REPO"
 check_size "$DEST"
 
-if [ $EMBEDDING = 1 ]; then
-    # First fit, largest first, into gpu-wheels-extra-1/, -2/, ... of <= 64 MiB each.
-    rm -rf "$REPO"/benchmarks/gpu-wheels-extra-*
-    staging=$(mktemp -d)
-    trap 'rm -rf "$staging"' EXIT
-    requirements=()
-    for name in "${EMBEDDING_EXTRA[@]}"; do requirements+=("$(pinned "$name")"); done
-    download "$staging" "${requirements[@]}"
-    python - "$staging" "$REPO/benchmarks/gpu-wheels-extra" "$LIMIT" <<'EOF_PY'
-import shutil, sys
-from pathlib import Path
-staging, prefix, limit = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-bins: list[list] = []
-for wheel in sorted(staging.glob("*.whl"), key=lambda w: -w.stat().st_size):
-    size = wheel.stat().st_size
-    fit = next((b for b in bins if b[0] + size <= limit), None)
-    if fit is None:
-        fit = [0, Path(f"{prefix}-{len(bins) + 1}")]
-        fit[1].mkdir(parents=True)
-        bins.append(fit)
-    fit[0] += size
-    shutil.move(str(wheel), fit[1] / wheel.name)
-EOF_PY
-    for extra in "$REPO"/benchmarks/gpu-wheels-extra-*/; do check_size "${extra%/}"; done
-fi

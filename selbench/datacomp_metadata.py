@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from selbench.embedders import Embedder
 from selbench.errors import ConfigError, PoolError
@@ -81,6 +79,8 @@ class MetadataDir:
         ``text`` (``pool_uids[i]``); every pool uid must be in the metadata."""
         if self._fill_in_order(pool_uids, model, image, text):
             return
+        import pyarrow.parquet as pq  # here: the embedders plugin imports this module
+
         index = pd.Index(pool_uids)
         if not index.is_unique:
             first = index[index.duplicated()][0]
@@ -122,6 +122,9 @@ class MetadataDir:
         """When the pool lists exactly the metadata's rows in file order (a pool of kind
         ``datacomp-metadata``, whose uids are an Arrow array), copy each file's features
         to its block of rows with no uid lookup; False (nothing written) otherwise."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         arrow = getattr(pool_uids, "arrow", None)
         if not isinstance(arrow, pa.ChunkedArray):
             return False

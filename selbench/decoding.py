@@ -25,6 +25,7 @@ behaviour: one thread per torch intra-op thread).
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import mmap
 import os
@@ -37,15 +38,9 @@ import warnings
 from collections.abc import Sequence
 from typing import IO, Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # None before OpenCV 4.10
-# OpenCV turns an image by its EXIF orientation unless told not to; PIL (the trainer, the
-# evaluator, and webdataset's decoder in open_clip_train) never does. Ignoring it here
-# keeps the embedding pass on the pixels training sees (docs/reliability.md).
-_NO_ROTATION = cv2.IMREAD_IGNORE_ORIENTATION
 #: PIL modes holding more than 8 bits per sample (16-bit greyscale PNGs open as these).
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
@@ -73,16 +68,43 @@ def decode_image_bytes(data: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
+@functools.cache
+def _opencv() -> Any:
+    """The ``cv2`` module, imported on the first PNG decoded, or None where OpenCV is not
+    installed (PNGs then decode with PIL: the same pixels, about three times slower). So
+    importing this module needs no OpenCV (the GPU check's embedding part,
+    docs/gpu-check.md)."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
+def png_decoder() -> str:
+    """What :func:`decode` decodes PNGs with here: ``"OpenCV <version>"`` or ``"PIL"``."""
+    cv2 = _opencv()
+    return "PIL" if cv2 is None else f"OpenCV {cv2.__version__}"
+
+
 def decode(data: bytes, ext: str) -> Any:
-    """Decode for embedding: PNG with OpenCV (lossless, so pixel-identical to PIL, tested,
-    and about three times faster on small images, which is most of the reading cost of an
-    embedding pass on CPU); other formats with PIL, like the trainer."""
-    if ext == "png":
+    """Decode for embedding: PNG with OpenCV when installed (lossless, so pixel-identical
+    to PIL, tested, and about three times faster on small images, which is most of the
+    reading cost of an embedding pass on CPU); other formats, and PNGs without OpenCV,
+    with PIL, like the trainer."""
+    cv2 = _opencv() if ext == "png" else None
+    if cv2 is not None:
         buffer = np.frombuffer(data, dtype=np.uint8)
-        if _IMREAD_RGB is not None:  # OpenCV >= 4.10 decodes straight to RGB
-            image = cv2.imdecode(buffer, _IMREAD_RGB | _NO_ROTATION)
+        # OpenCV turns an image by its EXIF orientation unless told not to; PIL (the
+        # trainer, the evaluator, and webdataset's decoder in open_clip_train) never does.
+        # Ignoring it keeps the embedding pass on the pixels training sees
+        # (docs/reliability.md).
+        no_rotation = cv2.IMREAD_IGNORE_ORIENTATION
+        rgb = getattr(cv2, "IMREAD_COLOR_RGB", None)  # None before OpenCV 4.10
+        if rgb is not None:  # OpenCV >= 4.10 decodes straight to RGB
+            image = cv2.imdecode(buffer, rgb | no_rotation)
         else:
-            bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR | _NO_ROTATION)
+            bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR | no_rotation)
             image = None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         if image is not None:
             return image

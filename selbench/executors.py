@@ -105,6 +105,28 @@ def mapped_file(array: np.ndarray) -> MappedFile | None:
     return MappedFile(str(Path(filename)), start + into, array.dtype.str, array.shape)
 
 
+def release_rows(array: np.ndarray, lo: int, hi: int) -> None:
+    """Rows ``lo:hi`` of a C-contiguous view of a file's memory map are read and not needed
+    again: drop their whole pages from this process's resident set (``MADV_DONTNEED``;
+    the page cache keeps them, and a later read maps them again), so a pass over the
+    embedding cache does not leave it all counted in the process's RSS. Nothing for an
+    array in memory."""
+    source: np.ndarray | None = array
+    while source is not None and not (isinstance(source, np.memmap) and source.filename):
+        source = source.base if isinstance(source.base, np.ndarray) else None
+    buffer = getattr(source, "_mmap", None)
+    if not isinstance(buffer, mmap.mmap) or not array.flags.c_contiguous or array.ndim < 1:
+        return
+    mapping = np.frombuffer(buffer, dtype=np.uint8)
+    into = array.__array_interface__["data"][0] - mapping.__array_interface__["data"][0]
+    row = array.strides[0]
+    page = mmap.PAGESIZE
+    start = -(-(into + lo * row) // page) * page  # whole pages inside the rows only
+    stop = min(into + hi * row, len(mapping)) // page * page
+    if 0 <= start < stop:
+        buffer.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
 def call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """What a Ray task runs: ``fn(*args)``."""
     return fn(*args)

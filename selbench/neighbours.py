@@ -28,14 +28,27 @@ import functools
 import logging
 from collections.abc import Iterator
 from importlib import metadata
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
-from threadpoolctl import threadpool_limits
 
-from selbench.executors import Executor, LocalExecutor, SharedArray, local_or
+from selbench.executors import Executor, LocalExecutor, SharedArray, local_or, release_rows
+
+if TYPE_CHECKING:
+    import faiss
 
 log = logging.getLogger(__name__)
+
+
+def _faiss() -> ModuleType:
+    """The ``faiss`` module, imported when first needed: importing this module (and so
+    selbench.toolbox, which every plugin imports) needs no faiss, only calling what
+    searches or clusters does (the GPU check's embedding part, docs/gpu-check.md)."""
+    import faiss
+
+    return faiss
+
 
 # faiss GPU flat search handles k (and nprobe) up to this; larger k runs on CPU.
 GPU_MAX_K = 2048
@@ -88,7 +101,7 @@ def faiss_gpu_count() -> int:
     faiss-cpu reports 0. (``faiss.Kmeans(gpu=True)`` silently stays on CPU there, so the
     flag alone never says where the work runs.)
     """
-    get_num_gpus = getattr(faiss, "get_num_gpus", None)
+    get_num_gpus = getattr(_faiss(), "get_num_gpus", None)
     if get_num_gpus is None:
         return 0
     try:
@@ -170,7 +183,7 @@ def kmeans(
     gpu = use_faiss_gpu(use_gpu)
     executor = None if gpu else executor  # a GPU index searches here (it does not serialise)
     sample = _training_rows(n, int(k), int(max_points_per_centroid), max_train_points, gpu)
-    clustering = faiss.Kmeans(
+    clustering = _faiss().Kmeans(
         d,
         int(k),
         niter=int(niter),
@@ -191,7 +204,9 @@ def kmeans(
             scores, assignment = assign_in_blocks(clustering.index, data, executor=executor)
     else:
         picked = faiss_permutation(n, seed)[:sample]
-        clustering.train(_float_rows(np.asarray(x[picked]), unit))
+        training = _sample_rows(x, picked, unit)
+        clustering.train(training)
+        del training
         scores, assignment = assign_in_blocks(clustering.index, x, unit, executor=executor)
     centroids = np.ascontiguousarray(clustering.centroids, dtype=np.float32)
     assignment = assignment.astype(np.int64, copy=False)
@@ -211,6 +226,25 @@ def _matrix_shape(x: np.ndarray) -> tuple[int, int]:
 def _float_rows(x: np.ndarray, unit: bool) -> np.ndarray:
     """Rows of ``x`` as checked contiguous float32, made unit vectors when ``unit``."""
     return as_float32_matrix(unit_rows(x) if unit else x)
+
+
+def _sample_rows(x: np.ndarray, picked: np.ndarray, unit: bool) -> np.ndarray:
+    """``_float_rows(x[picked], unit)``, gathered :data:`GATHER_ROWS` rows at a time: the
+    pages of a memory map that each gather of scattered rows faults in leave the resident
+    set after it (:func:`release_rows`), so the sample never maps the whole pool. Row-wise
+    conversions: the same floats as one gather."""
+    if not isinstance(x, np.memmap) and not isinstance(x.base, np.ndarray):
+        return _float_rows(np.asarray(x[picked]), unit)
+    out = np.empty((len(picked), x.shape[1]), dtype=np.float32)
+    for lo in range(0, len(picked), GATHER_ROWS):
+        block = np.asarray(x[picked[lo : lo + GATHER_ROWS]])
+        out[lo : lo + len(block)] = unit_rows(block) if unit else block
+        release_rows(x, 0, len(x))
+    return as_float32_matrix(out)
+
+
+# Rows of a k-means training sample gathered at once from a memory map (_sample_rows).
+GATHER_ROWS = 4096
 
 
 def _training_rows(
@@ -234,7 +268,8 @@ def faiss_permutation(n: int, seed: int) -> np.ndarray:
     if n >= 2**31:
         raise ValueError(f"faiss k-means samples at most 2**31 - 1 rows, got {n}")
     perm = np.empty(n, dtype=np.int32)
-    faiss.rand_perm(faiss.swig_ptr(perm), n, faiss_seed(seed))  # type: ignore[attr-defined]
+    lib = _faiss()
+    lib.rand_perm(lib.swig_ptr(perm), n, faiss_seed(seed))
     return perm
 
 
@@ -265,7 +300,7 @@ def assign_in_blocks(
     if isinstance(executor, LocalExecutor):  # the index itself, not a copy
         found = [_search_block(index, x, lo, hi, unit) for lo, hi in blocks]
     else:
-        serialised = executor.share(faiss.serialize_index(index))
+        serialised = executor.share(_faiss().serialize_index(index))
         shared = executor.share(np.asarray(x))
         tasks = [(serialised, shared, lo, hi, unit) for lo, hi in blocks]
         found = executor.map(_search_serialised_block, tasks)
@@ -282,6 +317,7 @@ def _search_block(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The nearest entry of ``index`` (score, position) for rows ``lo:hi`` of ``x``."""
     found, nearest = index.search(_float_rows(x[lo:hi], unit), 1)
+    release_rows(x, lo, hi)  # a memory-mapped cache's pages: out of the resident set
     return found.reshape(-1), nearest.reshape(-1).astype(np.int64, copy=False)
 
 
@@ -289,7 +325,7 @@ def _search_serialised_block(
     serialised: SharedArray, x: SharedArray, lo: int, hi: int, unit: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_search_block` in a task: the index rebuilt from its bytes, ``x`` mapped."""
-    index = faiss.deserialize_index(np.ascontiguousarray(serialised.get()))
+    index = _faiss().deserialize_index(np.ascontiguousarray(serialised.get()))
     return _search_block(index, x.get(), lo, hi, unit)
 
 
@@ -314,10 +350,11 @@ def knn(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(int(k), b.shape[0])
-    index: faiss.Index = faiss.IndexFlatIP(b.shape[1])
+    lib = _faiss()
+    index: faiss.Index = lib.IndexFlatIP(b.shape[1])
     if use_faiss_gpu(use_gpu):
         if k <= GPU_MAX_K:
-            index = faiss.index_cpu_to_all_gpus(index)
+            index = lib.index_cpu_to_all_gpus(index)
         else:
             log.info("knn: k=%d exceeds faiss's GPU limit %d; searching on CPU", k, GPU_MAX_K)
     index.add(b)
@@ -375,6 +412,8 @@ def one_blas_thread() -> Iterator[None]:
     (2 cores, benchmarks/cluster_scale.py). One thread also makes those products
     independent of the host's core count.
     """
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1, user_api="blas"):
         yield
 

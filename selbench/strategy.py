@@ -20,6 +20,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from selbench.errors import ConfigError, PluginError, UndeclaredNeedError
 from selbench.executors import Executor, LocalExecutor
+from selbench.positions import (  # noqa: F401  (re-exported)
+    PoolScores,
+    PoolUids,
+    pool_of,
+    validate_mask,
+    validate_scores,
+    validated_positions,
+)
 from selbench.progress import NullProgress
 
 if TYPE_CHECKING:  # heavy (torch, open_clip); only the annotations need them
@@ -347,11 +355,14 @@ class Selection:
     logged as ``strategy/<name>`` at each step.
     ``artifacts``: optional files the strategy wrote (plots, examples), logged under
     ``strategy/`` in the run's artifacts.
+    ``positions`` and ``score_array``: the array form, made by :meth:`from_positions`
+    (:mod:`selbench.positions`): rows of ``ctx.pool`` and one score per pool sample in
+    pool order, no Python object per sample; ``uids`` and ``scores`` then read them lazily.
     """
 
-    uids: list[str]
+    uids: Sequence[str]
     captions: dict[str, str] | None = None
-    scores: dict[str, float] | None = None
+    scores: Mapping[str, float] | None = None
     metrics: dict[str, float] | None = None
     series: dict[str, list[tuple[int, float]]] | None = None
     artifacts: list[Path] | None = None
@@ -360,6 +371,25 @@ class Selection:
     # Pipelines only: uid -> the step that removed it ("2: clip_score"), for every pool
     # sample not selected; recorded in selection.parquet.
     dropped: dict[str, str] | None = field(default=None, repr=False)
+    positions: np.ndarray | None = field(default=None, repr=False)
+    score_array: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_positions(
+        cls, ctx: SelectionContext, positions: Any, scores: Any = None, **report: Any
+    ) -> Selection:
+        """The selection of rows ``positions`` of ``ctx.pool`` (integers, in selection
+        order), with ``scores`` (optional: one number per sample of ``ctx.pool``, in its
+        order) and the other fields (``metrics``, ``captions``, ...) as keywords."""
+        rows = np.asarray(positions)
+        values = None if scores is None else np.asarray(scores)
+        return cls(
+            uids=PoolUids(ctx.pool, rows),
+            scores=None if values is None else PoolScores(ctx.pool, values),
+            positions=rows,
+            score_array=values,
+            **report,
+        )
 
 
 def check_budget(budget: float) -> float:
@@ -386,13 +416,16 @@ def validate_selection(
     expected_count: int,
     plugin: str,
     image_size: int | None = None,
+    pool: PoolView | None = None,
 ) -> Selection:
     """Check a strategy's output against the contract; raise :class:`PluginError` naming the plugin.
 
     Rejects: a non-``Selection`` return value, non-string uids, duplicates, uids not in the
     pool, a count other than ``expected_count``, caption rewrites or scores for uids that
     are not selected / not in the pool. A selection of :class:`Synthesized` pairs is
-    checked by :func:`validate_synthesized` instead (``image_size``: the run's).
+    checked by :func:`validate_synthesized` instead (``image_size``: the run's); one of
+    positions (:meth:`Selection.from_positions`) by :func:`~selbench.positions.check_positions`
+    against ``pool`` (the context's, when the selection does not name its own).
     """
     if not isinstance(selection, Selection):
         raise PluginError(
@@ -400,6 +433,9 @@ def validate_selection(
         )
     if selection.synthesized is not None:
         return validate_synthesized(selection, expected_count, plugin, image_size)
+    if selection.positions is not None:  # the array form: checked with numpy, no set
+        _check_report(selection, plugin)
+        return validated_positions(selection, pool_of(selection.uids, pool), expected_count, plugin)
     uids = list(selection.uids)
     _refuse(plugin, [u for u in uids if not isinstance(u, str)], "returned {n} non-string uids")
     duplicates = sorted(u for u, n in Counter(uids).items() if n > 1)
@@ -517,40 +553,6 @@ def validate_synthesized(
         synthesized=Synthesized(images=pixels, captions=captions, sources=sources),
         pixels=np.ascontiguousarray(pixels),
     )
-
-
-def validate_scores(values: object, expected: int, plugin: str) -> np.ndarray:
-    """A scorer's output as float64, checked: one finite number per sample of the view;
-    else PluginError naming the plugin."""
-    try:
-        scores = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise PluginError(
-            f"strategy {plugin!r} returned scores that are not numbers: {exc}"
-        ) from None
-    if scores.shape != (expected,):
-        raise PluginError(
-            f"strategy {plugin!r} returned scores of shape {scores.shape}; expected one per "
-            f"sample of its view, ({expected},)"
-        )
-    _refuse(
-        plugin,
-        np.flatnonzero(~np.isfinite(scores)).tolist(),
-        "returned {n} non-finite scores, e.g. at row",
-        3,
-    )
-    return scores
-
-
-def validate_mask(values: object, expected: int, plugin: str) -> np.ndarray:
-    """A rule's output (:meth:`Strategy.passes`) as a bool array of the view's length."""
-    mask = np.asarray(values)
-    if mask.shape != (expected,) or mask.dtype != np.bool_:
-        raise PluginError(
-            f"strategy {plugin!r} returned a rule mask of shape {mask.shape} and dtype "
-            f"{mask.dtype}; expected ({expected},) booleans, one per sample of its view"
-        )
-    return mask
 
 
 def _refuse(plugin: str, found: list, problem: str, examples: int = 0) -> None:

@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 from selbench.configs import EvalSetConfig
+from selbench.decoding import decode_image_bytes
 from selbench.errors import ConfigError, PoolError
 from selbench.fileutil import read_member
-from selbench.pools.shards import IMAGE_EXTENSIONS, decode_image_bytes
 
 
 @dataclass
@@ -43,6 +43,9 @@ def pixel_hash(image: Image.Image) -> str:
 
 
 def _wds_images(root: Path) -> Iterator[tuple[str, Image.Image]]:
+    # Here, not at the top: selbench.pools needs pyarrow, and the toolbox imports this module.
+    from selbench.pools.shards import IMAGE_EXTENSIONS
+
     shards = sorted((root / "test").glob("*.tar"))
     if not shards:
         raise PoolError(f"{root} has no test/*.tar shards (CLIP_benchmark wds layout)")
@@ -59,6 +62,8 @@ def _wds_images(root: Path) -> Iterator[tuple[str, Image.Image]]:
 
 
 def _folder_images(root: Path) -> Iterator[tuple[str, Image.Image]]:
+    from selbench.pools.shards import IMAGE_EXTENSIONS
+
     files = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
     if not files:
         raise ConfigError(f"target folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

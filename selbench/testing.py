@@ -266,13 +266,13 @@ def _run(
             ) from None
         try:  # inside the work dir: reported artifacts must still exist
             checked = validate_selection(
-                selection, set(pool.uids), ctx.budget_count, name, ctx.image_size
+                selection, set(pool.uids), ctx.budget_count, name, ctx.image_size, pool=ctx.pool
             )
         except PluginError as exc:
             raise AssertionError(
                 f"{name}: budget {budget}, pool of {len(pool)}, seed {seed}: {exc}"
             ) from None
-    return checked.uids, services.used
+    return list(checked.uids), services.used
 
 
 def _score_run(

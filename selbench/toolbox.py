@@ -43,7 +43,7 @@ from selbench.captioning import DecodeSettings
 from selbench.configs import ScaleConfig, load_scale
 from selbench.embedders import Embedder, Embeddings, image_batches
 from selbench.errors import ConfigError, PluginError
-from selbench.executors import Executor, LocalExecutor, SharedArray, local_or
+from selbench.executors import Executor, LocalExecutor, SharedArray, local_or, release_rows
 from selbench.fileutil import cached_directory, file_sha256, memoised_sha256
 from selbench.hookspecs import hookimpl
 from selbench.neighbours import (
@@ -125,6 +125,7 @@ __all__ = [
     "pool_image_tensor",
     "rank",
     "reference_captioner",
+    "release_rows",
     "scaled_cluster_count",
     "selbench_home",
     "top_k",
@@ -185,12 +186,13 @@ def clip_scores(
 
 
 def _clip_block(image: SharedArray, text: SharedArray, lo: int, hi: int) -> np.ndarray:
-    """:func:`clip_scores` of rows ``lo:hi``: one task."""
-    return np.einsum(
-        "ij,ij->i",
-        image.get()[lo:hi].astype(np.float32),
-        text.get()[lo:hi].astype(np.float32),
-    )
+    """:func:`clip_scores` of rows ``lo:hi``: one task (the rows' pages of a memory-mapped
+    cache leave the resident set after: :func:`release_rows`)."""
+    rows, texts = image.get(), text.get()
+    scores = np.einsum("ij,ij->i", rows[lo:hi].astype(np.float32), texts[lo:hi].astype(np.float32))
+    release_rows(rows, lo, hi)
+    release_rows(texts, lo, hi)
+    return scores
 
 
 # -- distances -----------------------------------------------------------------------

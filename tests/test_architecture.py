@@ -46,6 +46,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("services", [
         "selbench",  # the package's __init__: the public API of strategies
         "selbench.strategy",
+        "selbench.positions",
         "selbench.executors",
         "selbench.registry",
         "selbench.embedders",

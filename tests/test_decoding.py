@@ -71,6 +71,24 @@ def test_helpers_decode_png_and_other_formats_exactly_as_in_process():
     assert all(p.poll() is not None for p in processes)  # closed helpers have exited
 
 
+def test_without_opencv_pngs_decode_with_pil_to_the_same_pixels(monkeypatch):
+    # OpenCV is imported on the first PNG, and is optional: the GPU check's machine has none.
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (9, 13, 3), dtype=np.uint8)
+    wide = Image.fromarray(rng.integers(0, 65535, (6, 5), dtype=np.uint16))  # 16-bit grey
+    out = io.BytesIO()
+    wide.save(out, format="PNG")
+    items = [_encoded(rgb, "PNG"), _encoded(rgb[:, :, 0], "PNG"), out.getvalue()]
+    assert decoding.png_decoder().startswith("OpenCV ")
+    with_opencv = [np.asarray(decode(data, "png")) for data in items]
+    monkeypatch.setattr(decoding, "_opencv", lambda: None)
+    assert decoding.png_decoder() == "PIL"
+    for data, expected in zip(items, with_opencv, strict=True):
+        image = decode(data, "png")
+        assert isinstance(image, Image.Image) and np.array_equal(np.asarray(image), expected)
+    assert np.array_equal(with_opencv[0], rgb)
+
+
 def test_a_corrupt_image_is_reported_by_position_and_the_helpers_stay_usable():
     good = _encoded(np.zeros((8, 8, 3), np.uint8), "PNG")
     helpers = DecodeHelpers(2)

@@ -186,3 +186,25 @@ def test_kmeans_before_this_change_gives_the_same_results_on_a_small_pool():
             x, 20, seed=5, niter=5, spherical=spherical, return_scores=True, unit=spherical
         )
         assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_released_rows_of_a_memory_map_read_the_same_and_leave_the_resident_set(tmp_path):
+    from selbench.executors import release_rows
+
+    values = np.arange(4096 * 64, dtype=np.float32).reshape(4096, 64)
+    np.save(tmp_path / "x.npy", values)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    view = np.asarray(mapped)
+
+    def resident_file_kib() -> int:  # file pages, or shared memory where tmp is a tmpfs
+        with open("/proc/self/status") as handle:
+            kinds = ("RssFile:", "RssShmem:")
+            return sum(int(line.split()[1]) for line in handle if line.startswith(kinds))
+
+    assert float(view.sum()) == float(values.sum())  # every page read: resident
+    before = resident_file_kib()
+    release_rows(view, 0, len(view))
+    assert resident_file_kib() < before - 512  # the 1 MiB of pages left the resident set
+    assert np.array_equal(view, values) and np.array_equal(view[10:20], values[10:20])
+    release_rows(values, 0, 10)  # an array in memory: nothing happens
+    assert values[5, 5] == 5 * 64 + 5

@@ -261,3 +261,20 @@ def test_end_to_end_on_tiny_synthweb(tiny):
     assert len(outcome.selection.uids) == 80  # round(0.25 * 320)
     assert len(set(outcome.selection.uids)) == 80
     assert outcome.metrics["subset_size"] == 80
+
+
+def test_clusters_normalised_in_their_tasks_give_the_whole_pool_unit_copy_floats():
+    """No unit float32 copy of the pool: k-means (unit=True) and every cluster's task make
+    their own rows unit vectors; row-wise, so the same floats bit for bit."""
+    from selbench.neighbours import kmeans_scaled, unit_rows
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3000, 32)) * rng.uniform(0.5, 2, (3000, 1))).astype(np.float16)
+    centroids, assignment = kmeans_scaled(unit_rows(x), 20, 100, 1234, 5, "t")
+    again = kmeans_scaled(x, 20, 100, 1234, 5, "t", unit=True)
+    assert np.array_equal(centroids, again[0]) and np.array_equal(assignment, again[1])
+    whole = semdedup.semdedup_scores(
+        unit_rows(x), centroids, assignment, "farthest", normalized=True
+    )
+    per_cluster = semdedup.semdedup_scores(x, centroids, assignment, "farthest")
+    assert np.array_equal(whole, per_cluster)

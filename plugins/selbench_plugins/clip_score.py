@@ -72,7 +72,6 @@ class ClipScore(Strategy):
 
     def select(self, ctx: SelectionContext) -> Selection:
         scores = self.score(ctx)
-        uids = list(ctx.pool.uids)
         if self.params.mode == "top_k":
             chosen = top_k(scores, ctx.budget_count)
         else:
@@ -83,10 +82,8 @@ class ClipScore(Strategy):
                     f"the budget is {ctx.budget_count}; lower the threshold or the budget"
                 )
             chosen = np.sort(ctx.rng.choice(passing, size=ctx.budget_count, replace=False))
-        return Selection(
-            uids=[uids[i] for i in chosen],
-            scores={uids[i]: float(scores[i]) for i in range(len(uids))},
-        )
+        # Rows and a score array: no Python object per pool sample (selbench.positions).
+        return Selection.from_positions(ctx, chosen, scores=scores)
 
 
 @hookimpl

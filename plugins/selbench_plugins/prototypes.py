@@ -119,11 +119,7 @@ class Prototypes(Strategy):
         # (Negation is exact, so ranking -d from the top ranks d from the bottom.)
         chosen = top_k(oriented, ctx.budget_count)
         scores = oriented if self.params.keep == "hard" else -oriented  # the distances
-        uids = list(ctx.pool.uids)
-        return Selection(
-            uids=[uids[i] for i in chosen],
-            scores={uids[i]: float(scores[i]) for i in range(len(uids))},
-        )
+        return Selection.from_positions(ctx, chosen, scores=scores)
 
 
 @hookimpl

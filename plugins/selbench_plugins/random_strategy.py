@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from selbench import Selection, SelectionContext, Strategy, hookimpl
 
 
@@ -18,9 +20,8 @@ class RandomStrategy(Strategy):
     stochastic = True
 
     def select(self, ctx: SelectionContext) -> Selection:
-        uids = list(ctx.pool.uids)
-        chosen = ctx.rng.choice(len(uids), size=ctx.budget_count, replace=False)
-        return Selection(uids=[uids[i] for i in sorted(chosen.tolist())])
+        chosen = ctx.rng.choice(len(ctx.pool), size=ctx.budget_count, replace=False)
+        return Selection.from_positions(ctx, np.sort(chosen))
 
 
 @hookimpl

@@ -34,6 +34,7 @@ from selbench.toolbox import (
     hookimpl,
     kmeans_scaled,
     one_blas_thread,
+    release_rows,
     unit_rows,
 )
 
@@ -129,28 +130,30 @@ def semdedup_scores(
 ) -> np.ndarray:
     """``M`` for every row of ``x``: Algorithm 1 run on every k-means cluster.
 
-    ``x`` are embeddings (normalised here, as in Algorithm 1, unless ``normalized`` says
-    they are unit float32 rows already: then no second float32 copy of the pool is made,
-    2x a float16 cache entry at 1M x 256), ``assignment`` the cluster of every row,
+    ``x`` are embeddings (normalised, as in Algorithm 1, a cluster's rows at a time in
+    its task, unless ``normalized`` says they are unit float32 rows already; either way
+    no float32 copy of the pool is made: :func:`unit_rows` is row-wise, so a cluster's
+    rows get the floats they would get in a copy of the whole), ``assignment`` the
+    cluster of every row,
     ``centroids`` the cluster centres (for the visiting order). ``keep="random"`` draws
     every cluster's visiting order from ``rng`` here, in increasing cluster id, so it
     reproduces. ``executor`` runs groups of whole clusters (:data:`ROWS_PER_TASK` rows a
     group; default: here, in order); each cluster's ``M`` is the same wherever it runs.
     """
     executor = executor or LocalExecutor()
-    unit = x if normalized else unit_rows(x)
     protos = unit_rows(centroids)
     assignment = np.asarray(assignment, dtype=np.int64)
-    scores = np.full(len(unit), NO_EARLIER_POINT, dtype=np.float64)
-    members = cluster_members(np.arange(len(unit)), assignment, len(protos))  # pool order
+    scores = np.full(len(x), NO_EARLIER_POINT, dtype=np.float64)
+    members = cluster_members(np.arange(len(x)), assignment, len(protos))  # pool order
     clusters = [(c, idx) for c, idx in enumerate(members) if len(idx) >= 2]
     drawn = [  # the visiting orders keep=random draws, in cluster order
         order_within_cluster(np.zeros(len(idx)), keep, rng) if keep == "random" else None
         for _, idx in clusters
     ]
     groups = _cluster_groups([(c, idx, o) for (c, idx), o in zip(clusters, drawn, strict=True)])
-    shared = executor.share(unit), executor.share(protos)
-    found = executor.map(_group_max_similarity, [(*shared, group, keep) for group in groups])
+    shared = executor.share(np.asarray(x)), executor.share(protos)
+    tasks = [(*shared, group, keep, normalized) for group in groups]
+    found = executor.map(_group_max_similarity, tasks)
     for group, parts in zip(groups, found, strict=True):
         for (_, idx, _), part in zip(group, parts, strict=True):
             scores[idx] = part
@@ -180,13 +183,17 @@ def _group_max_similarity(
     protos: SharedArray,
     group: list[Cluster],
     keep: Literal["farthest", "closest", "random"],
+    normalized: bool = True,
 ) -> list[np.ndarray]:
-    """Algorithm 1's ``M`` of every cluster of ``group``, in its members' order: one task."""
+    """Algorithm 1's ``M`` of every cluster of ``group``, in its members' order: one task.
+    ``normalized``: ``rows`` are unit float32 rows already; else each cluster's rows are
+    made so here (:func:`unit_rows`, row-wise: the floats of normalising the whole pool)."""
     rows, centres = unit.get(), protos.get()
     found = []
     with one_blas_thread():  # many small products: one thread each is faster
         for c, idx, drawn in group:
-            members = rows[idx]
+            members = rows[idx] if normalized else unit_rows(rows[idx])
+            release_rows(rows, 0, len(rows))  # a memory map's pages this gather mapped
             dist = 1.0 - members @ centres[c]
             order = drawn if drawn is not None else order_within_cluster(dist, keep)
             found.append(_cluster_max_similarity(members, order))
@@ -310,7 +317,10 @@ class SemDeDup(Strategy):
         """Algorithm 1's ``M`` for every sample (:func:`semdedup_scores`) and the number of
         k-means clusters it ran on."""
         found = ctx.embeddings(self.params.embedder)
-        image = unit_rows(np.asarray(found.image))
+        # No unit float32 copy of the pool (2 KB a row at 512-d): k-means makes the rows
+        # it reads unit vectors (unit=True), and so does every cluster's task for its own
+        # rows (unit_rows is row-wise: the same floats as normalising the whole pool).
+        image = np.asarray(found.image)
         centroids, assignment = kmeans_scaled(
             image,
             self.params.clusters,
@@ -319,16 +329,11 @@ class SemDeDup(Strategy):
             self.params.niter,
             "semdedup",
             max_train_points=self.params.max_train_points,
+            unit=True,
             executor=ctx.executor,
         )
         scores = semdedup_scores(
-            image,
-            centroids,
-            assignment,
-            self.params.keep,
-            ctx.rng,
-            normalized=True,
-            executor=ctx.executor,
+            image, centroids, assignment, self.params.keep, ctx.rng, executor=ctx.executor
         )
         return scores, len(centroids)
 
@@ -360,10 +365,10 @@ class SemDeDup(Strategy):
             n,
             ctx.budget_count,
         )
-        uids = list(ctx.pool.uids)
-        return Selection(
-            uids=[uids[i] for i in chosen],
-            scores={uids[i]: float(scores[i]) for i in range(n)},
+        return Selection.from_positions(
+            ctx,
+            chosen,
+            scores=scores,
             metrics={
                 "epsilon_used": epsilon,
                 "clusters_used": float(clusters_used),

@@ -123,6 +123,35 @@ def mapped_frame(parquet: Path) -> pd.DataFrame:
     return mapped.to_pandas()
 
 
+def mapped_strings(
+    parquet: Path, copy: Path, columns: Sequence[str], nulls: str = ""
+) -> pa.Table | None:
+    """``columns`` of ``parquet`` as non-null Arrow strings (nulls as ``nulls``), read
+    memory-mapped from an Arrow IPC copy of them at ``copy`` (one chunk per column): the
+    characters stay in the page cache, not in the process's own memory. The copy is
+    written once, atomically, and again when it is missing, unreadable or not the
+    parquet's row count; None where it cannot be written (a read-only or full disk)."""
+    rows = pq.ParquetFile(parquet).metadata.num_rows
+    schema = pa.schema([(name, pa.string()) for name in columns])
+    table = _mapped_table(copy)
+    if table is not None and table.num_rows == rows and table.schema.equals(schema):
+        return table
+    read = pq.read_table(parquet, columns=list(columns))
+    arrays = [read.column(c).cast(pa.string()).fill_null(nulls).combine_chunks() for c in columns]
+    table = pa.Table.from_arrays(arrays, schema=schema)
+    del read, arrays
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with writing(copy, "pool columns (Arrow copy)") as tmp:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as out:
+                out.write_table(table)
+    except (StorageError, OSError) as exc:
+        log.warning("%s; holding the columns of %s in memory instead", exc, parquet)
+        return None
+    del table
+    return _mapped_table(copy)
+
+
 def _mapped_table(path: Path) -> pa.Table | None:
     """The Arrow IPC file ``path`` memory-mapped (its buffers stay in the map), or None
     when it is missing or unreadable."""

@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selbench.errors import ConfigError, PoolError
-from selbench.pools.arrow import ArrowStrings
+from selbench.paths import index_home
+from selbench.pools.arrow import ArrowStrings, mapped_strings
 from selbench.pools.shards import ScanStats, ShardPool
 
 if TYPE_CHECKING:
@@ -56,6 +57,12 @@ def _string_bytes(column: pa.ChunkedArray) -> bytes:
     ends = np.frombuffer(offsets, dtype=np.int32, count=len(array) + 1, offset=array.offset * 4)
     used = b"" if chars is None else chars.to_pybytes()[int(ends[0]) : int(ends[-1])]
     return (ends - ends[0]).tobytes() + used
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    """``column`` as one array: its only chunk as it is (combine_chunks would copy it out
+    of a memory map), else the chunks combined."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _files(root: Path) -> list[Path]:
@@ -100,6 +107,7 @@ class MetadataPool:
             digest.update(f"{parquet.name}:{parquet.stat().st_size}:{npz_size}\n".encode())
             column = pq.read_table(parquet, columns=["uid"]).column("uid").cast(pa.string())
             digest.update(_string_bytes(column))
+        pa.default_memory_pool().release_unused()  # the columns read: back to the system
         return digest.hexdigest()[:16]
 
     def _read(self) -> tuple[ArrowStrings, ArrowStrings]:
@@ -113,16 +121,27 @@ class MetadataPool:
                         f"{parquet} has no {sorted(missing)} column; a DataComp metadata "
                         "parquet holds uid and text"
                     )
-                table = pq.read_table(parquet, columns=["uid", CAPTION_COLUMN])
+                table = self._columns_of(parquet)
                 uids.append(table.column("uid").cast(pa.string()))
                 text = table.column(CAPTION_COLUMN).cast(pa.string())
                 captions.append(text.fill_null(""))
             # One chunk per file (each under 2 GiB of characters, as DataComp's are).
-            uid_array = pa.chunked_array([a.combine_chunks() for a in uids], pa.string())
+            uid_array = pa.chunked_array([_one_chunk(a) for a in uids], pa.string())
             self._check_uids(uid_array)
-            text_array = pa.chunked_array([a.combine_chunks() for a in captions], pa.string())
+            # The uniqueness check's hash table is gone; mimalloc would keep its pages.
+            pa.default_memory_pool().release_unused()
+            text_array = pa.chunked_array([_one_chunk(a) for a in captions], pa.string())
             self._columns = ArrowStrings(uid_array), ArrowStrings(text_array)
         return self._columns
+
+    def _columns_of(self, parquet: Path) -> pa.Table:
+        """uid and caption of ``parquet``, memory-mapped from an Arrow copy of them in the
+        pool index folder (no anonymous memory per row: issue 32), else read."""
+        copy = index_home() / f"metadata-{self.fingerprint}" / f"{parquet.stem}.arrow"
+        mapped = mapped_strings(parquet, copy, ["uid", CAPTION_COLUMN])
+        if mapped is not None:
+            return mapped
+        return pq.read_table(parquet, columns=["uid", CAPTION_COLUMN])
 
     def _check_uids(self, uids: pa.ChunkedArray) -> None:
         if uids.null_count:

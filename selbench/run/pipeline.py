@@ -48,10 +48,11 @@ def run_strategy(info: StrategyInfo, params: Any, ctx: SelectionContext) -> Sele
     exception, or ``sys.exit()``) becomes a PluginError naming the strategy."""
     return validate_selection(
         call_plugin(info, lambda: info.cls(params).select(ctx)),
-        set(ctx.pool.uids),
+        ctx.pool.uids,  # a set of them only for a selection of uids (not of positions)
         ctx.budget_count,
         info.name,
         image_size=ctx.image_size,
+        pool=ctx.pool,
     )
 
 
@@ -113,7 +114,7 @@ class PipelineStrategy(Strategy):
         rewrites: dict[str, str] = {}
         trace: list[dict[str, Any]] = []
         metrics: dict[str, float] = {}
-        final_scores: dict[str, float] | None = None
+        final_scores: Mapping[str, float] | None = None
         for number, step in enumerate(self.steps, 1):
             last = number == len(self.steps)
             label = _expression(step).format()
@@ -177,6 +178,8 @@ class PipelineStrategy(Strategy):
                         f"{step.name!r} synthesizes new pairs, so it can only be the last step"
                     )
                 return _Outcome(np.arange(0), selection=chosen)
+            if chosen.positions is not None:  # rows of the step's view already
+                return _Outcome(np.sort(chosen.positions), selection=chosen)
             where = {u: i for i, u in enumerate(view.uids)}
             return _Outcome(np.sort([where[u] for u in chosen.uids]), selection=chosen)
         scores, members, metrics = _scores(step, view, ctx, path, count)
@@ -292,7 +295,7 @@ def _step_metrics(outcome: _Outcome) -> dict[str, float]:
     return found
 
 
-def _final_scores(outcome: _Outcome, view: SubsetView) -> dict[str, float] | None:
+def _final_scores(outcome: _Outcome, view: SubsetView) -> Mapping[str, float] | None:
     """The last step's scores of the samples it kept (uid -> score)."""
     if outcome.selection is not None:
         return outcome.selection.scores

@@ -34,12 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from selbench import tracking
 from selbench.errors import SelbenchError
 from selbench.fileutil import writing
 from selbench.pools import ResolvedPool
+from selbench.positions import PoolUids, selected_scores
 from selbench.rundir import RunDir
 from selbench.strategy import Selection, Synthesized
 
@@ -92,6 +94,8 @@ def selection_frame(resolved: ResolvedPool, selection: Selection) -> pd.DataFram
                 "source_uid": pd.array(list(sources), dtype="string"),
             }
         )
+    if isinstance(selection.uids, PoolUids) and selection.dropped is None:
+        return positions_frame(selection.uids, selection.captions, selection.score_array)
     captions = dict(zip(resolved.pool.uids, resolved.pool.captions, strict=True))
     rewrites = selection.captions or {}
     scores = selection.scores or {}
@@ -119,6 +123,29 @@ def selection_frame(resolved: ResolvedPool, selection: Selection) -> pd.DataFram
     rest["selected"] = False
     rest["dropped_by"] = pd.array([selection.dropped[u] for u in dropped], dtype="string")
     return pd.concat([frame, rest], ignore_index=True)
+
+
+def positions_frame(
+    uids: PoolUids, rewrites: dict[str, str] | None, scores: np.ndarray | None
+) -> pd.DataFrame:
+    """The rows of ``selection.parquet`` for a selection of pool positions: Arrow gathers
+    from the pool's columns, pandas' Arrow-backed strings (no Python object per row but
+    for the uids a caption rewrite names)."""
+    uid, caption = uids.to_arrow(), uids.captions()
+    train = caption
+    if rewrites:
+        pairs = zip(uid.to_pylist(), caption.to_pylist(), strict=True)
+        rewritten = [rewrites.get(u, c) for u, c in pairs]
+        train = pa.array(rewritten, caption.type)
+    table = pa.table(
+        {
+            "uid": uid,
+            "caption": caption,
+            "train_caption": train,
+            "score": selected_scores(scores, uids.positions),
+        }
+    )
+    return table.to_pandas()
 
 
 def write_selection(rundir: RunDir, resolved: ResolvedPool, selection: Selection) -> list[Path]:

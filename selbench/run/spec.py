@@ -22,7 +22,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -490,9 +490,31 @@ def cell_key(request: RunRequest, params: _Dumpable, online_params: _Dumpable | 
     return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def selection_hash(uids: list[str]) -> str:
-    """sha256 of the sorted selected uids: equal for equal subsets, whatever their order."""
-    return hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()
+def selection_hash(uids: Sequence[str]) -> str:
+    """sha256 of the sorted selected uids: equal for equal subsets, whatever their order.
+
+    Uids that are an Arrow gather (a selection of pool positions, ``to_arrow()``) or an
+    Arrow column (``.arrow``) are sorted and joined by Arrow, a block at a time, with no
+    Python string per uid: the same digest, as Arrow sorts strings by their UTF-8 bytes
+    and that order is Python's order of code points."""
+    to_arrow = getattr(uids, "to_arrow", None)
+    arrow = to_arrow() if callable(to_arrow) else getattr(uids, "arrow", None)
+    if arrow is None:
+        return hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ordered = arrow.take(pc.sort_indices(arrow))
+    digest, block = hashlib.sha256(), 1 << 20
+    for first in range(0, len(ordered), block):
+        part = ordered.slice(first, block)
+        if isinstance(part, pa.ChunkedArray):
+            part = part.combine_chunks()
+        lists = pa.ListArray.from_arrays([0, len(part)], part)
+        joined = pc.binary_join(lists, pa.scalar("\n", part.type))
+        digest.update(b"\n" if first else b"")
+        digest.update(joined[0].as_py().encode())
+    return digest.hexdigest()
 
 
 def usage_key(spec: str) -> str:
