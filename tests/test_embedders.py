@@ -176,11 +176,13 @@ def test_kill_9_during_embedding_then_the_same_command_resumes(tmp_path, weights
 
 @pytest.mark.parametrize("rgb_flag", [True, False], ids=["imread-rgb", "bgr-then-convert"])
 def test_png_decoding_for_embedding_is_pixel_identical_to_pil(tiny_pool, rgb_flag, monkeypatch):
-    import selbench.decoding
-    from selbench.decoding import decode
+    import cv2
 
-    if not rgb_flag:  # the path for OpenCV builds without IMREAD_COLOR_RGB
-        monkeypatch.setattr(selbench.decoding, "_IMREAD_RGB", None)
+    from selbench.decoding import decode, png_decoder
+
+    assert png_decoder().startswith("OpenCV")  # the test environment has OpenCV
+    if not rgb_flag:  # the path for OpenCV builds without IMREAD_COLOR_RGB (before 4.10)
+        monkeypatch.delattr(cv2, "IMREAD_COLOR_RGB", raising=False)
     pool = resolve_pool(str(tiny_pool)).pool
     for (uid, data, ext), (_, image) in zip(
         pool.iter_image_bytes(), pool.iter_images(), strict=True
