@@ -278,3 +278,19 @@ def test_clusters_normalised_in_their_tasks_give_the_whole_pool_unit_copy_floats
     )
     per_cluster = semdedup.semdedup_scores(x, centroids, assignment, "farthest")
     assert np.array_equal(whole, per_cluster)
+
+
+def test_cluster_rows_gathered_in_parts_from_a_memory_map_give_the_same_floats(
+    tmp_path, monkeypatch
+):
+    """A cluster's rows are read from the cache a part at a time (a bounded span of the
+    file, its pages released after each): the same scores bit for bit as reading at once."""
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "x.npy", rng.standard_normal((400, 16)).astype(np.float16))
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assignment = rng.integers(0, 3, size=400)
+    centroids = unit(rng.standard_normal((3, 16)))
+    at_once = semdedup.semdedup_scores(x, centroids, assignment, "farthest")
+    monkeypatch.setattr(semdedup, "GATHER_ROWS", 7)  # parts of at most 7 rows
+    monkeypatch.setattr(semdedup, "GATHER_BYTES", 32 * 20)  # ... within 20 rows of the file
+    assert np.array_equal(semdedup.semdedup_scores(x, centroids, assignment, "farthest"), at_once)

@@ -107,12 +107,13 @@ def _cluster_max_similarity(members: np.ndarray, order: np.ndarray) -> np.ndarra
     xs = members[order]
     m = len(xs)
     best = np.full(m, NO_EARLIER_POINT, dtype=np.float64)
-    rows = np.arange(m)[:, None]
+    later = np.tri(min(m, BLOCK), dtype=bool)  # (i, j) with i visited at or after j
     for start in range(0, m, BLOCK):
         stop = min(start + BLOCK, m)
         block = xs[:stop] @ xs[start:stop].T  # similarities of the first `stop` to the block
-        cols = np.arange(start, stop)[None, :]
-        block = np.where(rows[:stop] < cols, block, -np.inf)
+        # Rows before `start` are all visited earlier; in the square below, only i < j.
+        width = stop - start
+        np.copyto(block[start:stop], -np.inf, where=later[:width, :width])
         best[start:stop] = np.maximum(block.max(axis=0), NO_EARLIER_POINT)
     result = np.empty(m, dtype=np.float64)
     result[order] = best
@@ -192,11 +193,36 @@ def _group_max_similarity(
     found = []
     with one_blas_thread():  # many small products: one thread each is faster
         for c, idx, drawn in group:
-            members = rows[idx] if normalized else unit_rows(rows[idx])
-            release_rows(rows, 0, len(rows))  # a memory map's pages this gather mapped
+            members = _gather_rows(rows, idx, normalized)
             dist = 1.0 - members @ centres[c]
             order = drawn if drawn is not None else order_within_cluster(dist, keep)
             found.append(_cluster_max_similarity(members, order))
+    return found
+
+
+# A part of a cluster's rows gathered at once: at most this many rows, from at most this
+# many bytes of ``rows`` (a memory map's pages are released after each part).
+GATHER_ROWS = 4096
+GATHER_BYTES = 64 << 20
+
+
+def _gather_rows(rows: np.ndarray, idx: np.ndarray, normalized: bool) -> np.ndarray:
+    """``rows[idx]`` (``idx`` increasing), made unit float32 rows unless ``normalized``,
+    a part at a time (:data:`GATHER_ROWS`, :data:`GATHER_BYTES`). A read of a memory
+    map's scattered row maps more than its page (the kernel maps around a fault, a whole
+    large folio of the page cache), so a cluster gathered at once left about its whole
+    span of the file, the pool's size, resident; each part's pages leave the resident set
+    before the next. Row-wise, so the same floats as gathering at once."""
+    found = np.empty((len(idx), *rows.shape[1:]), rows.dtype if normalized else np.float32)
+    span = max(1, GATHER_BYTES // max(1, rows.strides[0]))  # rows of the pool a part spans
+    lo = 0
+    while lo < len(idx):
+        hi = int(np.searchsorted(idx, idx[lo] + span))
+        hi = min(max(hi, lo + 1), lo + GATHER_ROWS)
+        part = idx[lo:hi]
+        found[lo:hi] = rows[part] if normalized else unit_rows(rows[part])
+        release_rows(rows, 0, len(rows))  # all of the map: pages around the part's too
+        lo = hi
     return found
 
 
