@@ -154,6 +154,14 @@ class PoolConfig(BaseModel):
         "open_clip:ViT-L-14:/models/openai-vit-l-14.pt); unset: the pool's own proxy:scorer, "
         "with a warning (docs/embeddings.md)",
     )
+    features_model: str | dict[Literal["l14", "b32"], str] | None = Field(
+        default=None,
+        description="kind: datacomp-metadata: the local checkpoint of the model that computed "
+        "the shipped features, which embeds images that are not the pool's (a target set) "
+        "into their space: an embedder spec for the L/14 features (e.g. "
+        "open_clip:ViT-L-14-quickgelu:/models/openai-vit-l-14.pt), or a mapping l14/b32 -> "
+        "spec; unset: target-aware strategies are refused (docs/real-data.md)",
+    )
     metadata: str | None = Field(
         default=None,
         description="a text file of metadata entries, one per line, for metadata-curated "

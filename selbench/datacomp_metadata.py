@@ -12,9 +12,14 @@ The ``datacomp`` embedder (spec ``datacomp:l14:/path/to/metadata`` or ``datacomp
 hands these features to the embedding cache in the pool's order instead of running a
 model, so ``clip_score -p embedder=datacomp:l14:PATH`` scores every pool pair with
 DataComp's own L/14 features, and every other strategy that takes an embedder (SemDeDup,
-prototypes, ...) can use them too. Nothing is recomputed and no weights are needed; the
-features cover the pool's pairs only, so a strategy that embeds other images (a target
-set) still needs a model (``open_clip:ViT-L-14:/path/to/weights.pt``).
+prototypes, ...) can use them too. Nothing is recomputed and no weights are needed for
+the pool. The features cover the pool's pairs only: a strategy that embeds other images
+(a target set) needs the model that computed them, which a ``datacomp-metadata`` pool's
+YAML names as ``features_model`` (a local open_clip checkpoint of OpenAI's model, e.g.
+``open_clip:ViT-L-14-quickgelu:/path/to/openai-vit-l-14.pt``). The embedder loads it on
+the first such request (:meth:`DataCompFeaturesEmbedder.image_embedder`), so a run that
+embeds no target never loads it, and the pool's embedder id, cache entry and selections
+are the same with or without it.
 """
 
 from __future__ import annotations
@@ -175,6 +180,9 @@ class DataCompFeaturesEmbedder(Embedder):
             )
         self.key = model
         self.metadata = MetadataDir(folder)
+        self._pool: Any = None  # set by prepare(): the pool whose YAML names the model
+        self._progress: Any = None
+        self._image_embedder: Embedder | None = None
 
     @property
     def architecture(self) -> str:
@@ -184,12 +192,65 @@ class DataCompFeaturesEmbedder(Embedder):
         self.device = device
         self.weights_digest = self.metadata.digest(self.key)
         self.details = {"features": MODELS[self.key], "metadata": str(self.metadata.root)}
+        # What embeds images that are not the pool's: kept apart from the pool's identity
+        # (self.model stays None, so the embedder id and the temperature stay the features').
+        self._pool, self._progress = pool, progress
+        self._image_embedder = None
+
+    def features_model(self) -> str | None:
+        """The embedder spec of the model that computed these features, as the pool's
+        YAML names it (``features_model``), or None."""
+        models = getattr(self._pool, "features_models", None) or {}
+        return models.get(self.key)
+
+    def image_embedder(self) -> Embedder:
+        """The prepared model that computed these features (loaded on first use), to embed
+        images that are not the pool's, e.g. a target set, into the features' space;
+        ConfigError naming the YAML key when the pool names none."""
+        if self._image_embedder is not None:
+            return self._image_embedder
+        spec = self.features_model()
+        name = getattr(self._pool, "name", "?")
+        from selbench.pools.metadata import (
+            FEATURES_EXAMPLES,
+            FEATURES_KEY,
+            missing_features_model,
+        )
+        from selbench.registry import get_registry
+
+        if spec is None and getattr(self._pool, "kind", None) != "datacomp-metadata":
+            raise ConfigError(
+                f"embedder datacomp:{self.key} holds DataComp's features of pool {name!r}'s "
+                "own pairs and no model, so it cannot embed other images (a target set's); "
+                "this pool has images: embed it and the target with the model itself, e.g. "
+                f"{FEATURES_EXAMPLES[self.key]}"
+            )
+        if spec is None:
+            raise ConfigError(missing_features_model(name, self.key))
+        embedder = get_registry().make_embedder(spec)
+        embedder.prepare(self._pool, self.device, self._progress)
+        if embedder.model is None:
+            raise ConfigError(
+                f"pool {name!r}: {FEATURES_KEY} {spec!r} has no model to embed images with; "
+                f"name the local checkpoint of the {MODELS[self.key]} model"
+            )
+        # A model of another width cannot be the one that computed the features.
+        width = getattr(getattr(embedder.model, "visual", None), "output_dim", None)
+        dim = self.metadata.dim(self.key)
+        if isinstance(width, int) and width != dim:
+            raise ConfigError(
+                f"pool {name!r}: {FEATURES_KEY} {spec!r} embeds images in {width} dimensions, "
+                f"but DataComp's {self.key} features in {self.metadata.root} have {dim}: name "
+                f"the checkpoint of the model that computed them ({MODELS[self.key]})"
+            )
+        self._image_embedder = embedder
+        return embedder
 
     def encode(self, images: Any, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         raise ConfigError(
             "the datacomp embedder holds DataComp's features of the pool's own pairs and "
-            "cannot embed other images or captions (e.g. a target set); use "
-            "open_clip:ViT-L-14:/path/to/weights.pt for those"
+            "encodes nothing itself; images that are not the pool's (a target set) are "
+            "embedded by the pool YAML's features_model (docs/real-data.md)"
         )
 
     def precomputed_batches(

@@ -433,6 +433,9 @@ class EmbeddingService(SelectionServices):
     chunk_size: int = 4096  # rows per resumable cache chunk
     ranks: Ranks | None = None  # set under torchrun: the ranks share each embedding pass
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per embedder spec without a model (precomputed features), the model that embedded
+    #: other images for it (:meth:`embed_images`: the target set's), spec and id
+    image_models: dict[str, str] = field(default_factory=dict)
     _embedders: dict[str, Embedder] = field(default_factory=dict)
     _embeddings: dict[str, Embeddings] = field(default_factory=dict)
     _target: Any = None
@@ -455,13 +458,7 @@ class EmbeddingService(SelectionServices):
 
     def embed_images(self, spec: str, images: Sequence[Any]) -> np.ndarray:
         """L2-normalised float32 image embeddings of ``images`` (e.g. target images)."""
-        embedder = self.embedder(spec)
-        if embedder.model is None:  # precomputed features of the pool only (e.g. datacomp)
-            raise ConfigError(
-                f"embedder {spec!r} has no model, only precomputed features of the pool's "
-                "pairs, so it cannot embed other images; name a model embedder "
-                "(open_clip:ARCH:/path/to/weights.pt) for them"
-            )
+        embedder = self._image_model(spec)
         rows = []
         for batch in image_batches(images, embedder.preprocess, ENCODE_BATCH):
             with torch.inference_mode():
@@ -476,6 +473,25 @@ class EmbeddingService(SelectionServices):
             image = flops.clip_forward_flops(embedder.model, None, None, count, ("image",), key)
             flops.charge(f"image_embedding/{usage_key(spec)}", image["image"])
         return unit_rows(torch.cat(rows).numpy())
+
+    def _image_model(self, spec: str) -> Embedder:
+        """The embedder that embeds images for ``spec``: itself, or, for precomputed
+        features of the pool's pairs (``datacomp:l14:PATH``), the model that computed
+        them (its ``image_embedder()``: the pool YAML's ``features_model``), recorded in
+        :attr:`image_models`. The pool's rows still come from the features."""
+        embedder = self.embedder(spec)
+        if embedder.model is not None:
+            return embedder
+        stand_in = getattr(embedder, "image_embedder", None)
+        if stand_in is None:
+            raise ConfigError(
+                f"embedder {spec!r} has no model, only precomputed features of the pool's "
+                "pairs, so it cannot embed other images; name a model embedder "
+                "(open_clip:ARCH:/path/to/weights.pt) for them"
+            )
+        model: Embedder = stand_in()
+        self.image_models[spec] = f"{model.name}:{model.args} ({model.embedder_id})"
+        return model
 
     def embedder(self, spec: str = "proxy") -> Embedder:
         """The prepared embedder for ``spec`` (trained or loaded on first use)."""

@@ -84,25 +84,36 @@ class MappedFile:
             ) from exc
 
 
-def mapped_file(array: np.ndarray) -> MappedFile | None:
-    """``array`` as a :class:`MappedFile` when it is a C-contiguous view of a file's memory
-    map (an ``np.memmap``, or an ndarray over one: ``np.asarray`` of it), else None."""
+def _mapping(array: np.ndarray) -> tuple[np.memmap, mmap.mmap, int] | None:
+    """The file map under a C-contiguous ``array`` (an ``np.memmap``, or an ndarray over
+    one: ``np.asarray`` of it): the memmap, its ``mmap`` buffer and how many bytes into
+    that buffer the array's data starts; None for an array that is not such a view."""
     source: np.ndarray | None = array
     while source is not None and not (isinstance(source, np.memmap) and source.filename):
         source = source.base if isinstance(source.base, np.ndarray) else None
     if not isinstance(source, np.memmap) or not array.flags.c_contiguous:
         return None
-    buffer, filename = getattr(source, "_mmap", None), source.filename
-    if not isinstance(buffer, mmap.mmap) or not filename:
+    buffer = getattr(source, "_mmap", None)
+    if not isinstance(buffer, mmap.mmap):
         return None
-    # np.memmap maps from its offset rounded down to the allocation granularity; the
-    # array's data lies that far into the mapping plus its distance from the mapping start.
-    start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
     mapping = np.frombuffer(buffer, dtype=np.uint8)
     into = array.__array_interface__["data"][0] - mapping.__array_interface__["data"][0]
     if not 0 <= into <= len(mapping) - array.nbytes:
         return None
-    return MappedFile(str(Path(filename)), start + into, array.dtype.str, array.shape)
+    return source, buffer, into
+
+
+def mapped_file(array: np.ndarray) -> MappedFile | None:
+    """``array`` as a :class:`MappedFile` when it is a C-contiguous view of a file's memory
+    map (an ``np.memmap``, or an ndarray over one: ``np.asarray`` of it), else None."""
+    found = _mapping(array)
+    if found is None:
+        return None
+    source, _, into = found
+    # np.memmap maps from its offset rounded down to the allocation granularity; the
+    # array's data lies that far into the mapping plus its distance from the mapping start.
+    start = source.offset - source.offset % mmap.ALLOCATIONGRANULARITY
+    return MappedFile(str(Path(str(source.filename))), start + into, array.dtype.str, array.shape)
 
 
 def release_rows(array: np.ndarray, lo: int, hi: int) -> None:
@@ -111,18 +122,14 @@ def release_rows(array: np.ndarray, lo: int, hi: int) -> None:
     the page cache keeps them, and a later read maps them again), so a pass over the
     embedding cache does not leave it all counted in the process's RSS. Nothing for an
     array in memory."""
-    source: np.ndarray | None = array
-    while source is not None and not (isinstance(source, np.memmap) and source.filename):
-        source = source.base if isinstance(source.base, np.ndarray) else None
-    buffer = getattr(source, "_mmap", None)
-    if not isinstance(buffer, mmap.mmap) or not array.flags.c_contiguous or array.ndim < 1:
+    found = _mapping(array) if array.ndim >= 1 else None
+    if found is None:
         return
-    mapping = np.frombuffer(buffer, dtype=np.uint8)
-    into = array.__array_interface__["data"][0] - mapping.__array_interface__["data"][0]
+    _, buffer, into = found
     row = array.strides[0]
     page = mmap.PAGESIZE
     start = -(-(into + lo * row) // page) * page  # whole pages inside the rows only
-    stop = min(into + hi * row, len(mapping)) // page * page
+    stop = min(into + hi * row, len(buffer)) // page * page
     if 0 <= start < stop:
         buffer.madvise(mmap.MADV_DONTNEED, start, stop - start)
 

@@ -111,3 +111,25 @@ def test_needs_are_enforced_at_run_time(tmp_path):
     with pytest.raises(UndeclaredNeedError, match=r"'sneaky' called ctx.target\(\) without "):
         Sneaky().select(ctx)
     assert services.used == {"embeddings"}  # refused before the target was loaded
+
+
+def test_every_builtin_plugin_loads_without_faiss(tmp_path):
+    # The GPU check's machine has no faiss (docs/gpu-check.md): a plugin that imported it
+    # at module level would be recorded as broken there. faiss is imported where used.
+    import subprocess
+    import sys
+
+    blocked = tmp_path / "faiss"
+    blocked.mkdir()
+    (blocked / "__init__.py").write_text("raise ModuleNotFoundError('no faiss', name='faiss')\n")
+    code = (
+        "from selbench.registry import get_registry\n"
+        "r = get_registry()\n"
+        "print([(b.entry_point, b.error) for b in r.broken])\n"
+        "assert not r.broken\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -176,6 +176,8 @@ class ReferenceEmbedder(Embedder):
         if precomputed is not None:  # features shipped with the pool (datacomp:l14:PATH)
             self.precomputed_batches = precomputed
             self.temperature = getattr(delegate, "temperature", None)
+            # and the model that computed them, for a target set's images (features_model)
+            self.image_embedder = getattr(delegate, "image_embedder", None)
         self.details.update(delegate.details)
         self.details["resolved_to"] = spec
 

@@ -66,7 +66,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import faiss
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -255,6 +254,8 @@ def seeded_kmeans(
     from sklearn.cluster import kmeans_plusplus  # here: scikit-learn is slow to import
 
     seeds, _ = kmeans_plusplus(x, k, random_state=_seed(rng))
+    import faiss  # here, not at module level: the plugin loads without faiss
+
     clustering = faiss.Kmeans(
         x.shape[1],
         k,

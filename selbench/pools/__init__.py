@@ -152,6 +152,12 @@ def resolve_pool(
         raise
     config = load_yaml_model(config_path, PoolConfig)
     metadata = _metadata_path(config.metadata, config_path)
+    if config.features_model and config.kind != METADATA_KIND:
+        raise ConfigError(
+            f"config file {config_path}: key 'features_model' names the model of a kind: "
+            f"{METADATA_KIND} pool's shipped features; a kind: {config.kind} pool embeds its "
+            "images and the target's with one model (its 'reference:', or -p embedder=...)"
+        )
     if config.kind == "synthweb":
         root = ensure_synthweb(config.synthweb, progress=progress)
         resolved = _from_synthweb_dir(root, spec, strict)
@@ -181,7 +187,9 @@ def resolve_pool(
     pool: ShardPool | MetadataPool
     if config.kind == METADATA_KIND:
         folder = _relative(config.path, config_path) or config.path
-        pool = MetadataPool(folder, config.name, _relative(config.shards, config_path))
+        pool = MetadataPool(
+            folder, config.name, _relative(config.shards, config_path), config.features_model
+        )
         pool.reference = config.reference or pool.reference
     else:
         pool = ShardPool(config.path, name=config.name, strict=strict)

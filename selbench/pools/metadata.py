@@ -11,6 +11,15 @@ characters, never one Python object per row. Its default ``reference`` is DataCo
 L/14 features (``datacomp:l14:PATH``), so ``clip_score`` and every other strategy that
 embeds with ``reference`` read the shipped features instead of a model.
 
+The shipped features cover the pool's own pairs only. A target-aware strategy
+(``knn_target``, ``normsim``, ...) must embed the target's images into the same space, so
+the pool YAML names the local checkpoint of the model that computed them,
+``features_model`` (:attr:`MetadataPool.features_models`): the ``datacomp`` embedder runs
+that model on the target's images, never on the pool's rows, which still come from the
+npz files (the cache entry of the pool's features does not depend on it). Without it a
+strategy that would embed the target with the features is refused before selection,
+naming the key (:func:`refuse_without_images`).
+
 What needs pixels cannot run here: a strategy that declares ``pool_images`` in ``needs``
 is refused before selection (:func:`refuse_without_images`), and a run that would train
 without ``shards:`` is refused before it starts (:func:`refuse_training_without_shards`).
@@ -21,7 +30,7 @@ the selected images from those shards.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +56,14 @@ KIND = "datacomp-metadata"
 POOL_IMAGES = "pool_images"
 #: The parquet column of the caption (DataComp's ``text``).
 CAPTION_COLUMN = "text"
+#: The pool YAML key that names the model of the shipped features, and an example value
+#: per feature set: the open_clip architecture of OpenAI's checkpoints is the -quickgelu
+#: one (OpenAI CLIP uses QuickGELU; DataComp computed the features with OpenAI's models).
+FEATURES_KEY = "features_model"
+FEATURES_EXAMPLES = {
+    "l14": "open_clip:ViT-L-14-quickgelu:/path/to/openai-vit-l-14.pt",
+    "b32": "open_clip:ViT-B-32-quickgelu:/path/to/openai-vit-b-32.pt",
+}
 
 
 def _string_bytes(column: pa.ChunkedArray) -> bytes:
@@ -65,6 +82,41 @@ def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
+def _features_models(value: str | Mapping[Any, str] | None, pool: str) -> dict[str, str]:
+    """The YAML's ``features_model`` as ``{feature set: spec}``: a bare spec is the model
+    of the L/14 features, the ones the pool's ``reference`` means."""
+    models = {"l14": value} if isinstance(value, str) else dict(value or {})
+    for key, spec in models.items():
+        if key not in FEATURES_EXAMPLES or not spec:
+            raise ConfigError(
+                f"pool {pool!r}: {FEATURES_KEY} maps a feature set "
+                f"({' or '.join(FEATURES_EXAMPLES)}) to the embedder of its model, e.g. "
+                f"{{l14: {FEATURES_EXAMPLES['l14']}}}; got {key!r}: {spec!r}"
+            )
+        if spec.partition(":")[0] in ("datacomp", "reference"):
+            raise ConfigError(
+                f"pool {pool!r}: {FEATURES_KEY} {spec!r} names no model; give the local "
+                f"checkpoint of the model that computed the features, e.g. "
+                f"{FEATURES_EXAMPLES[key]}"
+            )
+    return models
+
+
+def missing_features_model(pool_name: str, key: str) -> str:
+    """What to write in the pool's YAML so its ``key`` features (``l14``, ``b32``) can
+    embed a target set: the end of every refusal that lacks it."""
+    example = FEATURES_EXAMPLES[key]
+    value = example if key == "l14" else f"{{{key}: {example}}}"
+    model = {"l14": "ViT-L/14", "b32": "ViT-B/32"}[key]
+    return (
+        f"DataComp's precomputed OpenAI CLIP {model} features ({key}) of pool {pool_name!r} "
+        "cover its own pairs only, and embedding other images (the target set's) into "
+        "their space needs the model that computed them: name its local checkpoint in the "
+        "pool's YAML, "
+        f"{FEATURES_KEY}: {value} (docs/real-data.md, section 2)"
+    )
+
+
 def _files(root: Path) -> list[Path]:
     if not root.is_dir():
         raise ConfigError(f"DataComp metadata folder {root} does not exist")
@@ -81,13 +133,23 @@ class MetadataPool:
     """A pool read from a DataComp metadata folder (module docstring): uids and captions
     in file order, features in the npz files, images only through ``shards`` if given."""
 
-    def __init__(self, root: Path | str, name: str | None = None, shards: str | None = None):
+    def __init__(
+        self,
+        root: Path | str,
+        name: str | None = None,
+        shards: str | None = None,
+        features_model: str | Mapping[Any, str] | None = None,
+    ):
         self.root = Path(root).expanduser()
         self.parquets = _files(self.root)
         self.name = name or self.root.name
         self.kind = KIND
         #: the features `reference` means here: DataComp's own OpenAI CLIP ViT-L/14
         self.reference: str | None = f"datacomp:l14:{self.root}"
+        #: per feature set (``l14``, ``b32``), the embedder spec of the model that computed
+        #: it, which embeds images that are not the pool's (a target set) into its space;
+        #: the YAML's ``features_model``, a bare spec meaning the L/14 features
+        self.features_models: dict[str, str] = _features_models(features_model, self.name)
         self.metadata: str | None = None
         self.shards_root = Path(shards).expanduser() if shards else None
         self.scan_stats = ScanStats()
@@ -227,8 +289,13 @@ class MetadataPool:
 def refuse_without_images(pool: Any, method: Any) -> None:
     """Refuse, before selection, a method (a :class:`selbench.run.plan.ResolvedMethod`)
     with a strategy that declares ``pool_images`` in its needs (any step of a pipeline)
-    on a pool that has no images, naming the strategy, the pool, why and what to run."""
-    if getattr(pool, "kind", None) != KIND or POOL_IMAGES not in method.needs:
+    on a pool that has no images, naming the strategy, the pool, why and what to run; and
+    one that would embed the target set with the shipped features while the pool names no
+    model for them (:func:`_refuse_targets_without_model`)."""
+    if getattr(pool, "kind", None) != KIND:
+        return
+    if POOL_IMAGES not in method.needs:
+        _refuse_targets_without_model(pool, method)
         return
     from selbench.registry import get_registry
     from selbench.run.plan import steps_of
@@ -248,6 +315,40 @@ def refuse_without_images(pool: Any, method: Any) -> None:
         f"downloaded shards (its 'reference:' can stay datacomp:l14:{pool.root}), or choose "
         f"a method that needs no pool images: {', '.join(runnable)} (docs/real-data.md)"
     )
+
+
+def _features_of(pool: Any, spec: Any) -> str | None:
+    """The DataComp feature set (``l14``, ``b32``) embedder ``spec`` reads on ``pool``
+    (``reference`` meaning the pool's own), or None when it is not DataComp's features."""
+    if not isinstance(spec, str):
+        return None
+    if spec.partition(":")[0] == "reference":
+        spec = getattr(pool, "reference", None) or ""
+    name, _, args = spec.partition(":")
+    return args.partition(":")[0] if name == "datacomp" else None
+
+
+def _refuse_targets_without_model(pool: Any, method: Any) -> None:
+    """Refuse, before selection, a step that embeds the target set's images (it declares
+    ``target``) with DataComp's features when the pool names no model for them
+    (``features_model``), naming the step, the pool and the key to add."""
+    from selbench.run.plan import steps_of
+
+    steps = [(s.info, s.params) for _, s in steps_of(method.plan)] if method.plan else []
+    missing: dict[str, list[str]] = {}
+    for info, params in steps or [(method.info, method.params)]:
+        if "target" not in info.cls.needs or POOL_IMAGES in info.cls.needs:
+            continue
+        key = _features_of(pool, getattr(params, "embedder", None))
+        if key is not None and key not in pool.features_models:
+            missing.setdefault(key, []).append(info.name)
+    for key, names in sorted(missing.items()):
+        within = f" (in method {method.label!r})" if method.plan else ""
+        raise ConfigError(
+            f"strategy {', '.join(map(repr, sorted(set(names))))}{within} embeds the target "
+            f"set's images with the embedder that reads the pool's {key} features. "
+            + missing_features_model(pool.name, key)
+        )
 
 
 def refuse_training_without_shards(pool: Any, stages: Sequence[str] | None) -> None:

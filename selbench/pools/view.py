@@ -46,6 +46,12 @@ class PoolForStrategies:
         return self._pool.reference
 
     @property
+    def features_models(self) -> dict[str, str]:
+        """Per DataComp feature set (``l14``, ``b32``), the embedder spec of the model that
+        computed the pool's shipped features (``features_model``); empty on other pools."""
+        return dict(getattr(self._pool, "features_models", {}))
+
+    @property
     def metadata(self) -> str | None:
         """The metadata entries file (one per line) the pool config names, if any."""
         return self._pool.metadata

@@ -336,6 +336,8 @@ def target_params(services: EmbeddingService) -> dict[str, Any]:
         "target.size": len(target.images),
         "target.overlap_checked_against": ",".join(target.checked_against),
         "target.overlap": 0,  # load_target refuses any overlap
+        # the model that embedded the target for precomputed pool features (features_model)
+        **{f"target.model.{usage_key(s)}": m for s, m in services.image_models.items()},
     }
 
 

@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from selbench.toolbox import centroid_distances, kmeans, rank, top_k, unit_rows
@@ -166,6 +165,8 @@ def whiten(features: np.ndarray, dim: int) -> tuple[np.ndarray, int]:
     written. Returns ``(rows, effective dimension)``."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     out_dim = max(1, min(int(dim), x.shape[1]))
+    import faiss  # here, not at module level: the plugin loads without faiss
+
     pca = faiss.PCAMatrix(x.shape[1], out_dim, -0.5)
     pca.train(x)
     rows = unit_rows(np.nan_to_num(pca.apply(x), nan=0.0, posinf=0.0, neginf=0.0))
