@@ -312,6 +312,16 @@ def publish(options: SweepOptions, result: SweepResult, seconds: float, console:
         f"{result.count('done')} cells ran in it and {result.count('skipped')} were "
         "already finished."
     ]
+    kind, _, table = (options.compare_with or "").partition(":")
+    if kind == "published":  # ranked against a paper's table instead of an experiment
+        from selbench.leaderboard.published import generate_vs_published
+
+        generate_vs_published(
+            options.experiment, options.out, str(options.board_name), table,
+            console=console, intro=intro, run_ids={cell.run_id for cell in result.cells},
+            source="`selbench sweep --leaderboard`",
+        )  # fmt: skip
+        return
     generate(
         options.experiment,
         options.out,

@@ -217,3 +217,35 @@ def test_leaderboard_command_compares_a_page_with_datacomp_small(tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "R@1 (`mean_R1`) with `vtab`" in (out / "dc.md").read_text()
+
+
+def test_a_sweep_page_compares_only_its_cells_with_a_published_table(tmp_path):
+    # What `sweep --leaderboard NAME --compare-with published:TABLE` writes: the sweep's
+    # cells only (a run of the experiment outside them stays off the page), its intro and
+    # source, and tau against the paper's table.
+    from selbench.leaderboard.load import load_runs
+
+    means = {"clip_score": 0.5, "image_based": 0.4, "random": 0.2}
+    values = {(m, 0.25): [v, v + 0.01] for m, v in means.items()}
+    log_frame_runs("dcs", runs_of({**values, ("random", 1.0): [0.1, 0.11]}))
+    log_frame_runs("dcs", runs_of({("basic", 0.25): [0.3, 0.31]}))  # not the sweep's
+    runs = load_runs("dcs")
+    cells = set(runs.loc[runs["params.method_label"] != "basic", "run_id"])
+    out = tmp_path / "boards"
+    published.generate_vs_published(
+        "dcs", out, "grid", "datacomp-small", plots=False, intro=["Produced by a sweep."],
+        run_ids=cells, source="`selbench sweep --leaderboard`",
+    )  # fmt: skip
+    text = (out / "grid.md").read_text()
+    assert "Produced by a sweep." in text and "`selbench sweep --leaderboard`" in text
+    assert "## Ranking stability vs the published numbers `datacomp-small`" in text
+    side = pd.read_csv(out / "grid_vs_datacomp-small.csv")
+    assert "basic" not in set(side.loc[side["status"] == "both", "method"])
+
+
+def test_a_sweep_refuses_an_unknown_published_table_before_any_cell_runs():
+    args = ["sweep", "--methods", "random", "--budgets", "0.25", "--seeds", "0"]
+    result = CliRunner().invoke(
+        main, [*args, "--leaderboard", "x", "--compare-with", "published:unknown"]
+    )
+    assert result.exit_code == 1 and "no published table 'unknown'" in result.output

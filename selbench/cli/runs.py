@@ -423,10 +423,11 @@ def _method_list(ctx, param, value: str) -> list[str]:
     "--compare-with",
     "compare_with",
     default=None,
-    metavar="EXPERIMENT",
+    metavar="EXPERIMENT|published:TABLE",
     help="With --leaderboard: also rank the methods on this MLflow experiment (a sweep of "
-    "another configuration) and report Kendall's tau per budget, as `selbench leaderboard "
-    "--compare-with` does.",
+    "another configuration), or against a paper's numbers (published:datacomp-small; "
+    "leaderboards/published/), and report Kendall's tau per budget, as `selbench "
+    "leaderboard --compare-with` does.",
 )
 @executor_options(SELECT_EXECUTOR_HELP)
 @friendly_errors
@@ -487,6 +488,12 @@ def _check_compare_with(compare_with: str | None, board_name: str | None) -> Non
 
     if not board_name:
         raise click.UsageError("--compare-with needs --leaderboard NAME (the page it goes on)")
+    prefix, _, table = compare_with.partition(":")
+    if prefix == "published":  # a paper's table: it must load before any cell runs
+        from selbench.leaderboard.published import load_table
+
+        load_table(table)
+        return
     kind, name = lb.parse_compare_target(compare_with)
     if kind != "pool" and not lb.experiment_exists(name):
         raise click.BadParameter(

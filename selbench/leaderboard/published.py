@@ -437,8 +437,13 @@ def generate_vs_published(
     metric_pairs: Sequence[str] = (),
     baseline: str = "random",
     console=None,
+    intro: list[str] | None = None,
+    run_ids: set[str] | None = None,
+    source: str | None = None,
 ) -> list[Path]:
-    """``selbench leaderboard --compare-with published:NAME``: the page of
+    """``selbench leaderboard --compare-with published:NAME`` (and ``sweep --leaderboard
+    NAME --compare-with published:TABLE``, with the sweep's ``intro``, its cells'
+    ``run_ids`` and ``source``): the page of
     :func:`~selbench.leaderboard.publish.generate`, compared with published table
     ``table_name`` (:func:`compare_published`) instead of a second configuration, plus
     ``<stem>_vs_<table>.csv`` (the side-by-side rows) among its files. The table and the
@@ -453,7 +458,7 @@ def generate_vs_published(
         console = Console()
     table = load_table(table_name)
     pairs = parse_metric_pairs(metric_pairs)
-    board, runs = board_of(experiment, metrics, filters, baseline=baseline)
+    board, runs = board_of(experiment, metrics, filters, run_ids, baseline=baseline)
     mapping = metric_mapping(board.metrics, table, pairs)
     side = compare_published(board, table, mapping)
     figures = {}
@@ -461,8 +466,8 @@ def generate_vs_published(
         from selbench.leaderboard.plots import all_plots
 
         figures = all_plots(board, runs, out, stem)
-    intro = [*provenance(runs), published_intro(table, mapping, stem)]
-    page = build_page(board, page_title(stem), figures, intro, LEADERBOARD_SOURCE)
+    intro = [*(intro or []), *provenance(runs), published_intro(table, mapping, stem)]
+    page = build_page(board, page_title(stem), figures, intro, source or LEADERBOARD_SOURCE)
     for part in [*render_terminal(page), *side_by_side_tables(side, table.name)]:
         console.print(part)
     files = [*write_page(page, board, out, stem), *figures.values()]
