@@ -325,6 +325,38 @@ def _nucleus_filter(logits: torch.Tensor, prefix: torch.Tensor, settings: Decode
     return logits
 
 
+def _nucleus_candidates(
+    logits: torch.Tensor, prefix: torch.Tensor, settings: DecodeSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_nucleus_filter`'s distribution over the tokens it can keep: ``(token ids,
+    probabilities)``, each row's candidates in descending order of logit. With ``top_k``
+    only the k most likely tokens (and any tied with the k-th) are candidates, so top-p's
+    sort and the draw cover k tokens, not the whole vocabulary (49,408 for open_clip's
+    tokenizer): this is what made sampling cost most of a caption's time (SIEVE captions
+    every pool image K times). The same probabilities as the filter over the whole
+    vocabulary (tested); the draw maps a uniform number onto k tokens, so the tokens drawn
+    for a seed differ from a draw over all of them."""
+    if settings.repetition_penalty != 1.0:
+        seen = torch.gather(logits, 1, prefix)
+        penalty = settings.repetition_penalty
+        logits = logits.scatter(1, prefix, torch.where(seen < 0, seen * penalty, seen / penalty))
+    if settings.top_k and settings.top_k < logits.shape[-1]:
+        ordered, order = torch.topk(logits, settings.top_k, dim=-1)
+        kth = ordered[:, -1:]
+        width = int((logits >= kth).sum(dim=-1).max())  # ties with the k-th stay, as there
+        if width > settings.top_k:
+            ordered, order = torch.topk(logits, width, dim=-1)
+            ordered = ordered.masked_fill(ordered < kth, -math.inf)
+    else:
+        ordered, order = torch.sort(logits, descending=True, dim=-1)
+    if settings.top_p < 1.0:
+        probs = ordered.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= settings.top_p  # mass of the more likely ones
+        drop[:, 0] = False
+        ordered = ordered.masked_fill(drop, -math.inf)
+    return order, ordered.softmax(dim=-1)
+
+
 def _nucleus(
     model: Any,
     image_embs: torch.Tensor,
@@ -338,9 +370,14 @@ def _nucleus(
     prefix = torch.full((n, 1), SOT_TOKEN, dtype=torch.long, device=image_embs.device)
     finished = torch.zeros(n, dtype=torch.bool, device=image_embs.device)
     while prefix.shape[1] < seq_len and not bool(finished.all()):
-        logits = _next_logits(model, image_embs, prefix, settings.min_seq_len).float()
-        probs = _nucleus_filter(logits, prefix, settings).softmax(dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).view(-1)
+        # Only the unfinished rows are decoded: a finished row's next token is padding
+        # whatever its logits, and the decoder's cost is per row.
+        live = (~finished).nonzero().view(-1)
+        logits = _next_logits(model, image_embs[live], prefix[live], settings.min_seq_len)
+        candidates, probs = _nucleus_candidates(logits.float(), prefix[live], settings)
+        choice = torch.multinomial(probs, 1, generator=generator)
+        token = torch.zeros(n, dtype=torch.long, device=prefix.device)
+        token[live] = candidates.gather(1, choice).view(-1)
         if prefix.shape[1] + 1 == seq_len:
             token = torch.full_like(token, EOT_TOKEN)
         token = torch.where(finished, torch.zeros_like(token), token)

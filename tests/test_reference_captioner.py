@@ -19,7 +19,12 @@ from selbench_plugins.tldr.refine import reference_settings, refine_with_referen
 from selbench_plugins.tldr.selection import refine_caption
 
 from selbench import reference_captioner as rc
-from selbench.captioning import DecodeSettings, _nucleus_filter, generate_captions
+from selbench.captioning import (
+    DecodeSettings,
+    _nucleus_candidates,
+    _nucleus_filter,
+    generate_captions,
+)
 from selbench.cli import main
 from selbench.configs import find_config
 from selbench.errors import ConfigError
@@ -111,6 +116,29 @@ def test_nucleus_filter_keeps_the_smallest_set_holding_top_p():
         DecodeSettings(top_p=1.0, repetition_penalty=2.0),
     )  # fmt: skip
     assert penalised.tolist() == [[1.0, -4.0]]  # CTRL: positive / 2, negative x 2
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        DecodeSettings(top_p=0.9, top_k=50, repetition_penalty=1.1),
+        DecodeSettings(top_p=0.5, top_k=0),
+        DecodeSettings(top_p=1.0, top_k=7),
+        DecodeSettings(top_p=0.95, top_k=3),
+    ],
+)
+def test_the_sampled_candidates_carry_the_filters_distribution(settings):
+    # The draw covers only the candidates; their probabilities are the whole-vocabulary
+    # filter's, and every token the filter keeps is a candidate (ties at the k-th too).
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=generator) * 3
+    logits[0, :20] = 4.0  # twenty tokens tied at the top: more than k=3 or k=7 survive
+    prefix = torch.randint(0, 500, (6, 4), generator=generator)
+    want = _nucleus_filter(logits, prefix, settings).softmax(dim=-1)
+    ids, probs = _nucleus_candidates(logits, prefix, settings)
+    got = torch.zeros_like(want).scatter_add(1, ids, probs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert ids.shape[1] < 500 if settings.top_k else ids.shape[1] == 500
 
 
 def test_sampling_is_seeded_and_a_vanishing_nucleus_is_greedy():
