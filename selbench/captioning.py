@@ -303,38 +303,19 @@ def _greedy(
     return [row.tolist() for row in prefix.cpu()]
 
 
-def _nucleus_filter(logits: torch.Tensor, prefix: torch.Tensor, settings: DecodeSettings):
-    """transformers' sampling processors in its order: the repetition penalty (CTRL's:
-    a seen token's logit divided by it when positive, multiplied when negative), then
-    top-k, then top-p (drop every token whose more likely tokens already hold ``top_p``
-    of the probability; the most likely one always stays)."""
-    if settings.repetition_penalty != 1.0:
-        seen = torch.gather(logits, 1, prefix)
-        penalty = settings.repetition_penalty
-        logits = logits.scatter(1, prefix, torch.where(seen < 0, seen * penalty, seen / penalty))
-    if settings.top_k:
-        kth = torch.topk(logits, min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if settings.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True, dim=-1)
-        probs = ordered.softmax(dim=-1)
-        above = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
-        drop = above >= settings.top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -math.inf)
-    return logits
-
-
 def _nucleus_candidates(
     logits: torch.Tensor, prefix: torch.Tensor, settings: DecodeSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_nucleus_filter`'s distribution over the tokens it can keep: ``(token ids,
-    probabilities)``, each row's candidates in descending order of logit. With ``top_k``
+    """transformers' sampling processors in its order, as ``(token ids, probabilities)``
+    over the tokens they keep, each row's in descending order of logit: the repetition
+    penalty (CTRL's: a seen token's logit divided by it when positive, multiplied when
+    negative), then top-k, then top-p (drop every token whose more likely tokens already
+    hold ``top_p`` of the probability; the most likely one always stays). With ``top_k``
     only the k most likely tokens (and any tied with the k-th) are candidates, so top-p's
     sort and the draw cover k tokens, not the whole vocabulary (49,408 for open_clip's
-    tokenizer): this is what made sampling cost most of a caption's time (SIEVE captions
-    every pool image K times). The same probabilities as the filter over the whole
-    vocabulary (tested); the draw maps a uniform number onto k tokens, so the tokens drawn
+    tokenizer), which made sampling most of a caption's time (SIEVE captions every pool
+    image K times). The same probabilities as filtering the whole vocabulary (tested
+    against that form); the draw maps a uniform number onto k tokens, so the tokens drawn
     for a seed differ from a draw over all of them."""
     if settings.repetition_penalty != 1.0:
         seen = torch.gather(logits, 1, prefix)
@@ -365,7 +346,7 @@ def _nucleus(
     generator: torch.Generator,
 ) -> list[list[int]]:
     """Sampled tokens until end of text or ``seq_len`` (end of text at the last slot, as
-    :func:`_greedy`), each drawn from :func:`_nucleus_filter`'s distribution."""
+    :func:`_greedy`), each drawn from :func:`_nucleus_candidates`' distribution."""
     n = image_embs.shape[0]
     prefix = torch.full((n, 1), SOT_TOKEN, dtype=torch.long, device=image_embs.device)
     finished = torch.zeros(n, dtype=torch.bool, device=image_embs.device)

@@ -312,13 +312,14 @@ def publish(options: SweepOptions, result: SweepResult, seconds: float, console:
         f"{result.count('done')} cells ran in it and {result.count('skipped')} were "
         "already finished."
     ]
+    run_ids = {cell.run_id for cell in result.cells}
     kind, _, table = (options.compare_with or "").partition(":")
     if kind == "published":  # ranked against a paper's table instead of an experiment
         from selbench.leaderboard.published import generate_vs_published
 
         generate_vs_published(
             options.experiment, options.out, str(options.board_name), table,
-            console=console, intro=intro, run_ids={cell.run_id for cell in result.cells},
+            console=console, intro=intro, run_ids=run_ids,
             source="`selbench sweep --leaderboard`",
         )  # fmt: skip
         return
@@ -330,7 +331,7 @@ def publish(options: SweepOptions, result: SweepResult, seconds: float, console:
         {},
         True,
         intro,
-        run_ids={cell.run_id for cell in result.cells},
+        run_ids=run_ids,
         source="`selbench sweep --leaderboard`",
         compare_with=options.compare_with,
         console=console,

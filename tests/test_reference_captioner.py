@@ -22,7 +22,6 @@ from selbench import reference_captioner as rc
 from selbench.captioning import (
     DecodeSettings,
     _nucleus_candidates,
-    _nucleus_filter,
     generate_captions,
 )
 from selbench.cli import main
@@ -102,20 +101,45 @@ def test_refused_on_a_real_pool_unless_a_local_checkpoint_is_named(tmp_path):
         rc.reference_captioner(view, spec=f"open_clip:selbench-tiny:{tmp_path / 'clip.pt'}")
 
 
-def test_nucleus_filter_keeps_the_smallest_set_holding_top_p():
+def _nucleus_filter(logits, prefix, settings):
+    """The processors over the whole vocabulary, as transformers applies them: the
+    reference the sampler's candidates are checked against."""
+    if settings.repetition_penalty != 1.0:
+        seen = torch.gather(logits, 1, prefix)
+        penalty = settings.repetition_penalty
+        logits = logits.scatter(1, prefix, torch.where(seen < 0, seen * penalty, seen / penalty))
+    if settings.top_k:
+        kth = torch.topk(logits, min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if settings.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True, dim=-1)
+        probs = ordered.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= settings.top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -math.inf)
+    return logits
+
+
+def _vocabulary_probs(logits, prefix, settings):
+    ids, probs = _nucleus_candidates(logits, prefix, settings)
+    return torch.zeros_like(logits).scatter_add(1, ids, probs)
+
+
+def test_nucleus_sampling_keeps_the_smallest_set_holding_top_p():
     logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
     prefix = torch.tensor([[0]])
-    keep = lambda **kw: torch.isfinite(_nucleus_filter(logits, prefix, DecodeSettings(**kw)))  # noqa: E731
+    keep = lambda **kw: _vocabulary_probs(logits, prefix, DecodeSettings(**kw)) > 0  # noqa: E731
     assert keep(top_p=0.7).tolist() == [[True, True, False, False]]  # 0.5 < 0.7 <= 0.8
     assert keep(top_p=0.8).tolist() == [[True, True, False, False]]
     assert keep(top_p=0.81).tolist() == [[True, True, True, False]]
     assert keep(top_p=1e-6).tolist() == [[True, False, False, False]]
     assert keep(top_p=1.0, top_k=3).tolist() == [[True, True, True, False]]
-    penalised = _nucleus_filter(
+    penalised = _vocabulary_probs(
         torch.tensor([[2.0, -2.0]]), torch.tensor([[0, 1]]),
         DecodeSettings(top_p=1.0, repetition_penalty=2.0),
     )  # fmt: skip
-    assert penalised.tolist() == [[1.0, -4.0]]  # CTRL: positive / 2, negative x 2
+    # CTRL: positive / 2, negative x 2: the logits become 1 and -4
+    torch.testing.assert_close(penalised, torch.tensor([[1.0, -4.0]]).softmax(dim=-1))
 
 
 @pytest.mark.parametrize(

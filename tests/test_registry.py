@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -116,9 +119,6 @@ def test_needs_are_enforced_at_run_time(tmp_path):
 def test_every_builtin_plugin_loads_without_faiss(tmp_path):
     # The GPU check's machine has no faiss (docs/gpu-check.md): a plugin that imported it
     # at module level would be recorded as broken there. faiss is imported where used.
-    import subprocess
-    import sys
-
     blocked = tmp_path / "faiss"
     blocked.mkdir()
     (blocked / "__init__.py").write_text("raise ModuleNotFoundError('no faiss', name='faiss')\n")
@@ -130,6 +130,6 @@ def test_every_builtin_plugin_loads_without_faiss(tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
