@@ -46,6 +46,11 @@ CONTRASTIVE_LOSS_WEIGHT = 1.0
 SOT_TOKEN = 49406
 EOT_TOKEN = 49407
 
+#: Bumped whenever the tokens a given seed draws change (2: the draw covers only the
+#: top-k candidates, :func:`_nucleus_candidates`). Caches of sampled captions (SIEVE's)
+#: put it in their key, so captions drawn by an earlier sampler are not served as this one's.
+SAMPLER_VERSION = 2
+
 
 @dataclass(frozen=True)
 class DecodeSettings:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tarfile
@@ -114,9 +116,16 @@ def cached_directory(
     ``build(tmp)`` writes the entry's files into an empty temporary directory, which then
     replaces ``folder`` in one rename, so an entry exists only when complete; a damaged one
     (``load`` returned None) is rebuilt. ``load`` returning None after a build is an error.
+    A build killed before its cleanup ran (SIGKILL, SIGTERM, a lost node) leaves its
+    temporary directory behind; the next caller removes it under the lock, where no other
+    process can be building this entry.
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(folder) + ".lock"):
+        ours = re.compile(rf"\.{re.escape(folder.name)}\.\d+-[0-9a-f]{{8}}\.tmp")  # temp_sibling's
+        for stale in folder.parent.glob(f".{glob.escape(folder.name)}.*.tmp"):
+            if ours.fullmatch(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
         if folder.is_dir():
             value = load(folder)
             if value is not None:

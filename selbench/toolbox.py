@@ -19,7 +19,8 @@ Training a proxy or a small model with selbench's one training loop:
     :func:`build_training_data`, :func:`train_clip`, :func:`training_loop`,
     :func:`weight_decay_groups`
 Captioning (SynthWeb's reference captioner, or a local CoCa checkpoint on a real pool):
-    :func:`reference_captioner` (a :class:`Captioner`), :class:`DecodeSettings`
+    :func:`reference_captioner` (a :class:`Captioner`), :class:`DecodeSettings`,
+    ``SAMPLER_VERSION`` (for the key of a cache of sampled captions)
 Caching:
     :func:`cached_directory` (a checkpoint folder built once, under a lock),
     :func:`checkpoint_in`, :func:`selbench_home` (where caches live),
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from selbench.captioning import DecodeSettings
+from selbench.captioning import SAMPLER_VERSION, DecodeSettings
 from selbench.configs import ScaleConfig, load_scale
 from selbench.embedders import Embedder, Embeddings, image_batches
 from selbench.errors import ConfigError, PluginError
@@ -84,6 +85,7 @@ from selbench.train import (
 
 __all__ = [
     "NEEDS",
+    "SAMPLER_VERSION",
     "Captioner",
     "ConfigError",
     "DecodeSettings",

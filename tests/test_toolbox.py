@@ -123,6 +123,51 @@ def test_cached_directory_rebuilds_a_damaged_entry_and_keeps_nothing_of_a_failed
     assert not hit and sorted(p.name for p in folder.iterdir()) == ["model.pt"]
 
 
+def test_cached_directory_removes_what_a_killed_build_left(tmp_path):
+    """A build killed with SIGKILL runs no cleanup; the next caller removes its temporary
+    directory, and leaves alone the temporaries of other entries and files it did not make."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    folder = tmp_path / "entry"
+    started = tmp_path / "started"
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from selbench.fileutil import cached_directory
+        def build(tmp):
+            (tmp / "model.pt").write_text("half")
+            Path({str(started)!r}).touch()
+            time.sleep(600)
+        cached_directory(Path({str(folder)!r}), lambda f: None, build)
+    """)
+    builder = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert builder.poll() is None and time.monotonic() < deadline, "build never started"
+            time.sleep(0.05)
+    finally:
+        builder.send_signal(signal.SIGKILL)
+        builder.wait()
+    left = [p.name for p in tmp_path.glob(".entry.*.tmp")]
+    assert len(left) == 1  # what SIGKILL leaves
+    other = tmp_path / ".entry.v2.123-0badc0de.tmp"  # entry.v2's temporary, maybe in use
+    other.mkdir()
+    notes = tmp_path / ".entry.notes.tmp"
+    notes.write_text("not ours")
+
+    path, hit = cached_directory(folder, toolbox.checkpoint_in, lambda t: (t / "model.pt").touch())
+    assert not hit and path == folder / "model.pt"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [
+        ".entry.notes.tmp",
+        ".entry.v2.123-0badc0de.tmp",
+    ]
+
+
 def test_memoised_sha256_reuses_the_digest_until_the_file_changes(tmp_path, monkeypatch):
     import hashlib
 

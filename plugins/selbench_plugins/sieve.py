@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from selbench import flops
 from selbench.toolbox import (
+    SAMPLER_VERSION,
     DecodeSettings,
     Selection,
     SelectionContext,
@@ -255,13 +256,13 @@ class Sieve(Strategy):
 
     def captions(self, ctx: SelectionContext) -> list[list[str]]:
         """K sampled captions of every pool image, cached per pool, captioner, decoding
-        settings and seed in ``$SELBENCH_HOME/sieve-captions/``."""
+        settings, sampler version and seed in ``$SELBENCH_HOME/sieve-captions/``."""
         p = self.params
         captioner = reference_captioner(ctx.pool, ctx.device, ctx.progress, spec=p.captioner)
         settings = self.decode_settings()
         key = json.dumps(
             [ctx.pool.fingerprint, captioner.weights_digest, repr(settings),
-             p.captions_per_image, p.caption_seed, captioner.batch_size]
+             p.captions_per_image, p.caption_seed, captioner.batch_size, SAMPLER_VERSION]
         )  # fmt: skip
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         folder = selbench_home() / "sieve-captions" / f"{ctx.pool.fingerprint[:12]}-{digest}"
