@@ -39,7 +39,9 @@ pool_size // 100), ``--niter`` iterations and k-means trained on a sample of
     python benchmarks/select_scale.py --rows 1000000 --executors local --methods clip_score
 
 Disk: about 2 KB a row for the npz files and as much again for the cache (8M rows: 16 GB
-+ 16 GB); ``--cleanup`` deletes ``--work`` at the end.
++ 16 GB, and as much again while the cache assembles its chunks); ``--cleanup`` deletes each
+size's data and cache entries once that size is measured, so the disk holds one size at a
+time, and ``--work`` at the end.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -348,6 +351,23 @@ def run_size(args: argparse.Namespace, rows: int, env: dict[str, str]) -> tuple[
     return records, size
 
 
+def drop_size(work: Path, rows: int) -> None:
+    """Delete one size's metadata folder, its cache entry and its pool index (named by the
+    pool's fingerprint, the entry id's first part), and nothing of the other sizes."""
+    folder = work / f"rows-{rows}"
+    log = folder / "embed.log"
+    found = (
+        re.findall(r"entry ([0-9a-f]{16})-([0-9a-f]{12})", log.read_text()) if log.is_file() else []
+    )
+    home = work / "home"
+    for pool, embedder in set(found):
+        doomed = [*(home / "embeddings").glob(f"{pool}-{embedder}*")]
+        doomed += [*(home / "pool-index").glob(f"*{pool}*")]
+        for path in doomed:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_one(
     args: argparse.Namespace,
     rows: int,
@@ -443,7 +463,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--executors", default="local,ray", help="local, ray or both (default: %(default)s)")
     add("--work", type=Path, default=Path(tempfile.gettempdir()) / "selbench-select-scale")
     add("--out", type=Path, default=None, help="write NAME.json and NAME.md here")
-    add("--cleanup", action="store_true", help="delete --work at the end")
+    add(
+        "--cleanup",
+        action="store_true",
+        help="delete each size's data and cache once measured, and --work at the end",
+    )
     add("--shard-rows", type=int, default=1_000_000, help="rows per parquet/npz pair")
     add("--data-clusters", type=int, default=2000, help="centres of the generated features")
     add("--seed", type=int, default=0, help="seeds the data and the runs")
@@ -476,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             found, size = run_size(args, rows, env)
             records += found
             sizes.append(size)
+            if args.cleanup:  # the next size needs none of it: free the disk for it
+                drop_size(args.work, rows)
         derive(records)
         table = markdown(records, sizes, args)
         print("\n" + table)

@@ -63,3 +63,24 @@ def test_quick_mode_measures_a_select_run(tmp_path):
     assert found["sizes"][0]["embed_s"] > 0
     assert out.with_suffix(".md").read_text().startswith("| rows | method |")
     assert not (tmp_path / "work").exists()  # --cleanup
+
+
+def test_cleanup_drops_a_measured_size_and_keeps_the_others(tmp_path):
+    """--cleanup frees one size's disk before the next (8M rows: 32 GB of data and cache):
+    its metadata, its cache entry and its pool index go; another size's stay."""
+    scale = _module()
+    entries = {1000: "aaaaaaaaaaaaaaaa-111111111111", 2000: "bbbbbbbbbbbbbbbb-222222222222"}
+    home = tmp_path / "home"
+    for rows, entry in entries.items():
+        folder = tmp_path / f"rows-{rows}"
+        (folder / "metadata").mkdir(parents=True)
+        (folder / "embed.log").write_text(f"computed: entry {entry} ({rows} x 512, 1.0 s)\n")
+        (home / "embeddings" / entry).mkdir(parents=True)
+        (home / "embeddings" / f"{entry}.lock").touch()
+        (home / "pool-index" / f"metadata-{entry[:16]}").mkdir(parents=True)
+    scale.drop_size(tmp_path, 1000)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.parent != home)
+    assert not any("aaaa" in name or "rows-1000/" in name for name in left)
+    assert "rows-2000/metadata" in left and "home/embeddings/bbbbbbbbbbbbbbbb-222222222222" in left
+    assert "home/pool-index/metadata-bbbbbbbbbbbbbbbb" in left
+    assert not (tmp_path / "rows-1000").exists()
