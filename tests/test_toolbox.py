@@ -39,6 +39,23 @@ def test_rank_best_first_ties_by_pool_position():
     assert rank(scores, among=np.array([0, 2, 3])).tolist() == [3, 2, 0]
 
 
+def test_top_k_without_sorting_the_pool_picks_what_rank_picks():
+    """top_k's partition path equals rank's first k, ties and both directions included."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 400))
+        levels = int(rng.integers(1, 12)) if trial % 2 else n  # many ties, or few
+        scores = rng.integers(0, levels, n).astype(np.float32) / 7
+        if trial % 5 == 0:
+            scores = scores.astype(np.float64) - 0.5
+        for k in {1, n - 1, int(rng.integers(1, n))}:
+            for largest in (True, False):
+                expected = np.sort(rank(scores, largest=largest)[:k])
+                got = top_k(scores, k, largest=largest)
+                assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    assert top_k(np.array([1.0, np.nan, 2.0]), 1).tolist() == [2]  # rank's order with NaN
+
+
 def test_top_k_keeps_the_highest_and_breaks_ties_by_pool_position():
     scores = np.array([0.2, 0.9, 0.5, 0.9, 0.1])
     assert top_k(scores, 2).tolist() == [1, 3]
