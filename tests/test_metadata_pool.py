@@ -135,6 +135,23 @@ def test_the_pool_holds_uids_and_captions_as_arrow_arrays(metadata, tmp_path):
     assert MetadataPool(other).fingerprint != pool.fingerprint
 
 
+@pytest.mark.parametrize("partition_rows", [1 << 19, 16])
+def test_a_uid_repeated_across_files_is_refused_naming_it(tmp_path, monkeypatch, partition_rows):
+    """Also when the check runs in partitions (16 rows each: 15 of them here)."""
+    import selbench.pools.arrow as arrow
+
+    monkeypatch.setattr(arrow, "UNIQUE_PARTITION_ROWS", partition_rows)
+    root = tmp_path / "metadata"
+    uids = write_metadata_folder(root)
+    first, second = sorted(root.glob("*.parquet"))
+    frame = pd.read_parquet(second)
+    frame.loc[57, "uid"] = uids[3]  # the first file's fourth uid, again in the second
+    frame.to_parquet(second)
+    pool = resolve_pool(str(write_pool_yaml(tmp_path, root))).pool
+    with pytest.raises(PoolError, match=f"uid '{uids[3]}' appears more than once"):
+        _ = pool.uids
+
+
 def test_clip_score_selects_with_datacomps_features_and_exports_the_uid_file(
     metadata, tmp_path, tiny_scale, monkeypatch
 ):

@@ -17,7 +17,7 @@ from e2e_helpers import png_bytes, write_shard
 
 from selbench import neighbours
 from selbench.pools import ShardPool
-from selbench.pools.arrow import ArrowStrings, frame_rows, mapped_frame
+from selbench.pools.arrow import ArrowStrings, frame_rows, mapped_frame, repeated_string
 from selbench.run.spec import selection_hash
 from selbench.toolbox import clip_scores, kmeans, unit_rows
 
@@ -77,6 +77,37 @@ def test_arrow_strings_behave_as_the_list_for_what_consumers_do():
         seq[300]
     with pytest.raises(TypeError):
         hash(seq)
+
+
+@pytest.mark.parametrize("kind", [pa.string(), pa.large_string()])
+def test_the_uniqueness_check_in_partitions_finds_what_a_set_finds(monkeypatch, kind):
+    """repeated_string splits a column by a hash of each string's last bytes: a repeat must
+    land in one partition whatever the strings' lengths (empty, shorter than the 8 bytes
+    hashed, longer), chunks or slices; a column without repeats gives None."""
+    import selbench.pools.arrow as arrow
+
+    rng = np.random.default_rng(5)
+    for partition_rows in (1 << 19, 64, 7):
+        monkeypatch.setattr(arrow, "UNIQUE_PARTITION_ROWS", partition_rows)
+        for trial in range(20):
+            n = int(rng.integers(1, 600))
+            words = {
+                "".join(rng.choice(list("ab0é"), size=int(rng.integers(0, 12)))) for _ in range(n)
+            }
+            words = sorted(words)
+            rng.shuffle(words)
+            values = list(words)
+            if trial % 2 and len(values) > 1:  # one repeat, anywhere
+                i, j = rng.choice(len(values), size=2, replace=False)
+                values[j] = values[i]
+            cut = int(rng.integers(0, len(values) + 1))
+            whole = pa.array(["pad", *values], kind).slice(1)  # a sliced chunk: offset 1
+            chunks = [whole.slice(0, cut), whole.slice(cut)]
+            found = repeated_string(pa.chunked_array(chunks, kind))
+            repeats = {v for v in values if values.count(v) > 1}
+            assert (found is None) == (not repeats)
+            if repeats:
+                assert found in repeats
 
 
 def test_a_shard_pool_hands_arrow_uids_and_captions_equal_to_its_lists(arrow_pool):

@@ -113,6 +113,26 @@ def test_blockwise_cluster_scores_equal_the_full_similarity_matrix(monkeypatch):
     np.testing.assert_allclose(blocked, full, atol=1e-6)
 
 
+@pytest.mark.parametrize("block, row_block", [(64, 100), (100, 64), (512, 300)])
+def test_a_large_clusters_row_blocks_give_the_one_product_scores(monkeypatch, block, row_block):
+    """A cluster larger than ROW_BLOCK is computed ROW_BLOCK earlier points at a time
+    (issue 32: a task's matrix no longer grows with the cluster). Its M equals the
+    one-product path's up to the BLAS's rounding of a product of another shape (one ulp,
+    rarely, on OpenBLAS), and the duplicates it finds are the same."""
+    rng = np.random.default_rng(11)
+    x = unit(rng.standard_normal((1000, 48)))
+    x[500:700] = unit(x[:200] + 0.02 * rng.standard_normal((200, 48)).astype(np.float32))
+    order = order_within_cluster(rng.random(1000), "farthest")
+    monkeypatch.setattr(semdedup, "BLOCK", block)
+    whole = semdedup._cluster_max_similarity(x, order)  # ROW_BLOCK 8192: one product each
+    monkeypatch.setattr(semdedup, "ROW_BLOCK", row_block)
+    rows_blocked = semdedup._cluster_max_similarity(x, order)
+    assert whole.dtype == rows_blocked.dtype == np.float64
+    np.testing.assert_allclose(rows_blocked, whole, rtol=0, atol=2.5e-7)
+    assert (whole > 0.98).sum() >= 190  # the near-copies are found
+    assert ((rows_blocked > 0.98) == (whole > 0.98)).all()
+
+
 def test_rows_already_unit_are_scored_without_a_second_copy_and_alike(monkeypatch):
     rng = np.random.default_rng(8)
     raw = rng.standard_normal((60, 8)).astype(np.float16)

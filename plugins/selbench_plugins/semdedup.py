@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 MIN_POINTS_PER_CLUSTER = 100
 # Columns of a cluster's similarity matrix computed at once (bounds memory for big clusters).
 BLOCK = 2048
+# Rows of a column block computed at once once a cluster is larger than this: a task's
+# matrix stays ROW_BLOCK x BLOCK float32 (64 MiB) whatever the cluster's size.
+ROW_BLOCK = 8192
 # M of the first point visited in a cluster: it has no earlier point, so it is never a
 # duplicate for any eps in [0, 2] (the test is strict: -1 > 1 - eps never holds).
 NO_EARLIER_POINT = -1.0
@@ -99,10 +102,19 @@ def duplicate_mask(sim: np.ndarray, order: np.ndarray, epsilon: float) -> np.nda
 
 
 def _cluster_max_similarity(members: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """:func:`max_similarity_to_earlier` from a cluster's unit embeddings, in column blocks.
+    """:func:`max_similarity_to_earlier` from a cluster's unit embeddings, in blocks.
 
-    Same result as building the whole similarity matrix, with at most ``len * BLOCK``
-    similarities in memory at once.
+    Same result as building the whole similarity matrix, with at most
+    ``ROW_BLOCK * BLOCK`` similarities in memory at once: :data:`BLOCK` columns (points)
+    at a time, and for a cluster of more than :data:`ROW_BLOCK` points the rows (earlier
+    points) of a column block :data:`ROW_BLOCK` at a time, the column maxima carried over.
+    A maximum is exact in any order, but a BLAS may round a dot product of a product of
+    another shape differently in the last place (one ulp, rarely, on OpenBLAS), so such
+    a cluster's ``M`` may differ from the one-product path's by that much; clusters of at
+    most ``ROW_BLOCK`` points take the one-product path as before, so small pools' selections
+    are unchanged. A cluster grows with the pool at a fixed number of clusters, and Ray
+    runs a task per CPU, so a task's matrix is bounded by these, not by the largest
+    cluster. Both executors run this same code, so their selections stay equal.
     """
     xs = members[order]
     m = len(xs)
@@ -110,11 +122,22 @@ def _cluster_max_similarity(members: np.ndarray, order: np.ndarray) -> np.ndarra
     later = np.tri(min(m, BLOCK), dtype=bool)  # (i, j) with i visited at or after j
     for start in range(0, m, BLOCK):
         stop = min(start + BLOCK, m)
-        block = xs[:stop] @ xs[start:stop].T  # similarities of the first `stop` to the block
-        # Rows before `start` are all visited earlier; in the square below, only i < j.
         width = stop - start
-        np.copyto(block[start:stop], -np.inf, where=later[:width, :width])
-        best[start:stop] = np.maximum(block.max(axis=0), NO_EARLIER_POINT)
+        if stop <= ROW_BLOCK:  # one product: the first `stop` points against the block
+            block = xs[:stop] @ xs[start:stop].T
+            # Rows before `start` are all visited earlier; in the square below, only i < j.
+            np.copyto(block[start:stop], -np.inf, where=later[:width, :width])
+            best[start:stop] = np.maximum(block.max(axis=0), NO_EARLIER_POINT)
+            continue
+        column = xs[start:stop].T
+        found = np.full(width, -np.inf, dtype=np.float32)
+        for lo in range(0, start, ROW_BLOCK):  # points all visited before the block
+            hi = min(lo + ROW_BLOCK, start)
+            np.maximum(found, (xs[lo:hi] @ column).max(axis=0), out=found)
+        square = xs[start:stop] @ column
+        np.copyto(square, -np.inf, where=later[:width, :width])
+        np.maximum(found, square.max(axis=0), out=found)
+        best[start:stop] = np.maximum(found, NO_EARLIER_POINT)
     result = np.empty(m, dtype=np.float64)
     result[order] = best
     return result

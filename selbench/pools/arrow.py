@@ -6,7 +6,7 @@ copy of it (:func:`mapped_frame`), how a shard pool holds its index."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
@@ -170,3 +170,69 @@ def frame_rows(frame: pd.DataFrame, columns: Sequence[str], block: int = 65_536)
     for first in range(0, len(frame), block):
         part = frame.iloc[first : first + block]
         yield from zip(*(part[name].tolist() for name in columns), strict=True)
+
+
+# Rows per partition of :func:`repeated_string`'s check: its hash table (about 75 bytes a
+# distinct string) holds about this many strings at a time.
+UNIQUE_PARTITION_ROWS = 1 << 19
+
+
+def repeated_string(strings: pa.ChunkedArray) -> str | None:
+    """A string that occurs more than once in ``strings`` (nulls aside), or None.
+
+    Arrow's ``count_distinct`` over the whole column holds a hash table of every string,
+    about 75 bytes each: at 8M DataComp uids a gigabyte, the largest part of a metadata
+    pool's memory (issue 32). Equal strings have equal last bytes, so the rows are split
+    by a hash of their last 8 bytes (:func:`_tail_buckets`) into partitions of about
+    :data:`UNIQUE_PARTITION_ROWS` rows, and each partition is checked on its own: the
+    hash table holds one partition at a time. A column of one partition is checked as
+    before. Arrow has no element-wise hash kernel, hence the buckets in numpy.
+    """
+    import pyarrow.compute as pc
+
+    parts = min(256, -(-len(strings) // UNIQUE_PARTITION_ROWS))
+    pieces: Iterable[pa.ChunkedArray]
+    if parts <= 1:
+        pieces = [strings]
+    else:
+        buckets = [_tail_buckets(chunk, parts) for chunk in strings.chunks]
+        pieces = (
+            pa.chunked_array(
+                [c.filter(pa.array(b == p)) for c, b in zip(strings.chunks, buckets, strict=True)],
+                strings.type,
+            )
+            for p in range(parts)
+        )
+    for piece in pieces:
+        if pc.count_distinct(piece).as_py() != len(piece) - piece.null_count:
+            counts = pc.value_counts(piece)
+            repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+            return str(repeated[0]["values"].as_py())
+    return None
+
+
+def _tail_buckets(chunk: pa.Array, parts: int, block: int = 1 << 20) -> np.ndarray:
+    """The partition, in ``range(parts)``, of every string of ``chunk`` (a ``string``
+    or ``large_string`` array): its last 8 bytes (fewer for shorter strings, zeros before
+    them) as an integer, Fibonacci-hashed. Read from the Arrow buffers ``block`` rows at a
+    time."""
+    wide = pa.types.is_large_string(chunk.type)
+    offsets = np.frombuffer(chunk.buffers()[1], np.int64 if wide else np.int32)
+    offsets = offsets[chunk.offset : chunk.offset + len(chunk) + 1]
+    data_buffer = chunk.buffers()[2]
+    data = (
+        np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    )
+    found = np.empty(len(chunk), np.uint8 if parts <= 256 else np.uint16)
+    for lo in range(0, len(chunk), block):
+        hi = min(lo + block, len(chunk))
+        starts, ends = offsets[lo:hi], offsets[lo + 1 : hi + 1]
+        key = np.zeros(len(starts), np.uint64)
+        for back in range(1, 9):
+            at = ends - back
+            has = at >= starts
+            byte = data[np.where(has, at, 0)] if len(data) else np.zeros(len(at), np.uint8)
+            key |= np.where(has, byte, 0).astype(np.uint64) << np.uint64(8 * (back - 1))
+        mixed = key * np.uint64(0x9E3779B97F4A7C15)  # wraps: Knuth's multiplicative hash
+        found[lo:hi] = (mixed >> np.uint64(32)) % np.uint64(parts)
+    return found

@@ -36,12 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from selbench.errors import ConfigError, PoolError
 from selbench.paths import index_home
-from selbench.pools.arrow import ArrowStrings, mapped_strings
+from selbench.pools.arrow import ArrowStrings, mapped_strings, repeated_string
 from selbench.pools.shards import ScanStats, ShardPool
 
 if TYPE_CHECKING:
@@ -208,11 +207,10 @@ class MetadataPool:
     def _check_uids(self, uids: pa.ChunkedArray) -> None:
         if uids.null_count:
             raise PoolError(f"DataComp metadata {self.root} has {uids.null_count} empty uid(s)")
-        if pc.count_distinct(uids).as_py() != len(uids):
-            counts = pc.value_counts(uids)
-            repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+        repeated = repeated_string(uids)
+        if repeated is not None:
             raise PoolError(
-                f"uid {repeated[0]['values'].as_py()!r} appears more than once in DataComp "
+                f"uid {repeated!r} appears more than once in DataComp "
                 f"metadata {self.root}; uids must be unique"
             )
 
