@@ -32,17 +32,19 @@ S = TypeVar("S", bound="Selection")
 BLOCK = 65_536
 
 
-def take_strings(values: Sequence[str], rows: np.ndarray) -> pa.Array:
-    """``[values[i] for i in rows]`` as one Arrow string array: a gather from the Arrow
-    array behind ``values`` when it has one (a metadata pool's :class:`ArrowStrings`),
-    else from the Python sequence."""
+def take_strings(values: Sequence[str], rows: np.ndarray) -> pa.Array | pa.ChunkedArray:
+    """``[values[i] for i in rows]`` as Arrow strings: a gather from the Arrow array behind
+    ``values`` when it has one (a pool's :class:`ArrowStrings`; chunk by chunk,
+    :func:`~selbench.columns.take_rows`, so no copy of the whole column), else from
+    the Python sequence."""
     import pyarrow as pa  # here: `import selbench` needs no pyarrow (docs/gpu-check.md)
+
+    from selbench.columns import take_rows
 
     rows = np.asarray(rows, dtype=np.int64)
     arrow = getattr(values, "arrow", None)
-    if isinstance(arrow, pa.ChunkedArray):
-        taken = arrow.take(pa.array(rows, pa.int64()))
-        return taken.combine_chunks() if taken.num_chunks != 1 else taken.chunk(0)
+    if isinstance(arrow, (pa.ChunkedArray, pa.Array)):
+        return take_rows(arrow, rows)
     return pa.array([values[int(i)] for i in rows], pa.string())
 
 
@@ -85,12 +87,14 @@ class PoolUids(Sequence[str]):
     def __repr__(self) -> str:
         return f"PoolUids({len(self)} of {len(self.pool)} pool samples)"
 
-    def to_arrow(self, start: int = 0, stop: int | None = None) -> pa.Array:
-        """The uids (rows ``start:stop`` of them) as an Arrow string array."""
+    def to_arrow(self, start: int = 0, stop: int | None = None) -> pa.Array | pa.ChunkedArray:
+        """The uids (rows ``start:stop`` of them) as Arrow strings (chunked when the pool's
+        column is)."""
         return take_strings(self.pool.uids, self.positions[start:stop])
 
-    def captions(self) -> pa.Array:
-        """The pool's captions of these samples, as an Arrow string array."""
+    def captions(self) -> pa.Array | pa.ChunkedArray:
+        """The pool's captions of these samples, as Arrow strings (chunked when the pool's
+        column is)."""
         return take_strings(self.pool.captions, self.positions)
 
 

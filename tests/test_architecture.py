@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "selbench.progress",
         "selbench.fileutil",
         "selbench.hookspecs",
+        "selbench.columns",
     ]),
     ("storage", [
         "selbench.tracking",

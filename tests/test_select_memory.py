@@ -110,6 +110,43 @@ def test_the_uniqueness_check_in_partitions_finds_what_a_set_finds(monkeypatch, 
                 assert found in repeats
 
 
+
+def test_take_rows_gathers_chunk_by_chunk_what_arrows_take_gathers(monkeypatch):
+    """take_rows equals Arrow's own take for rows in any order, repeated rows, empty and
+    sliced chunks; rows in pool order come back as one chunk per chunk read (Arrow's take
+    of a chunked column copies the whole column first: issue 32)."""
+    from selbench.columns import take_rows
+
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        sizes = rng.integers(0, 40, size=int(rng.integers(1, 6)))
+        values = [f"s{i}-{'x' * int(rng.integers(0, 5))}" for i in range(int(sizes.sum()) + 1)]
+        whole = pa.array(values).slice(1)  # offset 1: the chunks are slices
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        column = pa.chunked_array([whole.slice(a, b - a) for a, b in zip(starts, starts[1:])])
+        n = len(column)
+        if n == 0:
+            continue
+        rows = rng.integers(0, n, size=int(rng.integers(0, 2 * n)))
+        if trial % 3 == 0:
+            rows = np.sort(rows)
+        got = take_rows(column, rows)
+        assert got.to_pylist() == column.take(pa.array(rows, pa.int64())).to_pylist()
+        if trial % 3 == 0 and len(rows):
+            touched = len(set(np.searchsorted(starts, rows, side="right") - 1))
+            assert isinstance(got, pa.ChunkedArray) and got.num_chunks == touched
+    # The selection hash sorts and gathers a block at a time, the same digest as Python's.
+    import selbench.run.spec as spec
+
+    uids = [f"{int(v):08x}" for v in rng.integers(0, 1 << 32, size=50)]
+    chunked = ArrowStrings(pa.chunked_array([pa.array(uids[:20]), pa.array(uids[20:])]))
+    for block in (1, 3, 7, 1 << 18):
+        monkeypatch.setattr(spec, "HASH_BLOCK", block)
+        assert selection_hash(chunked) == selection_hash(list(uids))
+    with pytest.raises(IndexError, match="outside a column of 3"):
+        take_rows(pa.chunked_array([pa.array(["a"]), pa.array(["b", "c"])]), [0, 3])
+
+
 def test_a_shard_pool_hands_arrow_uids_and_captions_equal_to_its_lists(arrow_pool):
     built = ShardPool(arrow_pool)
     uids, captions = built.uids, built.captions  # first use: the index just scanned

@@ -116,7 +116,15 @@ def _cluster_max_similarity(members: np.ndarray, order: np.ndarray) -> np.ndarra
     runs a task per CPU, so a task's matrix is bounded by these, not by the largest
     cluster. Both executors run this same code, so their selections stay equal.
     """
-    xs = members[order]
+    result = np.empty(len(order), dtype=np.float64)
+    result[order] = _ordered_max_similarity(members[order])
+    return result
+
+
+def _ordered_max_similarity(xs: np.ndarray) -> np.ndarray:
+    """:func:`_cluster_max_similarity` of rows already in visiting order, in that order.
+    Each block is dropped before the next is computed: two blocks at once were the
+    largest part of a task's memory."""
     m = len(xs)
     best = np.full(m, NO_EARLIER_POINT, dtype=np.float64)
     later = np.tri(min(m, BLOCK), dtype=bool)  # (i, j) with i visited at or after j
@@ -128,6 +136,7 @@ def _cluster_max_similarity(members: np.ndarray, order: np.ndarray) -> np.ndarra
             # Rows before `start` are all visited earlier; in the square below, only i < j.
             np.copyto(block[start:stop], -np.inf, where=later[:width, :width])
             best[start:stop] = np.maximum(block.max(axis=0), NO_EARLIER_POINT)
+            del block
             continue
         column = xs[start:stop].T
         found = np.full(width, -np.inf, dtype=np.float32)
@@ -138,9 +147,8 @@ def _cluster_max_similarity(members: np.ndarray, order: np.ndarray) -> np.ndarra
         np.copyto(square, -np.inf, where=later[:width, :width])
         np.maximum(found, square.max(axis=0), out=found)
         best[start:stop] = np.maximum(found, NO_EARLIER_POINT)
-    result = np.empty(m, dtype=np.float64)
-    result[order] = best
-    return result
+        del square
+    return best
 
 
 def semdedup_scores(
@@ -166,9 +174,13 @@ def semdedup_scores(
     """
     executor = executor or LocalExecutor()
     protos = unit_rows(centroids)
-    assignment = np.asarray(assignment, dtype=np.int64)
-    scores = np.full(len(x), NO_EARLIER_POINT, dtype=np.float64)
-    members = cluster_members(np.arange(len(x)), assignment, len(protos))  # pool order
+    # Held while the clusters run: the scores in float32 (every M is a float32 similarity
+    # or -1, so exact; float64 at the end) and the rows in int32 below 2**30 rows (4 bytes
+    # a row each, not 8: the driver's share of issue 32's growth per row).
+    scores = np.full(len(x), NO_EARLIER_POINT, dtype=np.float32)
+    positions = np.arange(len(x), dtype=np.int32 if len(x) < 2**30 else np.int64)
+    members = cluster_members(positions, assignment, len(protos))  # pool order
+    del positions
     clusters = [(c, idx) for c, idx in enumerate(members) if len(idx) >= 2]
     drawn = [  # the visiting orders keep=random draws, in cluster order
         order_within_cluster(np.zeros(len(idx)), keep, rng) if keep == "random" else None
@@ -181,7 +193,8 @@ def semdedup_scores(
     for group, parts in zip(groups, found, strict=True):
         for (_, idx, _), part in zip(group, parts, strict=True):
             scores[idx] = part
-    return scores
+    del members, clusters, groups, tasks, found
+    return scores.astype(np.float64)
 
 
 # Rows of the clusters one task of semdedup_scores takes (a larger cluster is one task).
@@ -219,7 +232,11 @@ def _group_max_similarity(
             members = _gather_rows(rows, idx, normalized)
             dist = 1.0 - members @ centres[c]
             order = drawn if drawn is not None else order_within_cluster(dist, keep)
-            found.append(_cluster_max_similarity(members, order))
+            members = members[order]  # visiting order; the gathered copy goes
+            scores = np.empty(len(order), dtype=np.float64)
+            scores[order] = _ordered_max_similarity(members)
+            del members
+            found.append(scores)
     return found
 
 

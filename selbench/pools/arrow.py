@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from selbench.columns import take_rows
 from selbench.errors import StorageError
 from selbench.fileutil import writing
 
@@ -51,7 +52,7 @@ class ArrowStrings(Sequence[str]):
             start, stop, step = index.indices(len(self))
             if step == 1:
                 return ArrowStrings(self.arrow.slice(start, max(stop - start, 0)))
-            return ArrowStrings(self.arrow.take(pa.array(range(start, stop, step), pa.int64())))
+            return ArrowStrings(take_rows(self.arrow, np.arange(start, stop, step)))
         n = len(self)
         if index < -n or index >= n:
             raise IndexError(f"index {index} out of range for {n} strings")
@@ -74,8 +75,7 @@ class ArrowStrings(Sequence[str]):
 
     def take(self, rows: np.ndarray | Sequence[int]) -> list[str]:
         """``[self[i] for i in rows]`` (non-negative ``rows``) in one Arrow gather."""
-        indices = pa.array(np.asarray(rows, dtype=np.int64), pa.int64())
-        return [str(value) for value in self.arrow.take(indices).to_pylist()]
+        return [str(value) for value in take_rows(self.arrow, rows).to_pylist()]
 
     def __repr__(self) -> str:
         return f"ArrowStrings({len(self)} strings)"

@@ -162,6 +162,8 @@ def write_selection(rundir: RunDir, resolved: ResolvedPool, selection: Selection
     frame = selection_frame(resolved, selection)
     with writing(selection_path(rundir), "the selection") as tmp:
         frame.to_parquet(tmp, index=False)
+    del frame
+    pa.default_memory_pool().release_unused()  # the gathers' pages: mimalloc would keep them
     return [selection_path(rundir), *written]
 
 

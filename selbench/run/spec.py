@@ -502,18 +502,35 @@ def selection_hash(uids: Sequence[str]) -> str:
     if arrow is None:
         return hashlib.sha256("\n".join(sorted(uids)).encode()).hexdigest()
     import pyarrow as pa
+
+    digest = _sorted_digest(arrow)
+    pa.default_memory_pool().release_unused()  # mimalloc would keep the blocks' pages
+    return digest
+
+
+# uids sorted and joined at a time by selection_hash's Arrow path.
+HASH_BLOCK = 1 << 18
+
+
+def _sorted_digest(arrow: Any) -> str:
+    """:func:`selection_hash` of Arrow strings: a block of the sorted order at a time,
+    gathered chunk by chunk (``take_rows``): no sorted copy of every uid, no copy of a
+    chunked column, no Python string of a block."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    ordered = arrow.take(pc.sort_indices(arrow))
-    digest, block = hashlib.sha256(), 1 << 20
-    for first in range(0, len(ordered), block):
-        part = ordered.slice(first, block)
+    from selbench.columns import take_rows
+
+    order = pc.sort_indices(arrow)
+    digest, block = hashlib.sha256(), HASH_BLOCK
+    for first in range(0, len(order), block):
+        part = take_rows(arrow, order.slice(first, block).to_numpy())
         if isinstance(part, pa.ChunkedArray):
             part = part.combine_chunks()
         lists = pa.ListArray.from_arrays([0, len(part)], part)
         joined = pc.binary_join(lists, pa.scalar("\n", part.type))
         digest.update(b"\n" if first else b"")
-        digest.update(joined[0].as_py().encode())
+        digest.update(joined[0].as_buffer())
     return digest.hexdigest()
 
 
