@@ -13,7 +13,8 @@ pool sample, locally and on Ray. For every size of ``--rows`` this script
 2. fills the embedding cache from the npz files with ``selbench embed`` (timed apart:
    ``embed_s``), so the runs below find a cache hit, and runs it once more (a cache hit,
    ``verify_s``): a new entry's first load checks its arrays' sha256 and memoises it,
-   which would otherwise fall on the first method measured;
+   which would otherwise fall on the first method measured; then reads the entry and
+   the pool index once (``warm_s``), so every method starts from the same page cache;
 3. for ``--executors ray``, starts a local Ray instance with ``--ray-cpus`` CPUs (``ray
    start --head --block``, its start-up timed apart: ``ray_start_s``), stopped (by its
    process, not ``ray stop``) after the size;
@@ -231,7 +232,7 @@ def _is_worker(command: str) -> bool:
 
 def measure(command: list[str], env: dict[str, str], ray_root: int | None, log: Path) -> dict:
     """Run ``command``; its seconds, exit code and peaks (tree RSS, tree anonymous RSS,
-    the process's own ``ru_maxrss``), in MiB. ``ray_root``: a Ray instance's process
+    the process's own peak, ``VmHWM``), in MiB. ``ray_root``: a Ray instance's process
     whose ``ray::*`` workers count in the tree."""
     started = time.perf_counter()
     with open(log, "w") as out:
@@ -355,6 +356,7 @@ def run_size(args: argparse.Namespace, rows: int, env: dict[str, str]) -> tuple[
         raise SystemExit(f"selbench embed (the cache hit) failed: see {folder / 'verify.log'}")
     size = {"rows": rows, "generate_s": made_s, "embed_s": embedded["seconds"]}
     size["verify_s"] = verified["seconds"]
+    size["warm_s"] = warm_page_cache(args.work, folder)
     records = []
     for executor in args.executors:
         ray = LocalRay(folder, args.ray_cpus, env) if executor == "ray" else None
@@ -369,16 +371,35 @@ def run_size(args: argparse.Namespace, rows: int, env: dict[str, str]) -> tuple[
     return records, size
 
 
+def _entries(folder: Path) -> set[tuple[str, str]]:
+    """(pool fingerprint, embedder id) of the cache entries ``folder``'s embed.log names."""
+    log = folder / "embed.log"
+    text = log.read_text() if log.is_file() else ""
+    return set(re.findall(r"entry ([0-9a-f]{16})-([0-9a-f]{12})", text))
+
+
+def warm_page_cache(work: Path, folder: Path) -> float:
+    """Read the size's cache entry and pool index once (seconds taken), so that every
+    method starts with the same page cache, as far as memory holds it: otherwise the
+    first method reads from disk what an earlier size evicted and the later ones not."""
+    started = time.perf_counter()
+    home = work / "home"
+    for pool, embedder in _entries(folder):
+        paths = [*(home / "embeddings").glob(f"{pool}-{embedder}/*")]
+        paths += [*(home / "pool-index").glob(f"*{pool}*/*")]
+        for path in paths:
+            with open(path, "rb") as handle:
+                while handle.read(16 << 20):
+                    pass
+    return time.perf_counter() - started
+
+
 def drop_size(work: Path, rows: int) -> None:
     """Delete one size's metadata folder, its cache entry and its pool index (named by the
     pool's fingerprint, the entry id's first part), and nothing of the other sizes."""
     folder = work / f"rows-{rows}"
-    log = folder / "embed.log"
-    found = (
-        re.findall(r"entry ([0-9a-f]{16})-([0-9a-f]{12})", log.read_text()) if log.is_file() else []
-    )
     home = work / "home"
-    for pool, embedder in set(found):
+    for pool, embedder in _entries(folder):
         doomed = [*(home / "embeddings").glob(f"{pool}-{embedder}*")]
         doomed += [*(home / "pool-index").glob(f"*{pool}*")]
         for path in doomed:
@@ -458,7 +479,8 @@ def markdown(records: list[dict], sizes: list[dict], args: argparse.Namespace) -
         lines.append(
             f"- {size['rows']:,} rows: data generated in {size['generate_s']:.1f} s "
             f"(0: reused), cache filled by `selbench embed` in {size['embed_s']:.1f} s, "
-            f"its first load (sha256 check) {size['verify_s']:.1f} s{extra}"
+            f"its first load (sha256 check) {size['verify_s']:.1f} s, "
+            f"read into the page cache in {size.get('warm_s', 0.0):.1f} s{extra}"
         )
     lines.append(
         f"- semdedup/prototypes: clusters={args.clusters}, niter={args.niter}, "
