@@ -110,7 +110,6 @@ def test_the_uniqueness_check_in_partitions_finds_what_a_set_finds(monkeypatch, 
                 assert found in repeats
 
 
-
 def test_take_rows_gathers_chunk_by_chunk_what_arrows_take_gathers(monkeypatch):
     """take_rows equals Arrow's own take for rows in any order, repeated rows, empty and
     sliced chunks; rows in pool order come back as one chunk per chunk read (Arrow's take
@@ -123,7 +122,9 @@ def test_take_rows_gathers_chunk_by_chunk_what_arrows_take_gathers(monkeypatch):
         values = [f"s{i}-{'x' * int(rng.integers(0, 5))}" for i in range(int(sizes.sum()) + 1)]
         whole = pa.array(values).slice(1)  # offset 1: the chunks are slices
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        column = pa.chunked_array([whole.slice(a, b - a) for a, b in zip(starts, starts[1:])])
+        column = pa.chunked_array(
+            [whole.slice(a, b - a) for a, b in zip(starts, starts[1:], strict=False)]
+        )
         n = len(column)
         if n == 0:
             continue
