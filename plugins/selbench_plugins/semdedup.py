@@ -116,8 +116,13 @@ def _cluster_max_similarity(members: np.ndarray, order: np.ndarray) -> np.ndarra
     runs a task per CPU, so a task's matrix is bounded by these, not by the largest
     cluster. Both executors run this same code, so their selections stay equal.
     """
+    return _in_pool_order(_ordered_max_similarity(members[order]), order)
+
+
+def _in_pool_order(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``values`` of the points visited in ``order``, put back at their own positions."""
     result = np.empty(len(order), dtype=np.float64)
-    result[order] = _ordered_max_similarity(members[order])
+    result[order] = values
     return result
 
 
@@ -233,10 +238,7 @@ def _group_max_similarity(
             dist = 1.0 - members @ centres[c]
             order = drawn if drawn is not None else order_within_cluster(dist, keep)
             members = members[order]  # visiting order; the gathered copy goes
-            scores = np.empty(len(order), dtype=np.float64)
-            scores[order] = _ordered_max_similarity(members)
-            del members
-            found.append(scores)
+            found.append(_in_pool_order(_ordered_max_similarity(members), order))
     return found
 
 

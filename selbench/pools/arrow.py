@@ -223,7 +223,7 @@ def _tail_buckets(chunk: pa.Array, parts: int, block: int = 1 << 20) -> np.ndarr
     data = (
         np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
     )
-    found = np.empty(len(chunk), np.uint8 if parts <= 256 else np.uint16)
+    found = np.empty(len(chunk), np.uint8)  # parts <= 256 (repeated_string caps it)
     for lo in range(0, len(chunk), block):
         hi = min(lo + block, len(chunk))
         starts, ends = offsets[lo:hi], offsets[lo + 1 : hi + 1]
